@@ -1,0 +1,1 @@
+"""Built-in attacks plugins, importable as `leakaudit.attacks`."""

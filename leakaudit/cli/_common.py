@@ -1,0 +1,127 @@
+"""Shared plumbing of the command modules: consoles, progress bars, option parsing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from leakaudit.errors import ConfigError, OutputExistsError
+
+
+@dataclass
+class _State:
+    debug: bool = False
+    quiet: bool = False
+
+
+state = _State()
+
+
+def console() -> Console:
+    """A console on the current stdout (looked up each time, so test runners capture it)."""
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def err_console() -> Console:
+    return Console(file=sys.stderr, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    """Print ``Error: message`` as one line on stderr, without rich markup interpretation."""
+    line = " ".join(message.split())
+    sys.stderr.write(f"Error: {line}\n")
+    sys.stderr.flush()
+
+
+def info(message: str) -> None:
+    """A progress note on stderr, silenced by ``--quiet``."""
+    if not state.quiet:
+        err_console().print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"Warning: {' '.join(message.split())}\n")
+
+
+def progress() -> Progress:
+    """A rich progress bar on stderr; disabled under ``--quiet``."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console(),
+        disable=state.quiet,
+        transient=False,
+    )
+
+
+def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, Any]:
+    """Parse repeated ``KEY=VALUE`` options; values are read as YAML scalars."""
+    from leakaudit.config import parse_cli_value
+
+    result: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}.")
+        result[key.strip()] = parse_cli_value(value.strip())
+    return result
+
+
+def parse_shape(text: str | None, option: str, length: Iterable[int] = (3,)) -> tuple[int, ...] | None:
+    """Parse ``C,H,W`` or ``H,W`` style options into positive integers."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated integers, got {text!r}.") from None
+    allowed = tuple(length)
+    if len(values) not in allowed or any(v <= 0 for v in values):
+        counts = " or ".join(str(n) for n in allowed)
+        raise ConfigError(f"{option} expects {counts} positive integers, got {text!r}.")
+    return values
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Refuse to overwrite an existing output unless ``--force`` was given."""
+    if path.exists() and not force:
+        raise OutputExistsError(f"{str(path)!r} exists. Pass --force to overwrite it.")
+
+
+def write_json(data: Any, path: str | None) -> None:
+    """Write JSON to ``path`` atomically, or to stdout for ``-``."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    if path in (None, "-"):
+        sys.stdout.write(text)
+        return
+    from leakaudit._io import atomic_write_text
+
+    atomic_write_text(Path(path), text)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")

@@ -1,0 +1,1 @@
+"""Built-in metrics plugins, importable as `leakaudit.metrics`."""

@@ -1,0 +1,1 @@
+"""Built-in recipes plugins, importable as `leakaudit.recipes`."""

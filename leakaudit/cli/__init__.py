@@ -20,7 +20,7 @@ from leakaudit.cli._common import print_error, state
 from leakaudit.errors import EXIT_RUNTIME, LeakAuditError
 
 # Each module defines ``register(app)``; the order is the order of `leakaudit --help`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES = ("layers", "dump", "info", "list_plugins")
 
 
 class _LeakAuditGroup(TyperGroup):

@@ -58,6 +58,41 @@ def warn(message: str) -> None:
     sys.stderr.write(f"Warning: {' '.join(message.split())}\n")
 
 
+class LazyProgress:
+    """A progress bar that appears on the first update, so failed validation draws none.
+
+    Use as a context manager; :meth:`callback` returns an ``on_progress(done, total)``
+    function for domain code, which knows nothing of rich.
+    """
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> LazyProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, description: str, done: float, total: float | None) -> None:
+        if state.quiet:
+            return
+        if self._progress is None:
+            self._progress = progress()
+            self._progress.start()
+        if description not in self._tasks:
+            self._tasks[description] = self._progress.add_task(description, total=total)
+        self._progress.update(self._tasks[description], completed=done, total=total)
+
+    def callback(self, description: str):
+        def on_progress(done: float, total: float | None) -> None:
+            self.update(description, done, total)
+
+        return on_progress
+
+
 def progress() -> Progress:
     """A rich progress bar on stderr; disabled under ``--quiet``."""
     return Progress(
@@ -125,3 +160,42 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+# --------------------------------------------------------------------------- shared options
+# Annotated aliases keep one spelling of each option across commands.
+
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+ModelArg = Annotated[str, typer.Argument(help="Model spec: lenet5, timm:NAME, torchvision:NAME, file.py:Factory, pkg.module:Factory, model.ts or model.pt2.", show_default=False)]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights: .safetensors, or a torch.save file (read with weights_only=True).")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Architecture option: number of output classes.")]
+InChansOpt = Annotated[Optional[int], typer.Option("--in-chans", help="Architecture option: number of input channels.")]
+ModelArgOpt = Annotated[Optional[list[str]], typer.Option("--model-arg", help="Further architecture option KEY=VALUE (repeatable).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow unpickling the checkpoint. Unpickling runs code from the file: only for files you trust.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (splits, initialisation, training).")]
+
+
+def load_model_from_options(
+    model: str,
+    weights: str | None,
+    num_classes: int | None,
+    in_chans: int | None,
+    model_arg: list[str] | None,
+    trust_checkpoint: bool,
+):
+    """Build the model named on the command line (lazy import: torch loads only when needed)."""
+    from leakaudit.models import load_model
+
+    return load_model(
+        model,
+        weights=weights,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        model_args=parse_key_values(model_arg, "--model-arg"),
+        trust_checkpoint=trust_checkpoint,
+    )

@@ -1,0 +1,82 @@
+"""``leakaudit layers``: every layer a model can be split at, with its output shape."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from leakaudit.cli._common import (
+    InChansOpt,
+    ModelArg,
+    ModelArgOpt,
+    NumClassesOpt,
+    TrustOpt,
+    WeightsOpt,
+    console,
+    load_model_from_options,
+    parse_shape,
+    write_json,
+)
+from leakaudit.errors import UsageError
+
+
+def layers(
+    model: ModelArg,
+    weights: WeightsOpt = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape C,H,W (default: what the model declares).")] = None,
+    num_classes: NumClassesOpt = None,
+    in_chans: InChansOpt = None,
+    model_arg: ModelArgOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List every addressable layer (dotted module names) with output shape and parameters."""
+    import torch
+
+    from leakaudit.layers import graph_node_names, list_layers
+
+    loaded = load_model_from_options(model, weights, num_classes, in_chans, model_arg, trust_checkpoint)
+    shape = parse_shape(input_shape, "--input-shape", (3,))
+    if shape is None:
+        if loaded.input_size is None or loaded.in_chans is None:
+            raise UsageError(f"model {model!r} declares no input shape; pass --input-shape C,H,W.")
+        shape = (loaded.in_chans, *loaded.input_size)
+    batch = loaded.fixed_batch or 1
+    rows = list_layers(loaded.module, torch.zeros(batch, *shape))
+    module_set = {r.name for r in rows}
+    nodes = [n for n in graph_node_names(loaded.module) if n not in module_set]
+    if as_json:
+        write_json(
+            {
+                "model": model,
+                "input_shape": list(shape),
+                "layers": [
+                    {"name": r.name, "type": r.type, "output_shape": list(r.output_shape) if r.output_shape else None, "params": r.params, "calls": r.calls}
+                    for r in rows
+                ],
+                "graph_nodes": nodes,
+            },
+            None,
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model} — input {','.join(map(str, shape))}")
+    table.add_column("layer", style="bold")
+    table.add_column("type")
+    table.add_column("output shape")
+    table.add_column("params", justify="right")
+    for r in rows:
+        shape_text = "×".join(map(str, r.output_shape)) if r.output_shape else "—"
+        if r.calls > 1:
+            shape_text += f" (called {r.calls}×, first call)"
+        table.add_row(r.name, r.type, shape_text, f"{r.params:,}")
+    out = console()
+    out.print(table)
+    if nodes:
+        out.print(f"FX graph nodes also usable as --layer: {', '.join(nodes[:40])}" + (" …" if len(nodes) > 40 else ""), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("layers")(layers)

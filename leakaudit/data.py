@@ -1,0 +1,482 @@
+"""Data sources, tasks and preprocessing.
+
+Sources (``--data``):
+
+- ``digits`` — scikit-learn's 1,797 handwritten 8×8 digits, built in.
+- ``idx:DIR[:train|:test]`` — MNIST-format idx files, gzipped or not (Fashion-MNIST from
+  Debian's ``dataset-fashion-mnist`` lives in ``/usr/share/datasets/fashion-mnist``).
+- ``folder:DIR`` — one sub-folder per class of image files.
+- ``npz:FILE`` / ``hdf5:FILE`` — an image array (``x``, ``images``, ``inputs`` or ``data``),
+  optional labels (``y``, ``labels`` or ``targets``) and further per-row arrays usable as tasks.
+
+Tasks (``--task NAME=SOURCE``): ``label``, ``parity``, ``threshold:K`` (label ≥ K),
+``map:FILE.yaml`` (label or class name → group), or an array name of an npz/HDF5 source.
+
+Images are stored and scored in [0, 1] exactly as the model sees them (after resizing and
+channel conversion); normalisation is applied only to the model's input, only when asked.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from leakaudit.errors import ConfigError, DataError, UnknownNameError
+
+IMAGE_KEYS = ("x", "X", "images", "inputs", "data")
+LABEL_KEYS = ("y", "Y", "labels", "label", "targets")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+
+@dataclass
+class DataSource:
+    """Rows of images with optional labels and per-row arrays.
+
+    Attributes:
+        spec: the spec as given.
+        shape: native (C, H, W) of one image.
+        labels: int64 labels, or ``None``.
+        class_names: names of the label values, index = label.
+        arrays: further per-row arrays (npz/HDF5 sources) usable as tasks.
+    """
+
+    spec: str
+    shape: tuple[int, int, int]
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    _images: object = None  # array-like [N, C, H, W] (uint8 or float) or a loader
+
+    def __len__(self) -> int:
+        return len(self._images)  # type: ignore[arg-type]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a [B, C, H, W] uint8 or float array."""
+        return np.asarray(self._images[start:stop])  # type: ignore[index]
+
+
+class _ChannelsLast:
+    """View of an [N, H, W, C] or [N, H, W] array as [N, C, H, W], read lazily."""
+
+    def __init__(self, array, layout: str) -> None:
+        self.array, self.layout = array, layout
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        block = np.asarray(self.array[item])
+        if self.layout == "NHW":
+            return block[:, None]
+        if self.layout == "NHWC":
+            return np.ascontiguousarray(block.transpose(0, 3, 1, 2))
+        return block
+
+
+class _FolderImages:
+    def __init__(self, files: Sequence[Path], mode: str, size: tuple[int, int]) -> None:
+        self.files, self.mode, self.size = list(files), mode, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        from PIL import Image
+
+        rows = []
+        for path in self.files[item]:
+            try:
+                with Image.open(path) as image:
+                    image = image.convert(self.mode)
+                    if image.size != (self.size[1], self.size[0]):
+                        image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                    array = np.asarray(image, dtype=np.uint8)
+            except OSError as exc:
+                raise DataError(f"cannot read image {str(path)!r}: {exc}.") from None
+            rows.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        return np.stack(rows)
+
+
+def open_source(spec: str) -> DataSource:
+    """Open the data source ``spec`` names (see the module docstring)."""
+    kind, sep, rest = spec.partition(":")
+    if spec == "digits":
+        source = _digits()
+    elif kind == "idx" and sep:
+        source = _idx(spec, rest)
+    elif kind == "folder" and sep:
+        source = _folder(spec, Path(rest))
+    elif kind == "npz" and sep:
+        source = _npz(spec, Path(rest))
+    elif kind in ("hdf5", "h5") and sep:
+        source = _hdf5(spec, Path(rest))
+    else:
+        raise UnknownNameError(
+            "data source",
+            spec,
+            ["digits", "idx:DIR", "folder:DIR", "npz:FILE", "hdf5:FILE"],
+        )
+    if len(source) == 0:
+        raise DataError(f"data source {spec!r} is empty.")
+    return source
+
+
+def _digits() -> DataSource:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]
+    return DataSource(
+        "digits", (1, 8, 8), bunch.target.astype(np.int64), [str(c) for c in bunch.target_names], _images=images
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read idx file {str(path)!r}: {exc}.") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{str(path)!r} is not an unsigned-byte idx file (bad magic number).")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + int(np.prod(dims)):
+        raise DataError(f"idx file {str(path)!r} is truncated: expected {header + int(np.prod(dims))} bytes, got {len(raw)}.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx(spec: str, rest: str) -> DataSource:
+    directory, part = rest, "train"
+    head, sep, tail = rest.rpartition(":")
+    if sep and tail in ("train", "test"):
+        directory, part = head, tail
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"idx directory {directory!r} does not exist.")
+    prefixes = ("train",) if part == "train" else ("t10k", "test")
+
+    def find(kind: str) -> Path | None:
+        for prefix in prefixes:
+            for path in sorted(root.iterdir()):
+                name = path.name
+                if name.startswith(prefix) and kind in name and ("idx1" in name or "idx3" in name):
+                    return path
+        return None
+
+    images_path, labels_path = find("images"), find("labels")
+    if images_path is None:
+        raise DataError(f"no {part} images idx file ({prefixes[0]}-images-idx3-ubyte[.gz]) in {directory!r}.")
+    images = _read_idx(images_path)
+    if images.ndim != 3:
+        raise DataError(f"{str(images_path)!r} holds a {images.ndim}-D array; expected [N, H, W] images.")
+    labels = None
+    if labels_path is not None:
+        labels = _read_idx(labels_path).astype(np.int64)
+        if len(labels) != len(images):
+            raise DataError(f"{len(images)} images but {len(labels)} labels in {directory!r}.")
+    names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None and len(labels) else None
+    return DataSource(spec, (1, *images.shape[1:]), labels, names, _images=_ChannelsLast(images, "NHW"))
+
+
+def _folder(spec: str, root: Path) -> DataSource:
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist.")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(index)
+    if not files:
+        raise DataError(f"image folder {str(root)!r} has no images in class sub-folders.")
+    from PIL import Image
+
+    with Image.open(files[0]) as first:
+        mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+        width, height = first.size
+    channels = 1 if mode == "L" else 3
+    return DataSource(
+        spec,
+        (channels, height, width),
+        np.asarray(labels, dtype=np.int64),
+        classes,
+        _images=_FolderImages(files, mode, (height, width)),
+    )
+
+
+def _layout(shape: tuple[int, ...], where: str) -> str:
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) == 4:
+        if shape[1] in (1, 3) and shape[-1] not in (1, 3):
+            return "NCHW"
+        if shape[-1] in (1, 3, 4):
+            return "NHWC"
+        if shape[1] in (1, 3, 4):
+            return "NCHW"
+    raise DataError(f"{where}: images of shape {shape} are not [N, H, W], [N, C, H, W] or [N, H, W, C].")
+
+
+def _array_source(spec: str, container: Mapping, keys: Sequence[str], where: str) -> DataSource:
+    image_key = next((k for k in IMAGE_KEYS if k in keys), None)
+    if image_key is None:
+        raise DataError(f"{where} has no image array; expected one named {', '.join(IMAGE_KEYS)} (found: {', '.join(keys)}).")
+    images = container[image_key]
+    layout = _layout(tuple(images.shape), where)
+    view = _ChannelsLast(images, layout) if layout != "NCHW" else images
+    shape = tuple(images.shape)
+    if layout == "NHW":
+        chw = (1, shape[1], shape[2])
+    elif layout == "NHWC":
+        chw = (shape[3], shape[1], shape[2])
+    else:
+        chw = shape[1:4]
+    label_key = next((k for k in LABEL_KEYS if k in keys), None)
+    labels = names = None
+    arrays: dict[str, np.ndarray] = {}
+    for key in keys:
+        if key == image_key:
+            continue
+        array = np.asarray(container[key])
+        if array.ndim == 1 and len(array) == len(images):
+            arrays[key] = array
+    if label_key is not None and label_key in arrays:
+        labels, names = _encode_labels(arrays[label_key], f"{where}:{label_key}")
+    return DataSource(spec, tuple(int(c) for c in chw), labels, names, arrays, _images=view)
+
+
+def _npz(spec: str, path: Path) -> DataSource:
+    if not path.is_file():
+        raise DataError(f"npz file {str(path)!r} does not exist.")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {str(path)!r} as npz: {exc}.") from None
+    try:
+        return _array_source(spec, archive, list(archive.files), str(path))
+    except ValueError as exc:  # object arrays need pickle, which is refused
+        raise DataError(f"{str(path)!r} holds pickled object arrays, which are not read: {exc}.") from None
+
+
+def _hdf5(spec: str, path: Path) -> DataSource:
+    import h5py
+
+    if not path.is_file():
+        raise DataError(f"HDF5 file {str(path)!r} does not exist.")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"cannot read {str(path)!r} as HDF5: {exc}.") from None
+    keys = [k for k in handle.keys() if isinstance(handle[k], h5py.Dataset)]
+    return _array_source(spec, handle, keys, str(path))
+
+
+def _encode_labels(values: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
+    """Map label values to 0..K-1, keeping integer labels as they are when already 0..K-1."""
+    if values.dtype.kind in "iu":
+        if len(values) and values.min() >= 0:
+            top = int(values.max())
+            return values.astype(np.int64), [str(i) for i in range(top + 1)]
+    if values.dtype.kind == "b":
+        return values.astype(np.int64), ["false", "true"]
+    if values.dtype.kind in "fc":
+        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+            raise DataError(f"{where}: labels must be integers or strings, got non-integer numbers.")
+    uniques, codes = np.unique(values, return_inverse=True)
+    return codes.astype(np.int64), [str(u.decode() if isinstance(u, bytes) else u) for u in uniques]
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """Labels of one task for every row of a source."""
+
+    name: str
+    source: str
+    labels: np.ndarray
+    class_names: list[str]
+
+
+def parse_task_option(text: str) -> tuple[str, str]:
+    """``NAME=SOURCE`` → (name, source); a bare ``SOURCE`` names itself."""
+    name, sep, source = text.partition("=")
+    if not sep:
+        name, source = text, text
+    name, source = name.strip(), source.strip()
+    if not name or not source:
+        raise ConfigError(f"--task expects NAME=SOURCE, got {text!r}.")
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"task name {name!r} may use letters, digits, '-' and '_' only.")
+    return name, source
+
+
+def resolve_task(name: str, source: str, data: DataSource) -> Task:
+    """Compute the labels of task ``name`` from ``source`` (see the module docstring)."""
+    kind, sep, argument = source.partition(":")
+    if source in ("label", "parity") or kind in ("threshold", "map"):
+        if data.labels is None:
+            raise DataError(f"task {name!r} needs labels, but data source {data.spec!r} has none.")
+        labels = data.labels
+        names = data.class_names or [str(i) for i in range(int(labels.max()) + 1)]
+        if source == "label":
+            return Task(name, source, labels, list(names))
+        if source == "parity":
+            return Task(name, source, labels % 2, ["even", "odd"])
+        if kind == "threshold":
+            try:
+                k = int(argument)
+            except ValueError:
+                raise ConfigError(f"task {name!r}: threshold:K needs an integer K, got {argument!r}.") from None
+            return Task(name, source, (labels >= k).astype(np.int64), [f"<{k}", f">={k}"])
+        return _mapped_task(name, source, argument, labels, list(names))
+    if source in data.arrays:
+        labels, class_names = _encode_labels(data.arrays[source], f"{data.spec}:{source}")
+        return Task(name, source, labels, class_names)
+    known = ["label", "parity", "threshold:K", "map:FILE.yaml", *data.arrays]
+    raise UnknownNameError(f"task source for {name!r}", source, known)
+
+
+def _mapped_task(name: str, source: str, path: str, labels: np.ndarray, names: list[str]) -> Task:
+    from leakaudit.config import load_yaml
+
+    mapping = load_yaml(path, what="task map")
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ConfigError(f"task map {path!r} must map labels (or class names) to group names.")
+    groups: dict[str, int] = {}
+    lookup: dict[int, int] = {}
+    for key, group in mapping.items():
+        if isinstance(key, int):
+            label = key
+        elif str(key) in names:
+            label = names.index(str(key))
+        else:
+            raise ConfigError(f"task map {path!r}: {key!r} is neither a label nor a class name.")
+        lookup[label] = groups.setdefault(str(group), len(groups))
+    present = np.unique(labels)
+    unmapped = [int(v) for v in present if int(v) not in lookup]
+    if unmapped:
+        raise ConfigError(f"task map {path!r} leaves labels unmapped: {', '.join(map(str, unmapped[:10]))}.")
+    table = np.full(int(present.max()) + 1, -1, dtype=np.int64)
+    for label, group in lookup.items():
+        if label < len(table):
+            table[label] = group
+    return Task(name, source, table[labels], list(groups))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw rows become the model's input: size, channels, optional normalisation."""
+
+    input_size: tuple[int, int]
+    in_chans: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def images(self, block: np.ndarray) -> torch.Tensor:
+        """Raw rows → float32 [B, C, H, W] in [0, 1], as stored in ``/inputs``."""
+        x = torch.from_numpy(np.ascontiguousarray(block))
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        elif x.dtype == torch.bool:
+            x = x.float()
+        else:
+            x = x.float()
+            if not torch.isfinite(x).all():
+                raise DataError("input images contain NaN or infinite values.")
+            low, high = float(x.min()), float(x.max())
+            if low < -1e-6 or high > 1 + 1e-6:
+                raise DataError(
+                    f"float images must lie in [0, 1]; found values in [{low:.3g}, {high:.3g}]. "
+                    "Scale them (or store uint8) before dumping."
+                )
+        channels = x.shape[1]
+        if channels == 4:
+            x, channels = x[:, :3], 3
+        if channels != self.in_chans:
+            if channels == 1:
+                x = x.expand(-1, self.in_chans, -1, -1)
+            elif channels == 3 and self.in_chans == 1:
+                weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                x = (x * weights).sum(1, keepdim=True)
+            else:
+                raise DataError(f"cannot convert {channels}-channel images to the model's {self.in_chans} channels.")
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+            x = x.clamp_(0.0, 1.0)
+        return x.contiguous()
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the optional normalisation to stored inputs."""
+        if self.mean is None or self.std is None:
+            return x
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def parse_normalize(text: str | None, in_chans: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``MEAN,STD`` (one value each, or one per channel separated by '/') → per-channel tuples."""
+    if text is None:
+        return None, None
+    try:
+        mean_text, std_text = text.split(",")
+        mean = tuple(float(v) for v in mean_text.split("/"))
+        std = tuple(float(v) for v in std_text.split("/"))
+    except ValueError:
+        raise ConfigError(
+            f"--normalize expects MEAN,STD (per channel: M1/M2/M3,S1/S2/S3), got {text!r}."
+        ) from None
+    if len(mean) == 1:
+        mean = mean * in_chans
+    if len(std) == 1:
+        std = std * in_chans
+    if len(mean) != in_chans or len(std) != in_chans or any(s <= 0 for s in std):
+        raise ConfigError(f"--normalize needs {in_chans} means and {in_chans} positive stds, got {text!r}.")
+    return mean, std
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: tuple[float, float, float], seed: int
+) -> np.ndarray:
+    """Assign each row a role 0 (attacker-train), 1 (attacker-validation) or 2 (test).
+
+    Stratified by ``labels`` and deterministic for a given seed. Raises when a class has
+    too few rows to appear in every role.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    train, val, test = fractions
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=int)
+    present = counts[counts > 0]
+    if len(present) and present.min() < 3:
+        rare = int(np.flatnonzero(counts == present.min())[0])
+        raise DataError(
+            f"class {rare} has only {int(present.min())} rows; a stratified three-way split needs at least 3 per class."
+        )
+    index = np.arange(n)
+    roles = np.empty(n, dtype=np.uint8)
+    try:
+        rest, test_idx = train_test_split(index, test_size=test, random_state=seed, stratify=labels)
+        train_idx, val_idx = train_test_split(
+            rest, test_size=val / (train + val), random_state=seed, stratify=labels[rest]
+        )
+    except ValueError as exc:
+        raise DataError(f"cannot split {n} rows {fractions} by class: {exc}.") from None
+    roles[train_idx], roles[val_idx], roles[test_idx] = 0, 1, 2
+    return roles

@@ -1,0 +1,71 @@
+"""Shared fixtures: small real models, real stores written to temporary directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leakaudit.cli import app
+
+# Two cores: keep torch from oversubscribing them when pytest runs helper threads.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class Cli:
+    """Runs ``leakaudit`` in-process and returns the click Result (stdout and stderr apart)."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str | os.PathLike):
+        return self.runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+def error_line(result) -> str:
+    """The single ``Error: …`` line a failed command printed on stderr."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, f"expected one error line, got stderr: {result.stderr!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory) -> Path:
+    """LeNet-5 (random init, seed 0) cut at conv3 over all of digits, public parity / private label."""
+    from leakaudit.dump import DumpSettings, dump
+
+    path = tmp_path_factory.mktemp("stores") / "digits-conv3.h5"
+    dump(
+        DumpSettings(
+            model="lenet5",
+            layer="conv3",
+            data="digits",
+            output=path,
+            tasks=(("public", "parity"), ("private", "label")),
+            with_outputs=True,
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def npz_source(tmp_path) -> Path:
+    """A small npz data source with RGB uint8 images, labels and an extra attribute array."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(
+        path,
+        x=rng.integers(0, 256, size=(60, 12, 12, 3), dtype=np.uint8),
+        y=np.repeat(np.arange(3), 20),
+        smiling=np.tile([0, 1], 30),
+    )
+    return path

@@ -23,7 +23,8 @@ import torch
 from leakaudit.data import Preprocess, open_source, parse_normalize, resolve_task, stratified_split
 from leakaudit.errors import ConfigError, NonFiniteError, OutputExistsError, UsageError
 from leakaudit.layers import OUTPUT, capture, resolve_layer, truncate
-from leakaudit.models import LoadedModel, load_model
+from leakaudit.models import load_model
+from leakaudit.runtime import resolve_device
 from leakaudit.store import StoreWriter, journal_path, partial_path
 
 FLOAT16_MAX = 65504.0
@@ -53,6 +54,7 @@ class DumpSettings:
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     compression: str | None = None
     limit: int | None = None
+    store_inputs: bool = True
     resume: bool = False
     force: bool = False
     trust_checkpoint: bool = False
@@ -85,19 +87,6 @@ class DumpReport:
     memory_format: str
     device: str
     layer_shape: tuple[int, ...]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available; ``cuda`` without CUDA is a usage error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was given but CUDA is not available here; use --device cpu or auto.")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}.")
 
 
 def _has_conv(module: torch.nn.Module) -> bool:
@@ -278,6 +267,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
         "batch_size": batch_size,
         "with_outputs": settings.with_outputs,
         "compression": settings.compression,
+        "store_inputs": settings.store_inputs,
     }
     resuming = settings.resume and partial.exists()
     memory_format = _journal_state(output).get("memory_format") if resuming else None
@@ -321,6 +311,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
         fingerprint=fingerprint,
         output_shape=output_shape,
         compression=settings.compression,
+        store_inputs=settings.store_inputs,
         resume=resuming,
         state={"memory_format": memory_format},
     )

@@ -76,6 +76,7 @@ class StoreWriter:
         fingerprint: settings a resumed dump must share with the interrupted one.
         output_shape: shape of one ``/outputs`` row, if the full model's logits are stored.
         compression: ``None``, ``gzip`` or ``lzf``.
+        store_inputs: write ``/inputs`` (decoders need them; leave them out to keep raw data out of the store).
         resume: continue an existing ``.partial`` file instead of starting a new one.
         state: choices a resumed dump must repeat (e.g. the memory format), kept in the journal.
     """
@@ -95,6 +96,7 @@ class StoreWriter:
         fingerprint: Mapping[str, Any],
         output_shape: Sequence[int] | None = None,
         compression: str | None = None,
+        store_inputs: bool = True,
         resume: bool = False,
         state: Mapping[str, Any] | None = None,
     ) -> None:
@@ -113,7 +115,9 @@ class StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.partial, "w")
         try:
-            self._create(input_shape, layer_shape, dtype, labels, index, split, attrs, output_shape, compression)
+            self._create(
+                input_shape, layer_shape, dtype, labels, index, split, attrs, output_shape, compression, store_inputs
+            )
             self.file.flush()
         except BaseException:
             self.abort()
@@ -142,7 +146,9 @@ class StoreWriter:
         dataset_id = h5py.h5d.create(self.file.id, name.encode(), type_id, space, dcpl=plist)
         return h5py.Dataset(dataset_id)
 
-    def _create(self, input_shape, layer_shape, dtype, labels, index, split, attrs, output_shape, compression) -> None:
+    def _create(
+        self, input_shape, layer_shape, dtype, labels, index, split, attrs, output_shape, compression, store_inputs
+    ) -> None:
         f = self.file
         f.attrs["schema"] = SCHEMA
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -152,7 +158,8 @@ class StoreWriter:
         f.attrs["rows"] = self.n
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else _json_attr(value)
-        self._dataset("inputs", (self.n, *input_shape), np.float32, compression)
+        if store_inputs:
+            self._dataset("inputs", (self.n, *input_shape), np.float32, compression)
         self._dataset("activations", (self.n, *layer_shape), np.dtype(dtype), compression)
         if output_shape is not None:
             self._dataset("outputs", (self.n, *output_shape), np.float32, compression)
@@ -199,7 +206,8 @@ class StoreWriter:
     def write(self, start: int, inputs: np.ndarray, activations: np.ndarray, outputs: np.ndarray | None = None) -> None:
         """Write rows ``start : start + len(inputs)``."""
         stop = start + len(inputs)
-        self.file["inputs"][start:stop] = inputs
+        if "inputs" in self.file:
+            self.file["inputs"][start:stop] = inputs
         self.file["activations"][start:stop] = activations
         if outputs is not None:
             self.file["outputs"][start:stop] = outputs
@@ -414,7 +422,10 @@ class ActivationStore:
 
     def inputs(self, rows: np.ndarray | None = None) -> np.ndarray:
         if not self.has_inputs:
-            raise StoreError(f"{str(self.path)!r} has no /inputs.")
+            raise StoreError(
+                f"{str(self.path)!r} has no /inputs: it was dumped with --no-inputs. "
+                "Dump it again without --no-inputs to attack or score reconstructions."
+            )
         return self.read("inputs", rows)
 
     def summary(self) -> dict[str, Any]:

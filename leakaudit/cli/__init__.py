@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -24,7 +23,7 @@ COMMAND_MODULES = ("layers", "dump", "info", "list_plugins")
 
 
 class _LeakAuditGroup(TyperGroup):
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except LeakAuditError as exc:
@@ -32,13 +31,12 @@ class _LeakAuditGroup(TyperGroup):
                 raise
             print_error(str(exc))
             ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
         except KeyboardInterrupt:
             print_error("interrupted.")
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into a line
-            if state.debug:
+            # Usage errors and exits of click (or of the click that Typer vendors) are theirs to show.
+            if state.debug or type(exc).__module__.split(".")[0] in ("click", "typer"):
                 raise
             print_error(
                 f"unexpected {type(exc).__name__}: {_first_line(exc)}. "
@@ -46,7 +44,7 @@ class _LeakAuditGroup(TyperGroup):
             )
             ctx.exit(EXIT_RUNTIME)
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx) -> list[str]:
         return list(self.commands)  # keep registration order, not alphabetical
 
 
@@ -64,7 +62,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain `Error: …` lines for usage errors too, like ours
 )
 
 

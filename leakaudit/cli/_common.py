@@ -169,7 +169,7 @@ from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
-ModelArg = Annotated[str, typer.Argument(help="Model spec: lenet5, timm:NAME, torchvision:NAME, file.py:Factory, pkg.module:Factory, model.ts or model.pt2.", show_default=False)]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Model spec: lenet5, timm:NAME, torchvision:NAME, file.py:Factory, pkg.module:Factory, model.ts or model.pt2.", show_default=False)]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights: .safetensors, or a torch.save file (read with weights_only=True).")]
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Architecture option: number of output classes.")]
 InChansOpt = Annotated[Optional[int], typer.Option("--in-chans", help="Architecture option: number of input channels.")]

@@ -48,6 +48,7 @@ def dump(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows per forward pass.")] = 256,
     dtype: Annotated[str, typer.Option("--dtype", help="Activation storage: float32 or float16.")] = "float32",
     with_outputs: Annotated[bool, typer.Option("--with-outputs", help="Also store the full model's logits (/outputs).")] = False,
+    no_inputs: Annotated[bool, typer.Option("--no-inputs", help="Do not store the raw inputs (/inputs); decoders and input metrics need them.")] = False,
     split: Annotated[str, typer.Option("--split", help="Attacker-train, attacker-validation, test fractions.")] = "0.4,0.4,0.2",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -86,6 +87,7 @@ def dump(
         batch_size=batch_size,
         dtype=dtype,  # type: ignore[arg-type]
         with_outputs=with_outputs,
+        store_inputs=not no_inputs,
         split=_parse_split(split),
         seed=seed,
         device=device,

@@ -11,7 +11,7 @@ from leakaudit.cli._common import console, write_json
 
 
 def info(
-    store: Annotated[Path, typer.Argument(help="Activation store (HDF5).", show_default=False)],
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="Activation store (HDF5).", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Validate STORE and show its shapes, tasks, split sizes and provenance."""

@@ -429,6 +429,21 @@ class Preprocess:
         return (x - mean) / std
 
 
+def preprocess_for(
+    source: DataSource,
+    *,
+    model_input_size: tuple[int, int] | None,
+    model_in_chans: int | None,
+    input_size: tuple[int, int] | None = None,
+    normalize: str | None = None,
+) -> Preprocess:
+    """How ``source`` is fed to a model: ``--input-size`` > the model's declared size > the data's."""
+    in_chans = model_in_chans or source.shape[0]
+    size = input_size or model_input_size or source.shape[1:]
+    mean, std = parse_normalize(normalize, in_chans)
+    return Preprocess((int(size[0]), int(size[1])), int(in_chans), mean, std)
+
+
 def parse_normalize(text: str | None, in_chans: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
     """``MEAN,STD`` (one value each, or one per channel separated by '/') → per-channel tuples."""
     if text is None:
@@ -448,6 +463,30 @@ def parse_normalize(text: str | None, in_chans: int) -> tuple[tuple[float, ...] 
     if len(mean) != in_chans or len(std) != in_chans or any(s <= 0 for s in std):
         raise ConfigError(f"--normalize needs {in_chans} means and {in_chans} positive stds, got {text!r}.")
     return mean, std
+
+
+def split_roles(
+    source: DataSource, n: int, fractions: tuple[float, float, float], seed: int, tasks: Sequence[Task] = ()
+) -> tuple[np.ndarray, str]:
+    """The split every command shares: roles for the first ``n`` rows of ``source``.
+
+    Stratified by the source's own labels when it has them (the finest grouping, so coarser
+    tasks are balanced too), else by the finest task, else a seeded random assignment. Since
+    ``train``, ``harden`` and ``dump`` call this with the same data, fractions and seed, a
+    model trained on the attacker-train rows and selected on attacker-validation is scored on
+    test rows it never saw, as in the Scrunch paper's 40/40/20 protocol.
+
+    Returns:
+        The role codes (0 attacker-train, 1 attacker-validation, 2 test) and what they were
+        stratified by (``label``, a task name, or ``""``).
+    """
+    if source.labels is not None:
+        return stratified_split(source.labels[:n], fractions, seed), "label"
+    if tasks:
+        finest = max(tasks, key=lambda t: len(t.class_names))
+        return stratified_split(finest.labels[:n], fractions, seed), finest.name
+    rng = np.random.default_rng(seed)
+    return rng.choice(3, size=n, p=list(fractions)).astype(np.uint8), ""
 
 
 def stratified_split(

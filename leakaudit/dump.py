@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from leakaudit.data import Preprocess, open_source, parse_normalize, resolve_task, stratified_split
+from leakaudit.data import open_source, preprocess_for, resolve_task, split_roles
 from leakaudit.errors import ConfigError, NonFiniteError, OutputExistsError, UsageError
 from leakaudit.layers import OUTPUT, capture, resolve_layer, truncate
 from leakaudit.models import load_model
@@ -215,18 +215,15 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
     if len(set(name for name, _ in settings.tasks)) != len(settings.tasks):
         raise ConfigError("task names given with --task must be unique.")
 
-    in_chans = loaded.in_chans or source.shape[0]
-    input_size = settings.input_size or loaded.input_size or source.shape[1:]
-    mean, std = parse_normalize(settings.normalize, in_chans)
-    prep = Preprocess(tuple(int(v) for v in input_size), int(in_chans), mean, std)
+    prep = preprocess_for(
+        source,
+        model_input_size=loaded.input_size,
+        model_in_chans=loaded.in_chans,
+        input_size=settings.input_size,
+        normalize=settings.normalize,
+    )
 
-    # Stratify by the finest task: balancing the private labels balances coarser groupings too.
-    stratify_task = max(tasks, key=lambda t: len(t.class_names)) if tasks else None
-    if stratify_task is not None:
-        roles = stratified_split(stratify_task.labels[:n], settings.split, settings.seed)
-    else:
-        rng = np.random.default_rng(settings.seed)
-        roles = rng.choice(3, size=n, p=settings.split).astype(np.uint8)
+    roles, stratified_by = split_roles(source, n, settings.split, settings.seed, tasks)
 
     batch_size = settings.batch_size
     if loaded.fixed_batch is not None and loaded.fixed_batch != batch_size:
@@ -292,7 +289,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
         "normalize": settings.normalize or "",
         "seed": settings.seed,
         "split_fractions": list(settings.split),
-        "stratified_by": stratify_task.name if stratify_task else "",
+        "stratified_by": stratified_by,
         "dtype": settings.dtype,
         "batch_size": batch_size,
         "memory_format": memory_format,

@@ -389,7 +389,10 @@ class Preprocess:
 
     def images(self, block: np.ndarray) -> torch.Tensor:
         """Raw rows → float32 [B, C, H, W] in [0, 1], as stored in ``/inputs``."""
-        x = torch.from_numpy(np.ascontiguousarray(block))
+        block = np.ascontiguousarray(block)
+        if not block.flags.writeable:  # idx files are read-only buffers; torch wants writable memory
+            block = block.copy()
+        x = torch.from_numpy(block)
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
         elif x.dtype == torch.bool:

@@ -19,7 +19,7 @@ from leakaudit.cli._common import print_error, state
 from leakaudit.errors import EXIT_RUNTIME, LeakAuditError
 
 # Each module defines ``register(app)``; the order is the order of `leakaudit --help`.
-COMMAND_MODULES = ("layers", "dump", "info", "list_plugins")
+COMMAND_MODULES = ("layers", "dump", "info", "list_plugins", "gate")
 
 
 class _LeakAuditGroup(TyperGroup):

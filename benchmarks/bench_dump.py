@@ -1,0 +1,116 @@
+"""Dump throughput against the bare truncated forward pass, measured in one run.
+
+For each case the *bare* forward is what a careful user would time: the whole data set
+already preprocessed in memory, the model cut at the layer by FX, ``inference_mode``,
+and the faster of the contiguous and channels_last memory formats (each tried). The
+*dump* is ``leakaudit.dump.dump`` writing a real HDF5 store (inputs + activations +
+labels) from the raw idx files, reading and resizing them as it goes. Runs alternate
+(bare, dump, bare, dump, …) and the best of each is kept, so load from other processes
+hits both alike. The ratio is dump rows/s ÷ bare rows/s over the batch loop; end-to-end
+wall time (model build, FX trace, memory-format trial) is reported too.
+
+Usage::
+
+    python benchmarks/bench_dump.py                 # both cases, 60,000 rows, 2 repeats
+    python benchmarks/bench_dump.py --limit 10000   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from leakaudit.data import open_source, preprocess_for
+from leakaudit.dump import DumpSettings, dump
+from leakaudit.layers import truncate
+from leakaudit.models import load_model
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+CASES = [
+    # name, model spec, layer, options
+    ("LeNet-5 @ conv3", "lenet5", "conv3", {}),
+    ("timm:resnet18 @ layer2, 32×32", "timm:resnet18", "layer2", {"num_classes": 10}),
+]
+
+
+def bare_forward(spec: str, layer: str, options: dict, data: str, limit: int, batch_size: int) -> tuple[float, str]:
+    """Best rows/s of the truncated forward over preprocessed in-memory data, and its format."""
+    torch.manual_seed(0)
+    loaded = load_model(spec, **options)
+    source = open_source(data)
+    prep = preprocess_for(source, model_input_size=loaded.input_size or (32, 32), model_in_chans=loaded.in_chans)
+    x = prep.images(source.read(0, limit))
+    module = loaded.module
+    encoder = truncate(module, layer, x[:batch_size]).encoder
+    best = (0.0, "")
+    for fmt, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        module.to(memory_format=memory_format)
+        xs = x.contiguous(memory_format=memory_format)
+        with torch.inference_mode():
+            encoder(xs[:batch_size])  # warm-up
+            start = time.perf_counter()
+            for begin in range(0, limit, batch_size):
+                encoder(xs[begin : begin + batch_size])
+            elapsed = time.perf_counter() - start
+        best = max(best, (limit / elapsed, fmt))
+    return best
+
+
+def run_dump(spec: str, layer: str, options: dict, data: str, limit: int, batch_size: int, out: Path) -> tuple[float, float, str]:
+    start = time.perf_counter()
+    report = dump(
+        DumpSettings(
+            model=spec,
+            layer=layer,
+            data=data,
+            output=out,
+            tasks=(("label", "label"),),
+            input_size=(32, 32),
+            batch_size=batch_size,
+            limit=limit,
+            force=True,
+            **options,
+        )
+    )
+    return report.rows_per_second, time.perf_counter() - start, report.memory_format
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=60000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data", default=f"idx:{FASHION}:train")
+    args = parser.parse_args()
+    if not Path(FASHION).is_dir() and args.data.startswith(f"idx:{FASHION}"):
+        sys.exit(f"{FASHION} is missing: apt-get install dataset-fashion-mnist")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"{args.limit:,} rows, batch {args.batch_size}, best of {args.repeats}\n")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        for name, spec, layer, options in CASES:
+            bare, dumped, wall, bare_fmt, dump_fmt = 0.0, 0.0, float("inf"), "", ""
+            for _ in range(args.repeats):
+                rate, fmt = bare_forward(spec, layer, options, args.data, args.limit, args.batch_size)
+                if rate > bare:
+                    bare, bare_fmt = rate, fmt
+                rate, seconds, fmt = run_dump(spec, layer, options, args.data, args.limit, args.batch_size, Path(tmp) / "bench.h5")
+                if rate > dumped:
+                    dumped, dump_fmt = rate, fmt
+                wall = min(wall, seconds)
+            rows.append((name, bare, bare_fmt, dumped, dump_fmt, dumped / bare, args.limit / wall))
+            print(f"  {name}: bare {bare:,.0f} rows/s ({bare_fmt}), dump {dumped:,.0f} rows/s ({dump_fmt})", flush=True)
+    print("\n| case | bare forward rows/s (format) | dump rows/s (format chosen) | ratio | dump end-to-end rows/s |")
+    print("|---|---|---|---|---|")
+    for name, bare, bare_fmt, dumped, dump_fmt, ratio, e2e in rows:
+        print(f"| {name} | {bare:,.0f} ({bare_fmt}) | {dumped:,.0f} ({dump_fmt}) | {ratio:.2f} | {e2e:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

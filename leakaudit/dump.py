@@ -177,25 +177,37 @@ def check_finite(z: np.ndarray, layer: str, start: int) -> None:
     )
 
 
-def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None = None) -> DumpReport:
-    """Write the store ``settings.output`` (see :class:`DumpSettings` and the module docstring)."""
-    output = Path(settings.output)
+@dataclass
+class _Plan:
+    """Everything decided before the first row is written."""
+
+    loaded: Any
+    layer: str
+    source: Any
+    tasks: list
+    prep: Any
+    n: int
+    roles: np.ndarray
+    stratified_by: str
+    batch_size: int
+    device: torch.device
+    truncation: Any
+    example: torch.Tensor
+    layer_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    fingerprint: dict[str, Any]
+    attrs: dict[str, Any]
+
+
+def _check_paths(settings: DumpSettings, output: Path) -> None:
     if output.exists() and not settings.force and not settings.resume:
         raise OutputExistsError(f"{str(output)!r} exists. Pass --force to overwrite it.")
     if output.is_dir():
         raise UsageError(f"{str(output)!r} is a directory; give a file name such as acts.h5.")
-    partial = partial_path(output)
-    if partial.exists() and not settings.resume and not settings.force:
-        raise OutputExistsError(
-            f"an interrupted dump left {str(partial)!r}. Continue it with --resume, or start over with --force."
-        )
-    if settings.resume and not partial.exists():
-        raise UsageError(
-            f"nothing to resume: {str(partial)!r} does not exist"
-            + (" and the store is already complete." if output.exists() else ".")
-        )
-    device = resolve_device(settings.device)
 
+
+def _plan(settings: DumpSettings) -> _Plan:
+    device = resolve_device(settings.device)
     # Seed before building the model: a randomly initialised model must be the same on resume.
     torch.manual_seed(settings.seed)
     loaded = load_model(
@@ -208,13 +220,11 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
     )
     module = loaded.module
     layer = resolve_layer(module, settings.layer)
-
     source = open_source(settings.data)
     n = len(source) if settings.limit is None else min(settings.limit, len(source))
-    tasks = [resolve_task(name, src, source) for name, src in settings.tasks]
     if len(set(name for name, _ in settings.tasks)) != len(settings.tasks):
         raise ConfigError("task names given with --task must be unique.")
-
+    tasks = [resolve_task(name, src, source) for name, src in settings.tasks]
     prep = preprocess_for(
         source,
         model_input_size=loaded.input_size,
@@ -222,9 +232,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
         input_size=settings.input_size,
         normalize=settings.normalize,
     )
-
     roles, stratified_by = split_roles(source, n, settings.split, settings.seed, tasks)
-
     batch_size = settings.batch_size
     if loaded.fixed_batch is not None and loaded.fixed_batch != batch_size:
         batch_size = loaded.fixed_batch  # the exported program only runs at its traced batch size
@@ -233,20 +241,14 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
     example = prep.model_input(prep.images(source.read(0, min(n, batch_size)))).to(device)
     example = _pad(example, loaded.fixed_batch)
     truncation = truncate(module, layer, example)
-    encoder = truncation.encoder
     with torch.inference_mode():
-        z_example = encoder(example)
+        z_example = truncation.encoder(example)
+        output_shape = tuple(module(example).shape[1:]) if settings.with_outputs else None
     if z_example.shape[0] != example.shape[0]:
         raise UsageError(
             f"layer {layer!r} output has {z_example.shape[0]} rows for a batch of {example.shape[0]}; "
             "its first dimension is not the batch, so it cannot be dumped."
         )
-    layer_shape = tuple(z_example.shape[1:])
-    output_shape = None
-    if settings.with_outputs:
-        with torch.inference_mode():
-            output_shape = tuple(module(example).shape[1:])
-
     fingerprint = {
         "model": settings.model,
         "checkpoint_sha256": loaded.checkpoint_sha256,
@@ -266,14 +268,6 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
         "compression": settings.compression,
         "store_inputs": settings.store_inputs,
     }
-    resuming = settings.resume and partial.exists()
-    memory_format = _journal_state(output).get("memory_format") if resuming else None
-    if memory_format is None:
-        memory_format = choose_memory_format(module, encoder, example, settings.memory_format)
-    else:
-        module.to(memory_format=torch.channels_last if memory_format == "channels_last" else torch.contiguous_format)
-    torch_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-
     attrs = {
         "model_spec": settings.model,
         "model_kind": loaded.kind,
@@ -292,26 +286,186 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
         "stratified_by": stratified_by,
         "dtype": settings.dtype,
         "batch_size": batch_size,
-        "memory_format": memory_format,
         "device": str(device),
     }
-    writer = StoreWriter(
-        output,
-        n=n,
-        input_shape=(prep.in_chans, *prep.input_size),
-        layer_shape=layer_shape,
+    return _Plan(
+        loaded, layer, source, tasks, prep, n, roles, stratified_by, batch_size, device, truncation, example,
+        tuple(z_example.shape[1:]), output_shape, fingerprint, attrs,
+    )  # fmt: skip
+
+
+def _open_writer(
+    settings: DumpSettings, plan: _Plan, path: Path, lo: int, hi: int, *, resume: bool, memory_format: str,
+    fingerprint: dict[str, Any], attrs: dict[str, Any],
+) -> StoreWriter:  # fmt: skip
+    return StoreWriter(
+        path,
+        n=hi - lo,
+        input_shape=(plan.prep.in_chans, *plan.prep.input_size),
+        layer_shape=plan.layer_shape,
         dtype=settings.dtype,
-        labels={t.name: (t.labels[:n], t.class_names, t.source) for t in tasks},
-        index=np.arange(n),
-        split=roles,
-        attrs=attrs,
+        labels={t.name: (t.labels[lo:hi], t.class_names, t.source) for t in plan.tasks},
+        index=np.arange(lo, hi),
+        split=plan.roles[lo:hi],
+        attrs={**attrs, "memory_format": memory_format},
         fingerprint=fingerprint,
-        output_shape=output_shape,
+        output_shape=plan.output_shape,
         compression=settings.compression,
         store_inputs=settings.store_inputs,
-        resume=resuming,
+        resume=resume,
         state={"memory_format": memory_format},
     )
+
+
+def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None = None) -> DumpReport:
+    """Write the store ``settings.output`` (see :class:`DumpSettings` and the module docstring).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank writes a shard of whole batches to
+    ``STORE.h5.shards/`` and rank 0 stitches them into ``STORE.h5`` with HDF5 virtual
+    datasets: the same content, row for row, as a single-process dump with the same seed.
+    """
+    from leakaudit import distributed
+
+    output = Path(settings.output)
+    _check_paths(settings, output)
+    ctx = distributed.current(resolve_device(settings.device))
+    if ctx is None:
+        partial = partial_path(output)
+        if partial.exists() and not settings.resume and not settings.force:
+            raise OutputExistsError(
+                f"an interrupted dump left {str(partial)!r}. Continue it with --resume, or start over with --force."
+            )
+        if settings.resume and not partial.exists():
+            raise UsageError(
+                f"nothing to resume: {str(partial)!r} does not exist"
+                + (" and the store is already complete." if output.exists() else ".")
+                + _shard_hint(output)
+            )
+        plan = _plan(settings)
+        resuming = settings.resume
+        memory_format = _journal_state(output).get("memory_format") if resuming else None
+        memory_format = _apply_memory_format(plan, settings, memory_format)
+        writer = _open_writer(
+            settings, plan, output, 0, plan.n, resume=resuming, memory_format=memory_format,
+            fingerprint=plan.fingerprint, attrs=plan.attrs,
+        )  # fmt: skip
+        return _write_rows(settings, plan, writer, 0, plan.n, memory_format, on_progress)
+    return _dump_distributed(settings, output, ctx, on_progress)
+
+
+def _apply_memory_format(plan: _Plan, settings: DumpSettings, chosen: str | None) -> str:
+    if chosen is None:
+        return choose_memory_format(plan.loaded.module, plan.truncation.encoder, plan.example, settings.memory_format)
+    plan.loaded.module.to(memory_format=torch.channels_last if chosen == "channels_last" else torch.contiguous_format)
+    return chosen
+
+
+def shard_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".shards")
+
+
+def shard_path(output: Path, rank: int, world_size: int) -> Path:
+    return shard_dir(output) / f"rank-{rank:05d}-of-{world_size:05d}.h5"
+
+
+def _shard_hint(output: Path) -> str:
+    """Which world size left the shards of an interrupted distributed dump, if any did."""
+    if not shard_dir(output).is_dir():
+        return ""
+    sizes = sorted({int(p.name.split("-of-")[1][:5]) for p in shard_dir(output).glob("rank-*-of-*.h5*")})
+    if not sizes:
+        return ""
+    return (
+        f" {str(shard_dir(output))!r} holds shards of a dump run with world size {', '.join(map(str, sizes))}: "
+        f"resume it under torchrun with --nproc-per-node={sizes[0]}."
+    )
+
+
+def _dump_distributed(settings: DumpSettings, output: Path, ctx, on_progress) -> DumpReport:
+    from leakaudit import distributed
+    from leakaudit.store import write_virtual_store
+
+    mine = shard_path(output, ctx.rank, ctx.world_size)
+    error: BaseException | None = None
+    report = None
+    try:
+        if settings.resume:
+            if not partial_path(mine).exists() and not mine.exists():
+                raise UsageError(
+                    f"nothing to resume for rank {ctx.rank} of {ctx.world_size} in {str(shard_dir(output))!r}."
+                    + _shard_hint(output)
+                )
+        elif partial_path(mine).exists() and not settings.force:
+            raise OutputExistsError(
+                f"an interrupted dump left {str(partial_path(mine))!r}. Continue it with --resume, or start over with --force."
+            )
+    except BaseException as exc:
+        error = exc
+    distributed.agree(error)
+    if ctx.is_main and settings.force and not settings.resume and shard_dir(output).exists():
+        import shutil
+
+        shutil.rmtree(shard_dir(output))
+    distributed.barrier()
+    try:
+        plan = _plan(settings)
+        lo, hi = ctx.shard(plan.n, plan.batch_size)
+        fingerprint = {**plan.fingerprint, "world_size": ctx.world_size, "rank": ctx.rank, "rows_lo": lo, "rows_hi": hi}
+        chosen = _journal_state(mine).get("memory_format") if settings.resume and partial_path(mine).exists() else None
+        memory_format = None
+        if chosen is None and ctx.is_main:
+            memory_format = _apply_memory_format(plan, settings, None)
+        memory_format = distributed.broadcast(memory_format if chosen is None else chosen)
+        _apply_memory_format(plan, settings, memory_format)
+        if mine.exists() and settings.resume:
+            report = None  # this shard finished before the interruption
+        else:
+            shard_attrs = {**plan.attrs, "shard_rank": ctx.rank, "shard_world_size": ctx.world_size,
+                           "shard_rows": [lo, hi], "shard_fingerprint": plan.fingerprint}  # fmt: skip
+            writer = _open_writer(
+                settings, plan, mine, lo, hi, resume=settings.resume and partial_path(mine).exists(),
+                memory_format=memory_format, fingerprint=fingerprint, attrs=shard_attrs,
+            )  # fmt: skip
+            report = _write_rows(settings, plan, writer, lo, hi, memory_format, on_progress if ctx.is_main else None)
+    except BaseException as exc:
+        error = exc
+    distributed.agree(error)
+    if ctx.is_main:
+        try:
+            shards = [shard_path(output, rank, ctx.world_size) for rank in range(ctx.world_size)]
+            write_virtual_store(output, shards, plan.fingerprint, {**plan.attrs, "memory_format": memory_format,
+                                "world_size": ctx.world_size})  # fmt: skip
+        except BaseException as exc:
+            error = exc
+    distributed.agree(error)
+    rate = report.rows_per_second * ctx.world_size if report is not None else 0.0
+    return DumpReport(
+        path=output,
+        rows=plan.n,
+        resumed_from=report.resumed_from if report is not None else hi - lo,
+        seconds=report.seconds if report is not None else 0.0,
+        rows_per_second=rate,
+        truncation=plan.truncation.method,
+        memory_format=memory_format,
+        device=str(plan.device),
+        layer_shape=plan.layer_shape,
+    )
+
+
+def _write_rows(
+    settings: DumpSettings,
+    plan: _Plan,
+    writer: StoreWriter,
+    lo: int,
+    hi: int,
+    memory_format: str,
+    on_progress: Callable[[int, int], None] | None,
+) -> DumpReport:
+    """Run rows ``[lo, hi)`` of the source through the encoder into ``writer`` (rows 0…hi−lo)."""
+    module, layer, prep, source = plan.loaded.module, plan.layer, plan.prep, plan.source
+    encoder, device, batch_size, n = plan.truncation.encoder, plan.device, plan.batch_size, hi - lo
+    fixed_batch = plan.loaded.fixed_batch
+    torch_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     start_row = writer.rows_done
     capture_outputs = settings.with_outputs and layer != OUTPUT and not isinstance(module, torch.jit.ScriptModule)
     started = time.perf_counter()
@@ -323,7 +477,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
     def read_batches() -> None:
         for begin in range(start_row, n, batch_size):
             end = min(n, begin + batch_size)
-            x = prep.images(source.read(begin, end))
+            x = prep.images(source.read(lo + begin, lo + end))
             if pin:
                 x = x.pin_memory()
             if not _put(batches, (begin, x), stop):
@@ -343,7 +497,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
                 writer.checkpoint(n)
                 return
             begin, x, z, y = item
-            check_finite(z, layer, begin)
+            check_finite(z, layer, lo + begin)
             if settings.dtype == "float16":
                 peak = float(np.abs(z).max()) if z.size else 0.0
                 if peak > FLOAT16_MAX:
@@ -375,7 +529,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
                 begin, x = item
                 rows = x.shape[0]
                 model_x = prep.model_input(x.to(device, non_blocking=pin)).contiguous(memory_format=torch_format)
-                model_x = _pad(model_x, loaded.fixed_batch)
+                model_x = _pad(model_x, fixed_batch)
                 y = None
                 if capture_outputs:
                     z, y = _forward_with_capture(module, layer, encoder, model_x)
@@ -416,10 +570,10 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
         resumed_from=start_row,
         seconds=elapsed,
         rows_per_second=rows_done / elapsed if elapsed > 0 else float("inf"),
-        truncation=truncation.method,
+        truncation=plan.truncation.method,
         memory_format=memory_format,
         device=str(device),
-        layer_shape=layer_shape,
+        layer_shape=plan.layer_shape,
     )
 
 

@@ -245,6 +245,75 @@ class StoreWriter:
             self.journal.unlink(missing_ok=True)
 
 
+SHARDED = ("inputs", "activations", "outputs")
+
+
+def write_virtual_store(path: Path, shards: Sequence[Path], fingerprint: Mapping[str, Any], attrs: Mapping[str, Any]) -> Path:
+    """Stitch complete shard files into one store at ``path`` with HDF5 virtual datasets.
+
+    ``/inputs``, ``/activations`` and ``/outputs`` map onto the shards (relative paths, so
+    the store and its ``.shards`` folder move together); labels, index and split are copied.
+    Shards from another run (a different fingerprint) are refused, naming what differs.
+    """
+    path = Path(path)
+    expected = json.loads(_json_attr(dict(fingerprint)))
+    handles = []
+    try:
+        for shard in shards:
+            if not shard.exists():
+                raise StoreError(f"cannot stitch {str(path)!r}: shard {str(shard)!r} is missing.")
+            handle = h5py.File(shard, "r")
+            handles.append(handle)
+            if not bool(handle.attrs.get("complete", False)):
+                raise StoreError(f"cannot stitch {str(path)!r}: shard {str(shard)!r} is incomplete.")
+            found = json.loads(handle.attrs.get("shard_fingerprint", "{}"))
+            if found != expected:
+                differing = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+                raise StoreError(
+                    f"cannot stitch {str(path)!r}: shard {shard.name!r} comes from a different run "
+                    f"({', '.join(differing)} differ). Dump again with --force."
+                )
+        bounds = [tuple(json.loads(h.attrs["shard_rows"])) if isinstance(h.attrs["shard_rows"], str) else tuple(h.attrs["shard_rows"]) for h in handles]
+        n = int(expected["rows"])
+        if bounds[0][0] != 0 or bounds[-1][1] != n or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+            raise StoreError(f"cannot stitch {str(path)!r}: the shards do not cover rows 0–{n} in order ({bounds}).")
+        partial = partial_path(path)
+        partial.unlink(missing_ok=True)
+        with h5py.File(partial, "w") as out:
+            first = handles[0]
+            for key, value in first.attrs.items():
+                if not key.startswith("shard_"):
+                    out.attrs[key] = value
+            for key, value in attrs.items():
+                out.attrs[key] = value if isinstance(value, (str, int, float, bool)) else _json_attr(value)
+            out.attrs["complete"] = False
+            out.attrs["rows"] = n
+            for name in SHARDED:
+                if name not in first:
+                    continue
+                shape = (n, *first[name].shape[1:])
+                layout = h5py.VirtualLayout(shape=shape, dtype=first[name].dtype)
+                for shard, handle, (lo, hi) in zip(shards, handles, bounds):
+                    relative = os.path.relpath(shard, path.parent)
+                    layout[lo:hi] = h5py.VirtualSource(relative, name, shape=handle[name].shape)
+                out.create_virtual_dataset(name, layout)
+            for name in ("index", "split"):
+                out.create_dataset(name, data=np.concatenate([h[name][()] for h in handles]))
+            out["split"].attrs["roles"] = first["split"].attrs["roles"]
+            group = out.create_group("labels")
+            for task in first["labels"]:
+                ds = group.create_dataset(task, data=np.concatenate([h["labels"][task][()] for h in handles]))
+                for key, value in first["labels"][task].attrs.items():
+                    ds.attrs[key] = value
+            out.attrs["dump_seconds"] = max(float(h.attrs.get("dump_seconds", 0.0)) for h in handles)
+            out.attrs["complete"] = True
+        os.replace(partial, path)
+        return path
+    finally:
+        for handle in handles:
+            handle.close()
+
+
 class ActivationStore:
     """Read access to a complete, valid store; every reader goes through this class.
 
@@ -301,6 +370,14 @@ class ActivationStore:
             raise StoreError(f"{where!r} is inconsistent: its datasets differ in length ({detail}).")
         if "split" not in self.file:
             raise StoreError(f"{where!r} has no /split dataset.")
+        for name in SHARDED:
+            dataset = self.file.get(name)
+            if dataset is not None and dataset.is_virtual:
+                # HDF5 reads a missing source as fill values; a store must never do that silently.
+                for source in dataset.virtual_sources():
+                    shard = self.path.parent / source.file_name
+                    if not shard.exists():
+                        raise StoreError(f"{where!r} is missing its shard {str(shard)!r} (/{name} reads from it).")
 
     # -- context manager
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -100,6 +101,8 @@ def dump(
     )
     with LazyProgress() as bar:
         report = run_dump(settings, bar.callback(f"dump {layer}"))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 speaks for the group
     if report.resumed_from:
         info(f"resumed at row {report.resumed_from:,}")
     console().print(

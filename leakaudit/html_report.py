@@ -1,0 +1,291 @@
+"""``leakaudit report``: one self-contained HTML page a reviewer can read in a minute.
+
+Everything is inline: styles, charts drawn as SVG, images embedded as base64 PNG. The page
+loads nothing from the network. Sections appear when the report has their data: the gate
+verdict, the metrics table with baseline and drops, the attacks, the reconstruction grid,
+a t-SNE of Z coloured by public and by private labels (Scrunch Fig. 6), the comparison
+table of hardening recipes, and privacy–utility curves for sweeps (Scrunch Figs. 4–5).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leakaudit import __version__
+from leakaudit.report import METRIC_NAMES
+
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1080px;margin:0 auto;padding:24px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde1e7;padding-bottom:4px}
+.sub{color:#5b6475} .card{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:14px 16px;margin:10px 0}
+table{border-collapse:collapse;width:100%;background:#fff} th,td{padding:5px 8px;border-bottom:1px solid #eceff3;text-align:left}
+th{background:#f0f2f5;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#17803d;font-weight:600} .fail{color:#b42318;font-weight:600} .muted{color:#8a93a3}
+.verdict{font-size:18px;font-weight:700;padding:10px 14px;border-radius:8px;display:inline-block}
+.verdict.pass{background:#e7f6ec} .verdict.fail{background:#fdecea} .verdict.none{background:#eef0f3;color:#5b6475}
+.grid{display:flex;flex-wrap:wrap;gap:16px} .grid>div{flex:1 1 420px}
+img.recon{image-rendering:pixelated;max-width:100%;border:1px solid #dde1e7}
+code{background:#eef0f3;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return html.escape(str(value))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            cls = ' class="num"' if i in numeric else ""
+            cells.append(f"<td{cls}>{cell if isinstance(cell, str) and cell.startswith('<') else _fmt(cell)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def png_data_uri(path: str | Path) -> str | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- SVG charts
+
+
+def svg_scatter(points: np.ndarray, labels: np.ndarray, names: Sequence[str], title: str, size: int = 420) -> str:
+    """A scatter plot of 2-D points coloured by label, with a legend."""
+    pad = 28
+    lo, hi = points.min(0), points.max(0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    xy = (points - lo) / span * (size - 2 * pad) + pad
+    dots = "".join(
+        f'<circle cx="{x:.1f}" cy="{size - y:.1f}" r="2.6" fill="{PALETTE[int(c) % len(PALETTE)]}" fill-opacity="0.75"/>'
+        for (x, y), c in zip(xy, labels)
+    )
+    legend = "".join(
+        f'<g transform="translate({size + 8},{20 + 16 * i})"><rect width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
+        f'<text x="14" y="9" font-size="11">{html.escape(str(name))}</text></g>'
+        for i, name in enumerate(names)
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{html.escape(title)}" '
+        f'width="{size + 110}" height="{size}" viewBox="0 0 {size + 110} {size}">'
+        f'<rect width="{size}" height="{size}" fill="#fff" stroke="#dde1e7"/>'
+        f'<text x="8" y="16" font-size="12" font-weight="600">{html.escape(title)}</text>{dots}{legend}</svg>'
+    )
+
+
+def svg_lines(x: Sequence[float], series: Mapping[str, Sequence[float | None]], title: str, xlabel: str, width: int = 460, height: int = 300) -> str:
+    """A line chart of several series over the same x values (a privacy–utility curve)."""
+    left, right, top, bottom = 46, 130, 24, 36
+    xs = np.asarray(x, dtype=float)
+    values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
+    if not values or len(xs) == 0:
+        return ""
+    y_lo, y_hi = min(0.0, min(values)), max(1.0, max(values))
+    x_lo, x_hi = float(xs.min()), float(xs.max())
+    x_span = x_hi - x_lo or 1.0
+
+    def px(value: float) -> float:
+        return left + (value - x_lo) / x_span * (width - left - right)
+
+    def py(value: float) -> float:
+        return height - bottom - (value - y_lo) / (y_hi - y_lo or 1.0) * (height - top - bottom)
+
+    parts = [f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="#fff" stroke="#dde1e7"/>']
+    for tick in np.linspace(y_lo, y_hi, 5):
+        parts.append(f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" font-size="10" text-anchor="end">{tick:.2g}</text>')
+    for value in xs:
+        parts.append(f'<text x="{px(value):.1f}" y="{height - bottom + 14}" font-size="10" text-anchor="middle">{value:g}</text>')
+    for i, (name, ys) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        pts = [(px(a), py(b)) for a, b in zip(xs, ys) if b is not None and math.isfinite(b)]
+        if pts:
+            path = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+            parts.extend(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in pts)
+        parts.append(
+            f'<g transform="translate({width - right + 8},{top + 16 * i})"><rect width="10" height="10" fill="{color}"/>'
+            f'<text x="14" y="9" font-size="11">{html.escape(name)}</text></g>'
+        )
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 4}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>')
+    parts.append(f'<text x="{left}" y="14" font-size="12" font-weight="600">{html.escape(title)}</text>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{html.escape(title)}" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>'
+    )
+
+
+# --------------------------------------------------------------------------- t-SNE
+
+
+def tsne_embedding(store_path: str | Path, *, max_points: int = 800, seed: int = 0) -> dict[str, Any] | None:
+    """2-D t-SNE of the test rows' Z, with the labels of every task; ``None`` without a store."""
+    from leakaudit.store import open_store
+
+    path = Path(store_path)
+    if not path.exists():
+        return None
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    with open_store(path) as store:
+        rows = store.rows("test")
+        if len(rows) < 10:
+            return None
+        rng = np.random.default_rng(seed)
+        if len(rows) > max_points:
+            rows = np.sort(rng.choice(rows, size=max_points, replace=False))
+        z = store.activations(rows).reshape(len(rows), -1).astype(np.float64)
+        labels = {task: (store.labels(task)[rows], store.class_names(task)) for task in store.tasks}
+    z = (z - z.mean(0)) / np.where(z.std(0) > 0, z.std(0), 1.0)
+    if z.shape[1] > 50:
+        z = PCA(n_components=50, random_state=seed).fit_transform(z)
+    perplexity = float(min(30, max(5, (len(z) - 1) // 4)))
+    points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(z)
+    return {"points": points, "labels": labels}
+
+
+# --------------------------------------------------------------------------- page
+
+
+def render(
+    report: Mapping[str, Any],
+    *,
+    verdict: Mapping[str, Any] | None = None,
+    embedding: Mapping[str, Any] | None = None,
+) -> str:
+    """The HTML page for ``report`` (a loaded report.json)."""
+    subject = report.get("subject", {})
+    metrics = report.get("metrics", {})
+    baseline = (report.get("baseline") or {}).get("metrics", {})
+    results = report.get("results", {})
+    sections: list[str] = []
+
+    title = f"leakaudit — {subject.get('model_spec', '?')} split at {subject.get('layer', '?')}"
+    sha = str(subject.get("checkpoint_sha256") or "")
+    sections.append(
+        f"<h1>{html.escape(title)}</h1><div class='sub'>data <code>{html.escape(str(subject.get('data_spec')))}</code>, "
+        f"{_fmt(subject.get('rows'))} rows, checkpoint <code>{html.escape(sha[:12] or 'none (random init)')}</code>, "
+        f"store <code>{html.escape(str(subject.get('store')))}</code> · report updated {html.escape(str(report.get('updated')))}"
+        f" · leakaudit {html.escape(__version__)}</div>"
+    )
+
+    if verdict is None:
+        verdict = report.get("gate")
+    if verdict is not None:
+        passed = bool(verdict.get("passed"))
+        rows = [
+            (c["metric"], c.get("value"), c["threshold"], f"<span class='{'pass' if c['passed'] else 'fail'}'>"
+             f"{'pass' if c['passed'] else 'fail ' + html.escape(c.get('reason', ''))}</span>")
+            for c in verdict.get("checks", [])
+        ]  # fmt: skip
+        sections.append(
+            f"<h2>Verdict</h2><div class='verdict {'pass' if passed else 'fail'}'>{'Gate passed' if passed else 'Gate failed'}</div>"
+            + _table(["metric", "value", "threshold", "verdict"], rows, numeric=(1,))
+        )
+    else:
+        sections.append("<h2>Verdict</h2><div class='verdict none'>No policy was applied</div>")
+
+    metric_rows = []
+    for name in list(METRIC_NAMES) + sorted(set(metrics) - set(METRIC_NAMES)):
+        if name not in metrics:
+            continue
+        base = baseline.get(name)
+        delta = None if base is None else metrics[name] - base
+        metric_rows.append((f"<code>{html.escape(name)}</code>", metrics[name], base, delta, METRIC_NAMES.get(name, "")))
+    sections.append("<h2>Metrics</h2>" + _table(["metric", "value", "baseline", "change", "meaning"], metric_rows, numeric=(1, 2, 3)))
+
+    comparison = report.get("comparison")
+    if comparison:
+        columns = comparison["columns"]
+        sections.append(
+            "<h2>Hardening recipes compared (Scrunch Table 1 style)</h2>"
+            + _table(["model", *columns], [[row["name"], *[row.get(c) for c in columns]] for row in comparison["rows"]], numeric=range(1, len(columns) + 1))
+        )
+
+    classifier = results.get("attack:classifier")
+    if classifier:
+        heads = [
+            (h["name"], h["input"], h.get("accuracy"), h.get("balanced_accuracy"), h.get("epochs"), h.get("reason") or "")
+            for h in [*classifier.get("heads", []), *classifier.get("raw_heads", [])]
+        ]
+        sections.append(
+            f"<h2>Classifier attack on task <code>{html.escape(str(classifier.get('task')))}</code></h2>"
+            f"<div class='sub'>strongest head: <b>{html.escape(str(classifier.get('best_head')))}</b>, chance {_fmt(classifier.get('chance'))}</div>"
+            + _table(["head", "input", "test accuracy", "balanced", "epochs", "note"], heads, numeric=(2, 3, 4))
+        )
+
+    decoder = results.get("attack:decoder")
+    if decoder:
+        runs = [
+            (r.get("arch"), (r.get("scores") or {}).get("ssim_mean"), (r.get("scores") or {}).get("ssim_p95"),
+             (r.get("scores") or {}).get("psnr"), r.get("epochs"), r.get("reason") or "")
+            for r in decoder.get("runs", [])
+        ]  # fmt: skip
+        mean = decoder.get("mean_image") or {}
+        runs.append(("mean image (no information)", mean.get("ssim_mean"), mean.get("ssim_p95"), mean.get("psnr"), None, ""))
+        block = "<h2>Reconstruction attack</h2>" + _table(["decoder", "SSIM mean", "SSIM p95", "PSNR dB", "epochs", "note"], runs, numeric=(1, 2, 3, 4))
+        uri = png_data_uri(decoder["grid"]) if decoder.get("grid") else None
+        if uri:
+            block += f"<div class='card'><div class='sub'>originals (top) and reconstructions (bottom), test rows</div><img class='recon' alt='reconstruction grid' src='{uri}'/></div>"
+        sections.append(block)
+
+    if embedding is not None:
+        plots = []
+        for task in ("public", "private", *[t for t in embedding["labels"] if t not in ("public", "private")]):
+            if task in embedding["labels"]:
+                labels, names = embedding["labels"][task]
+                plots.append(f"<div>{svg_scatter(np.asarray(embedding['points']), np.asarray(labels), names, f't-SNE of Z — {task} labels')}</div>")
+        sections.append("<h2>t-SNE of the activations (test rows)</h2><div class='grid'>" + "".join(plots[:3]) + "</div>")
+
+    sweep = report.get("sweep")
+    if sweep and sweep.get("rows"):
+        parameter = sweep.get("parameter", "λ")
+        xs = [row[parameter] for row in sweep["rows"]]
+        columns = [c for c in sweep.get("columns", []) if c != parameter]
+        curves = {c: [row.get(c) for row in sweep["rows"]] for c in columns if all(isinstance(row.get(c), (int, float, type(None))) for row in sweep["rows"])}
+        utility = {k: v for k, v in curves.items() if k != "intra_class_distance"}
+        block = f"<h2>Privacy–utility sweep over {html.escape(parameter)}</h2><div class='grid'><div>{svg_lines(xs, utility, 'accuracy and leakage', parameter)}</div>"
+        if "intra_class_distance" in curves:
+            block += f"<div>{svg_lines(xs, {'intra-class distance': curves['intra_class_distance']}, 'intra-class distance (Scrunch Fig. 4)', parameter)}</div>"
+        block += "</div>" + _table([parameter, *columns], [[row.get(parameter), *[row.get(c) for c in columns]] for row in sweep["rows"]], numeric=range(0, len(columns) + 1))
+        sections.append(block)
+
+    body = "\n".join(f"<section>{s}</section>" for s in sections)
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>{body}</main>"
+        f"<script>{IMAGE_CHECK}</script></body></html>\n"
+    )
+
+
+# Records on <body> whether every embedded image decoded, for headless-browser checks.
+IMAGE_CHECK = (
+    "window.addEventListener('load',function(){var i=Array.prototype.slice.call(document.images);"
+    "document.body.setAttribute('data-images',String(i.length));"
+    "document.body.setAttribute('data-images-ok',String(i.every(function(m){return m.complete&&m.naturalWidth>0;})));});"
+)

@@ -145,6 +145,30 @@ def update_report(
     return report
 
 
+def derive_drops(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
+    """The numbers that compare a (hardened) model with its baseline, where both have the inputs.
+
+    ``public_accuracy_normalized`` = public_accuracy / baseline's; ``mi_drop`` = 1 − mi_xz /
+    baseline's; ``ssim_p95_drop`` = 1 − ssim_p95 / baseline's (Scrunch Table 1). The caller
+    is responsible for both sides using the same rows and estimator settings.
+    """
+    derived: dict[str, float] = {}
+
+    def ratio(name: str) -> float | None:
+        value, base = metrics.get(name), baseline.get(name)
+        if value is None or base is None or base == 0:
+            return None
+        return float(value) / float(base)
+
+    if (r := ratio("public_accuracy")) is not None:
+        derived["public_accuracy_normalized"] = r
+    if (r := ratio("mi_xz")) is not None:
+        derived["mi_drop"] = 1.0 - r
+    if (r := ratio("ssim_p95")) is not None:
+        derived["ssim_p95_drop"] = 1.0 - r
+    return derived
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

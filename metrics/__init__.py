@@ -1,1 +1,8 @@
-"""Built-in metrics plugins, importable as `leakaudit.metrics`."""
+"""Built-in metric plugins, importable as `leakaudit.metrics`.
+
+The maths is written once, as pure functions: :mod:`.dcor` (distance correlation),
+:mod:`.mi` (mutual information), :mod:`.ssim` (structural similarity) and :mod:`.distance`
+(intra-class distance). :mod:`.plugins` registers the store-reading metrics.
+"""
+
+from leakaudit.metrics import plugins  # noqa: F401  (registers the plugins)

@@ -1,0 +1,213 @@
+"""Metric plugins over an activation store: the registry entries behind `leakaudit metrics`.
+
+Each plugin reads what it needs from the store, calls the pure function of its module
+(:mod:`.dcor`, :mod:`.mi`, :mod:`.distance`) and returns a :class:`MetricResult` whose
+``values`` use the names of DESIGN.md. Numbers that compare with a baseline (``mi_drop``,
+``public_accuracy_normalized``, ``ssim_p95_drop``) are derived afterwards by
+:func:`leakaudit.report.derive_drops`, from two results computed with the same settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from leakaudit.errors import ConfigError, DataError, StoreError
+from leakaudit.registry import METRICS
+from leakaudit.store import ActivationStore
+
+Progress = Callable[[int, int], None]
+Rows = Literal["all", "test"]
+
+
+@dataclass
+class MetricResult:
+    """One metric's numbers (``values``, DESIGN.md names) and the details behind them."""
+
+    metric: str
+    values: dict[str, float | None]
+    details: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, **self.values, "details": self.details, "config": self.config}
+
+    def report_metrics(self) -> dict[str, float | None]:
+        return dict(self.values)
+
+
+def _rows(store: ActivationStore, which: str) -> np.ndarray | None:
+    if which == "all":
+        return None
+    if which == "test":
+        return store.rows("test")
+    raise ConfigError(f"rows: expected 'all' or 'test', got {which!r}.")
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    return array.reshape(len(array), -1)
+
+
+def _xz(store: ActivationStore, rows: np.ndarray | None, what: str):
+    """X and Z for the chosen rows: h5py datasets for all rows (read block by block), arrays otherwise."""
+    if not store.has_inputs:
+        raise StoreError(
+            f"{what} needs the raw inputs, but {str(store.path)!r} was dumped with --no-inputs. "
+            "Dump it again without --no-inputs."
+        )
+    if rows is None:
+        return store.file["inputs"], store.file["activations"]
+    return store.inputs(rows), store.activations(rows)
+
+
+# --------------------------------------------------------------------------- dCor
+
+
+@dataclass(frozen=True)
+class DcorConfig:
+    """Settings of the distance-correlation metric."""
+
+    rows: Rows = "all"
+    precision: Literal["float64", "float32"] = "float64"
+    pvalue: Literal["auto", "t-test", "permutation", "none"] = "auto"
+    num_permutations: int = 999
+    block_size: int = 1024
+    seed: int = 0
+    device: str = "cpu"
+
+
+@METRICS.register("dcor", config=DcorConfig)
+def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress | None = None) -> MetricResult:
+    """Distance correlation of X and Z: dcor (NoPeek's V-statistic), dcor_u2 and a p-value."""
+    from leakaudit.metrics.dcor import distance_correlation_stats
+    from leakaudit.runtime import resolve_device
+
+    rows = _rows(store, config.rows)
+    x, z = _xz(store, rows, "distance correlation")
+    stats = distance_correlation_stats(
+        x,
+        z,
+        pvalue=config.pvalue,
+        num_permutations=config.num_permutations,
+        seed=config.seed,
+        block_size=config.block_size,
+        device=resolve_device(config.device),
+        precision=config.precision,
+        progress=progress,
+    )
+    return MetricResult(
+        "dcor",
+        {"dcor": stats.dcor, "dcor_u2": stats.dcor_u2, "dcor_pvalue": stats.pvalue},
+        asdict(stats),
+        asdict(config),
+    )
+
+
+# --------------------------------------------------------------------------- mutual information
+
+
+@dataclass(frozen=True)
+class MiConfig:
+    """Settings of the mutual-information metric (see :mod:`leakaudit.metrics.mi` for the estimators)."""
+
+    estimator: Literal["gaussian", "ksg"] = "gaussian"
+    dims: int = 32
+    k: int = 3
+    rows: Rows = "all"
+    max_rows: int = 20000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dims <= 0 or self.k <= 0 or self.max_rows <= 0:
+            raise ValueError("dims, k and max_rows must be positive integers.")
+
+
+@METRICS.register("mi", config=MiConfig)
+def mi_metric(store: ActivationStore, config: MiConfig, progress: Progress | None = None) -> MetricResult:
+    """Mutual information I(X; Z) in nats on PCA-reduced X and Z (mi_xz)."""
+    from leakaudit.metrics.mi import mutual_information_gaussian, mutual_information_ksg
+
+    rows = _rows(store, config.rows)
+    if rows is None:
+        rows = np.arange(len(store))
+    if len(rows) > config.max_rows:
+        # A seeded subsample: the same rows for a baseline and a subject of equal length.
+        rows = np.sort(np.random.default_rng(config.seed).choice(rows, size=config.max_rows, replace=False))
+    x, z = _xz(store, rows, "mutual information")
+    x, z = _flat(np.asarray(x)), _flat(np.asarray(z))
+    if progress is not None:
+        progress(0, 1)
+    if config.estimator == "gaussian":
+        estimate = mutual_information_gaussian(x, z, dims=config.dims, seed=config.seed)
+    else:
+        estimate = mutual_information_ksg(x, z, k=config.k, dims=config.dims, seed=config.seed)
+    if progress is not None:
+        progress(1, 1)
+    return MetricResult("mi", {"mi_xz": estimate.value}, asdict(estimate), asdict(config))
+
+
+# --------------------------------------------------------------------------- intra-class distance
+
+
+@dataclass(frozen=True)
+class IntraClassConfig:
+    """Settings of the intra-class distance (Scrunch Fig. 4)."""
+
+    task: str = "public"
+    rows: Rows = "all"
+
+
+@METRICS.register("intra-class-distance", config=IntraClassConfig)
+def intra_class_metric(store: ActivationStore, config: IntraClassConfig, progress: Progress | None = None) -> MetricResult:
+    """Mean distance of Z to its public-class centre, and that distance relative to Z's spread."""
+    from leakaudit.metrics.distance import intra_class_distance_stats
+
+    rows = _rows(store, config.rows)
+    labels = store.labels(config.task) if rows is None else store.labels(config.task)[rows]
+    z = store.activations(rows)
+    stats = intra_class_distance_stats(z, labels)
+    # The raw distance changes with Z's scale; its ratio to the distance from the global
+    # centre does not, so it compares models whose activations have different magnitudes.
+    flat = _flat(z).astype(np.float64)
+    spread = float(np.linalg.norm(flat - flat.mean(0), axis=1).mean())
+    details = {"per_class": stats.per_class, "counts": stats.counts, "spread": spread,
+               "relative": stats.value / spread if spread > 0 else None, "task": config.task}  # fmt: skip
+    return MetricResult("intra-class-distance", {"intra_class_distance": stats.value}, details, asdict(config))
+
+
+# --------------------------------------------------------------------------- public accuracy
+
+
+@dataclass(frozen=True)
+class PublicAccuracyConfig:
+    """Settings of the public-task accuracy, read from the stored model outputs."""
+
+    task: str = "public"
+    rows: Rows = "test"
+
+
+@METRICS.register("public-accuracy", config=PublicAccuracyConfig)
+def public_accuracy_metric(store: ActivationStore, config: PublicAccuracyConfig, progress: Progress | None = None) -> MetricResult:
+    """Accuracy of the model's own outputs (/outputs) on the public task, on test rows."""
+    if not store.has_outputs:
+        raise StoreError(
+            f"public accuracy needs the model's outputs, but {str(store.path)!r} has none. "
+            "Dump it again with --with-outputs."
+        )
+    rows = _rows(store, config.rows)
+    labels = store.labels(config.task)
+    outputs = store.read("outputs", rows)
+    if rows is not None:
+        labels = labels[rows]
+    outputs = outputs.reshape(len(outputs), -1)
+    classes = len(store.class_names(config.task))
+    if outputs.shape[1] != classes:
+        raise DataError(
+            f"the model has {outputs.shape[1]} outputs but task {config.task!r} has {classes} classes; "
+            "public accuracy needs a model trained for that task."
+        )
+    accuracy = float((outputs.argmax(1) == labels).mean()) if len(labels) else float("nan")
+    return MetricResult("public-accuracy", {"public_accuracy": accuracy}, {"rows": int(len(labels))}, asdict(config))

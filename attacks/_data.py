@@ -1,0 +1,84 @@
+"""Reading what an attack needs from a store: the attacker split, Z and X, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from leakaudit.errors import DataError, NonFiniteError
+from leakaudit.store import ROLES, ActivationStore
+
+
+@dataclass(frozen=True)
+class AttackRows:
+    """Row indices of the three roles: fit on ``train``, select on ``val``, report on ``test``."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {"attacker-train": len(self.train), "attacker-validation": len(self.val), "test": len(self.test)}
+
+
+def attack_rows(store: ActivationStore) -> AttackRows:
+    """The store's attacker split; every role must hold rows."""
+    rows = {role: store.rows(role) for role in ROLES}
+    empty = [role for role, r in rows.items() if len(r) == 0]
+    if empty:
+        raise DataError(
+            f"store {str(store.path)!r} has no {' and no '.join(empty)} rows; attacks need all three roles. "
+            "Dump more rows, or change the fractions with --split TRAIN,VAL,TEST."
+        )
+    return AttackRows(rows["attacker-train"], rows["attacker-validation"], rows["test"])
+
+
+def read_activations(store: ActivationStore, rows: np.ndarray, role: str) -> np.ndarray:
+    """Z of ``rows`` as float32, refusing NaN and infinite values."""
+    z = store.activations(rows)
+    check_finite(z, f"activations (/activations, {role} rows) of {str(store.path)!r}")
+    return z
+
+
+def read_inputs(store: ActivationStore, rows: np.ndarray, role: str) -> np.ndarray:
+    """X of ``rows`` (float32 in [0, 1]); a store dumped with ``--no-inputs`` is refused by the store."""
+    x = store.inputs(rows)
+    check_finite(x, f"inputs (/inputs, {role} rows) of {str(store.path)!r}")
+    return x
+
+
+def check_finite(values: np.ndarray, what: str) -> None:
+    """Raise :class:`NonFiniteError` with counts (never values) if ``values`` has NaN or inf."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    nan = int(np.isnan(values).sum())
+    inf = int(values.size - finite.sum()) - nan
+    bad_rows = int((~finite.reshape(len(values), -1)).any(axis=1).sum()) if len(values) else 0
+    raise NonFiniteError(
+        f"the {what} contain {nan:,} NaN and {inf:,} infinite values in {bad_rows:,} rows; attacks need finite "
+        "numbers. Check the model's weights and input scaling, then dump the store again."
+    )
+
+
+def check_class_rows(labels: np.ndarray, rows: AttackRows, class_names: list[str], task: str, min_train: int = 2) -> None:
+    """Refuse a task whose classes are too thin in some role.
+
+    Every class that occurs in the store needs ``min_train`` attacker-train rows (to learn
+    it) and one attacker-validation and one test row (to select and report on it).
+    """
+    needs = {"attacker-train": min_train, "attacker-validation": 1, "test": 1}
+    k = len(class_names)
+    present = np.bincount(labels, minlength=k) > 0
+    for role, role_rows in (("attacker-train", rows.train), ("attacker-validation", rows.val), ("test", rows.test)):
+        counts = np.bincount(labels[role_rows], minlength=k)
+        thin = [c for c in range(k) if present[c] and counts[c] < needs[role]]
+        if thin:
+            c = thin[0]
+            more = f" (and {len(thin) - 1} more classes)" if len(thin) > 1 else ""
+            raise DataError(
+                f"task {task!r} has too few rows of class {class_names[c]!r} in {role}: {int(counts[c])}{more}; "
+                f"every class needs at least {min_train} attacker-train, 1 attacker-validation and 1 test row. "
+                "Dump more rows (or without --limit), change --split, or merge classes with a map:FILE.yaml task."
+            )

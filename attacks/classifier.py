@@ -1,0 +1,529 @@
+"""The classifier attack (Scrunch §3.2): retrain a classifier on Z for a task of the store.
+
+Whoever receives Z can train any classifier on it with labels of their own; what they
+reach on a *private* task is the leakage. A weak attacker would give false assurance, so
+several heads are trained and the strongest, chosen on attacker-validation rows, is
+reported:
+
+==================  ===============================================================
+head                what it is
+==================  ===============================================================
+``linear``          a linear probe on standardised Z
+``mlp``             two hidden layers (512, 256) with batch norm and dropout
+``conv``            a small CNN over spatial Z ([C, H, W] with H·W > 1)
+``continuation``    the original model after the split, re-initialised and retrained
+                    with a K-way output, as the paper does; rebuilt from the store's
+                    provenance (model spec, checkpoint, layer)
+``best``            all of the above (the default)
+==================  ===============================================================
+
+The same task is trained on raw X (a linear probe on pixels and a small CNN): the best of
+these is ``private_accuracy_raw``, the reference that ``private_accuracy_drop`` =
+1 − private_accuracy / private_accuracy_raw is normalised by. ``private_chance`` is the
+accuracy of always predicting the most frequent attacker-train class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leakaudit.attacks._data import (
+    AttackRows,
+    attack_rows,
+    check_class_rows,
+    read_activations,
+    read_inputs,
+)
+from leakaudit.attacks._training import (
+    Progress,
+    Standardizer,
+    as_tensor,
+    fit,
+    parameter_count,
+    predict,
+    seed_for,
+)
+from leakaudit.config import positive
+from leakaudit.errors import LeakAuditError, UnknownNameError, UsageError
+from leakaudit.registry import ATTACKS
+from leakaudit.runtime import resolve_device
+from leakaudit.store import ActivationStore
+
+HEADS = ("linear", "mlp", "conv", "continuation")
+HEAD_CHOICES = (*HEADS, "best")
+RAW_HEADS = ("raw-linear", "raw-cnn")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Settings of the classifier attack.
+
+    Attributes:
+        task: the store's task to attack (``--task``).
+        head: ``linear``, ``mlp``, ``conv``, ``continuation`` or ``best`` (all of them).
+        raw_reference: also train the task on raw X (needs ``/inputs``) for ``private_accuracy_raw``.
+        epochs: the most epochs per head; early stopping usually ends sooner.
+        batch_size: rows per step.
+        lr: Adam's learning rate.
+        weight_decay: Adam's L2 penalty.
+        patience: epochs without a better validation accuracy before a head stops.
+        seed: seeds initialisation and minibatch order (results are deterministic per seed).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+    """
+
+    task: str = "private"
+    head: str = "best"
+    raw_reference: bool = True
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_CHOICES:
+            raise UnknownNameError("classifier head", self.head, HEAD_CHOICES, hint=f"Heads: {', '.join(HEAD_CHOICES)}.")
+        for name in ("epochs", "batch_size", "patience"):
+            positive(name, getattr(self, name))
+        positive("lr", self.lr)
+        positive("weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class HeadResult:
+    """One trained head: test accuracy of its best validation epoch, or why it was skipped.
+
+    Attributes:
+        name: ``linear``, ``mlp``, ``conv``, ``continuation``, ``raw-linear`` or ``raw-cnn``.
+        input: ``Z`` (activations) or ``X`` (raw inputs).
+        status: ``ok`` or ``skipped``.
+        reason: why a head was skipped.
+    """
+
+    name: str
+    input: str
+    status: str = "ok"
+    reason: str = ""
+    accuracy: float | None = None
+    balanced_accuracy: float | None = None
+    val_accuracy: float | None = None
+    epochs: int | None = None
+    best_epoch: int | None = None
+    params: int | None = None
+    seconds: float | None = None
+    seconds_per_epoch: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class ClassifierResult:
+    """What the classifier attack found; :meth:`to_dict` is its JSON form.
+
+    Attributes:
+        task: the attacked task.
+        class_names: its classes.
+        rows: rows per role.
+        layer_shape: shape of one Z row.
+        heads: every head on Z, trained or skipped.
+        raw_heads: the references trained on raw X (empty without ``/inputs``).
+        best_head: the head with the best attacker-validation accuracy.
+        accuracy: that head's test accuracy (``private_accuracy``).
+        balanced_accuracy: that head's test balanced accuracy.
+        chance: test accuracy of always predicting the most frequent attacker-train class.
+        chance_balanced: balanced accuracy of any constant prediction (1 / classes).
+        raw_best_head: the raw-X reference with the best validation accuracy.
+        private_accuracy_raw: its test accuracy.
+        private_accuracy_drop: 1 − accuracy / private_accuracy_raw.
+        config: the settings used.
+        warnings: what the user should know (skipped heads, missing reference).
+    """
+
+    task: str
+    class_names: list[str]
+    rows: dict[str, int]
+    layer_shape: list[int]
+    heads: list[HeadResult]
+    raw_heads: list[HeadResult]
+    best_head: str
+    accuracy: float
+    balanced_accuracy: float
+    chance: float
+    chance_balanced: float
+    raw_best_head: str | None
+    private_accuracy_raw: float | None
+    private_accuracy_drop: float | None
+    config: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    attack = "classifier"
+
+    @property
+    def private_accuracy(self) -> float:
+        return self.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data = {"attack": self.attack, **data}
+        data["private_accuracy"] = self.accuracy
+        data["private_chance"] = self.chance
+        return data
+
+    def report_metrics(self) -> dict[str, float]:
+        """The report.json numbers (DESIGN.md names); the raw-X ones only when a reference ran."""
+        metrics = {"private_accuracy": self.accuracy, "private_chance": self.chance}
+        if self.private_accuracy_raw is not None:
+            metrics["private_accuracy_raw"] = self.private_accuracy_raw
+        if self.private_accuracy_drop is not None:
+            metrics["private_accuracy_drop"] = self.private_accuracy_drop
+        return metrics
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def linear_head(features: int, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+
+
+def mlp_head(features: int, classes: int, width: int = 512) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(features, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(width, width // 2),
+        nn.BatchNorm1d(width // 2),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(width // 2, classes),
+    )
+
+
+def _conv_block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def conv_head(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A small CNN over spatial Z ``[C, H, W]``: two 3×3 blocks, a pool when H, W ≥ 4, one more block."""
+    channels, height, width = shape
+    w = 64 if channels <= 64 else 128
+    layers = [*_conv_block(channels, w), *_conv_block(w, w)]
+    if min(height, width) >= 4:
+        layers.append(nn.MaxPool2d(2))
+        height, width = height // 2, width // 2
+    layers += _conv_block(w, 2 * w)
+    pooled = (min(2, height), min(2, width))
+    layers += [nn.AdaptiveAvgPool2d(pooled), nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * w * pooled[0] * pooled[1], classes)]
+    return nn.Sequential(*layers)
+
+
+def raw_cnn(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """The raw-X reference CNN: 3×3 conv/BN/ReLU/max-pool stages (16, 32, 64, 128 channels) down to ≤ 4 pixels.
+
+    One convolution per stage keeps it cheap on a CPU (about 2.5 M multiply-adds per 32×32
+    image); it still beats the linear probe on pixels by a wide margin.
+    """
+    channels, height, width = shape
+    layers: list[nn.Module] = []
+    # Large images are averaged down to ≤ 64 pixels first: the reference must stay cheap on a CPU.
+    factor = math.ceil(max(height, width) / 64)
+    if factor > 1:
+        layers.append(nn.AvgPool2d(factor, ceil_mode=True))
+        height, width = math.ceil(height / factor), math.ceil(width / factor)
+    cin = channels
+    for cout in (16, 32, 64, 128):
+        if min(height, width) <= 4 and cin != channels:
+            break
+        layers += _conv_block(cin, cout)
+        if min(height, width) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        cin = cout
+    pooled = (min(2, height), min(2, width))
+    layers += [nn.AdaptiveAvgPool2d(pooled), nn.Flatten(), nn.Dropout(0.3), nn.Linear(cin * pooled[0] * pooled[1], classes)]
+    return nn.Sequential(*layers)
+
+
+def continuation_head(store: ActivationStore, classes: int, z_example: torch.Tensor) -> nn.Module:
+    """The original model after the split, re-initialised, with a ``classes``-way output.
+
+    The model is rebuilt from the store's provenance: ``model_spec``, ``model_options``, the
+    ``weights`` file (which must still have the recorded SHA-256, so the architecture is the
+    one that produced Z) and ``layer``. Its parameters are then re-initialised: the attacker
+    retrains the rest of the network, as in the Scrunch paper. If the head's output does not
+    have ``classes`` logits, its last ``nn.Linear`` is replaced by one that does.
+
+    Raises:
+        UsageError: the model cannot be rebuilt or split there; the message says why.
+    """
+    from leakaudit._io import sha256_file
+    from leakaudit.layers import split_model
+    from leakaudit.models import load_model
+
+    attrs = store.attrs
+    spec, layer = attrs.get("model_spec"), attrs.get("layer")
+    if not spec or not layer:
+        raise UsageError("the store records no model spec or layer to rebuild the model from")
+    weights = attrs.get("weights") or None
+    if weights:
+        if not Path(weights).is_file():
+            raise UsageError(f"the checkpoint {weights!r} recorded in the store is not there any more")
+        recorded = attrs.get("checkpoint_sha256") or ""
+        if recorded and sha256_file(weights) != recorded:
+            raise UsageError(f"the checkpoint {weights!r} changed since the dump (its SHA-256 differs from the store's)")
+    options = attrs.get("model_options") or {}
+    if not isinstance(options, dict):
+        raise UsageError("the store's model_options are not a mapping")
+    try:
+        loaded = load_model(str(spec), weights=weights, model_args=options)
+        split = split_model(loaded.module, str(layer))
+    except LeakAuditError as exc:
+        raise UsageError(str(exc).rstrip(".")) from None
+    except Exception as exc:  # noqa: BLE001 - user factories may fail in any way; the head is then skipped
+        raise UsageError(f"rebuilding the model failed ({type(exc).__name__})") from None
+    head = split.head
+    for module in head.modules():
+        if module is not head and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    head.eval()
+    try:
+        with torch.no_grad():
+            out = head(z_example)
+    except Exception as exc:  # noqa: BLE001 - any failure means the head does not fit this Z
+        raise UsageError(f"the rebuilt head fails on the stored Z ({type(exc).__name__})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UsageError("the model's output after the split is not a [batch, logits] tensor")
+    if out.shape[1] != classes:
+        last = _last_linear(head)
+        if last is None:
+            raise UsageError(
+                f"the model outputs {out.shape[1]} logits, the task has {classes} classes, and it ends in no nn.Linear to resize"
+            )
+        name, linear = last
+        parent_name, _, attr = name.rpartition(".")
+        parent = head.get_submodule(parent_name) if parent_name else head
+        setattr(parent, attr, nn.Linear(linear.in_features, classes, bias=linear.bias is not None))
+        with torch.no_grad():
+            out = head(z_example)
+        if out.shape[1] != classes:
+            raise UsageError(f"resizing the model's last layer to {classes} classes did not change its output")
+    return head
+
+
+def _last_linear(head: nn.Module) -> tuple[str, nn.Linear] | None:
+    graph = getattr(head, "graph", None)
+    if graph is not None:  # the FX graph gives the order of calls, not of definitions
+        for node in reversed(list(graph.nodes)):
+            if node.op == "call_module" and isinstance(head.get_submodule(node.target), nn.Linear):
+                return str(node.target), head.get_submodule(node.target)
+        return None
+    linears = [(name, m) for name, m in head.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y)
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(dim=1) == y).float()
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y``."""
+    classes = np.unique(y)
+    return float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
+
+
+@dataclass
+class _Data:
+    """One input (Z or X) of every role, as tensors."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+    def transformed(self, standardizer: Standardizer) -> _Data:
+        return _Data(standardizer(self.train), standardizer(self.val), standardizer(self.test))
+
+
+def _train_head(
+    name: str,
+    input_name: str,
+    model: nn.Module,
+    data: _Data,
+    labels: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+    config: ClassifierConfig,
+    device: torch.device,
+    progress: Progress | None,
+) -> HeadResult:
+    train_y, val_y, test_y = labels
+    description = f"classifier {name}"
+    result = fit(
+        model,
+        (data.train, train_y),
+        (data.val, val_y),
+        loss_fn=_cross_entropy,
+        score_fn=_correct,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        patience=config.patience,
+        seed=seed_for(config.seed, name),
+        device=device,
+        weight_decay=config.weight_decay,
+        on_progress=(lambda done, total: progress(description, done, total)) if progress else None,
+    )
+    pred = predict(model, data.test, device).argmax(dim=1).numpy()
+    return HeadResult(
+        name=name,
+        input=input_name,
+        accuracy=float(np.mean(pred == test_y)),
+        balanced_accuracy=balanced_accuracy(pred, test_y),
+        val_accuracy=result.val_score,
+        epochs=result.epochs,
+        best_epoch=result.best_epoch,
+        params=parameter_count(model),
+        seconds=round(result.seconds, 3),
+        seconds_per_epoch=round(result.seconds_per_epoch, 4),
+    )
+
+
+def _build_head(
+    name: str, store: ActivationStore, layer_shape: tuple[int, ...], classes: int, z: _Data
+) -> tuple[nn.Module, _Data]:
+    """The head ``name`` and its input; raises UsageError with the reason a head cannot apply."""
+    features = math.prod(layer_shape)
+    spatial = len(layer_shape) == 3
+    if name == "linear":
+        return linear_head(features, classes), _flat(z)
+    if name == "mlp":
+        return mlp_head(features, classes), _flat(z)
+    per_channel = z.transformed(Standardizer.fit(z.train, per_channel=True))
+    if name == "conv":
+        if not spatial:
+            shape = "×".join(map(str, layer_shape))
+            raise UsageError(f"Z ({shape}) is not spatial [C, H, W]; the conv head needs a feature map")
+        if layer_shape[1] * layer_shape[2] == 1:
+            raise UsageError(f"Z is {layer_shape[0]}×1×1, with no spatial extent; the conv head would add nothing to mlp")
+        return conv_head(layer_shape, classes), per_channel
+    if name == "continuation":
+        return continuation_head(store, classes, per_channel.train[:2]), per_channel
+    raise UnknownNameError("classifier head", name, HEADS)
+
+
+def _flat(data: _Data) -> _Data:
+    flat = _Data(data.train.flatten(1), data.val.flatten(1), data.test.flatten(1))
+    return flat.transformed(Standardizer.fit(flat.train))
+
+
+@ATTACKS.register("classifier", config=ClassifierConfig)
+def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: Progress | None = None) -> ClassifierResult:
+    """Retrain classifiers on Z for a task of the store; report the strongest (Scrunch §3.2).
+
+    Args:
+        store: an open activation store.
+        config: the attack's settings.
+        progress: optional ``progress(description, done, total)`` for progress bars.
+
+    Raises:
+        UnknownNameError: the store has no such task (the message lists its tasks).
+        DataError: a class has too few rows in some role.
+        NonFiniteError: Z (or X) holds NaN or infinite values.
+        UsageError: the one head asked for cannot apply to this store.
+    """
+    device = resolve_device(config.device)
+    labels_all = store.labels(config.task)
+    class_names = store.class_names(config.task)
+    classes = len(class_names)
+    rows = attack_rows(store)
+    check_class_rows(labels_all, rows, class_names, config.task)
+    train_y = torch.from_numpy(labels_all[rows.train]).long()
+    val_y = torch.from_numpy(labels_all[rows.val]).long()
+    test_y = labels_all[rows.test]
+    labels = (train_y, val_y, test_y)
+    layer_shape = tuple(int(s) for s in store.layer_shape)
+    z = _Data(*(as_tensor(read_activations(store, r, role)) for r, role in _roles(rows)))
+
+    warnings_: list[str] = []
+    names = HEADS if config.head == "best" else (config.head,)
+    heads: list[HeadResult] = []
+    for name in names:
+        torch.manual_seed(seed_for(config.seed, name))  # initialisation of this head
+        try:
+            model, data = _build_head(name, store, layer_shape, classes, z)
+        except UsageError as exc:
+            reason = str(exc).rstrip(".")
+            if config.head != "best":
+                raise UsageError(f"the {name} head cannot be used on {str(store.path)!r}: {reason}.") from None
+            heads.append(HeadResult(name=name, input="Z", status="skipped", reason=reason))
+            warnings_.append(f"classifier head {name!r} skipped: {reason}.")
+            continue
+        heads.append(_train_head(name, "Z", model, data, labels, config, device, progress))
+        del model, data
+
+    raw_heads: list[HeadResult] = []
+    if config.raw_reference:
+        if store.has_inputs:
+            x = _Data(*(as_tensor(read_inputs(store, r, role)) for r, role in _roles(rows)))
+            input_shape = tuple(int(s) for s in x.train.shape[1:])
+            for name in RAW_HEADS:
+                torch.manual_seed(seed_for(config.seed, name))
+                if name == "raw-linear":
+                    model, data = linear_head(math.prod(input_shape), classes), _flat(x)
+                else:
+                    model, data = raw_cnn(input_shape, classes), x.transformed(Standardizer.fit(x.train, per_channel=True))
+                raw_heads.append(_train_head(name, "X", model, data, labels, config, device, progress))
+            del x
+        else:
+            warnings_.append(
+                "no raw-X reference: the store has no /inputs (dumped with --no-inputs), so "
+                "private_accuracy_raw and private_accuracy_drop are not reported."
+            )
+
+    trained = [h for h in heads if h.ok]
+    best = max(trained, key=lambda h: h.val_accuracy)  # selection on attacker-validation only
+    raw_best = max(raw_heads, key=lambda h: h.val_accuracy) if raw_heads else None
+    majority = int(np.bincount(train_y.numpy(), minlength=classes).argmax())
+    raw_accuracy = raw_best.accuracy if raw_best is not None else None
+    drop = 1.0 - best.accuracy / raw_accuracy if raw_accuracy else None
+    return ClassifierResult(
+        task=config.task,
+        class_names=class_names,
+        rows=rows.sizes(),
+        layer_shape=list(layer_shape),
+        heads=heads,
+        raw_heads=raw_heads,
+        best_head=best.name,
+        accuracy=best.accuracy,
+        balanced_accuracy=best.balanced_accuracy,
+        chance=float(np.mean(test_y == majority)),
+        chance_balanced=1.0 / classes,
+        raw_best_head=raw_best.name if raw_best is not None else None,
+        private_accuracy_raw=raw_accuracy,
+        private_accuracy_drop=drop,
+        config=dataclasses.asdict(config),
+        warnings=warnings_,
+    )
+
+
+def _roles(rows: AttackRows) -> tuple[tuple[np.ndarray, str], ...]:
+    return ((rows.train, "attacker-train"), (rows.val, "attacker-validation"), (rows.test, "test"))

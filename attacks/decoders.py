@@ -1,0 +1,683 @@
+"""The decoder attack: learn to reconstruct X from Z and score the reconstructions (SSIM, PSNR).
+
+Three decoder families, each sized automatically from Z's shape (spatial ``[C, H, W]`` or
+flat) to X's shape:
+
+===============  ==============================================================================
+arch             what it is
+===============  ==============================================================================
+``upsample``     the Scrunch paper's "simple custom upsampling network": ×2 upsampling + 3×3
+                 conv/batch-norm/ReLU stages, a final resize to X's size and a 3×3 output conv
+``alexnet``      the feature-inversion decoder of Dosovitskiy & Brox (2016): three fully
+                 connected layers, then 5×5 stride-2 up-convolutions with leaky ReLUs,
+                 widths scaled down to the input size
+``resnet``       NoPeek's reconstruction testbed: transposed convolutions, batch norm, ReLU
+                 and additive (ResNet-style) skip connections
+``best``         all three; the one with the best attacker-validation SSIM is the headline
+===============  ==============================================================================
+
+Each decoder trains on attacker-train rows with an MSE loss (or MSE + SSIM), keeps the epoch
+with the best mean SSIM on attacker-validation rows, and is scored on test rows only: SSIM
+per image (mean, p5, p50, p95), PSNR and MSE, next to the "predict the mean image" baseline
+(the attacker-train mean), the score of a decoder that learned nothing from Z.
+
+SSIM is :func:`leakaudit.metrics.ssim.structural_similarity` (Gaussian window, σ = 1.5,
+population covariances, data range 1: scikit-image's ``structural_similarity`` with those
+settings). PSNR is the mean over test images of 10·log10(1 / MSE_image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leakaudit import __version__
+from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
+from leakaudit.attacks._training import (
+    EVAL_BATCH,
+    Progress,
+    Standardizer,
+    as_tensor,
+    fit,
+    parameter_count,
+    predict,
+    seed_for,
+)
+from leakaudit.config import positive
+from leakaudit.errors import DataError, UnknownNameError
+from leakaudit.registry import ATTACKS
+from leakaudit.runtime import resolve_device
+from leakaudit.store import ActivationStore
+
+ARCHS = ("upsample", "alexnet", "resnet")
+ARCH_CHOICES = (*ARCHS, "best")
+LOSSES = ("mse", "mse+ssim")
+RECONSTRUCTIONS_SCHEMA = "leakaudit.reconstructions"
+#: SSIM's Gaussian window is 11 pixels wide (σ = 1.5, truncated at 3.5σ).
+SSIM_MIN_SIDE = 11
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Settings of the decoder attack.
+
+    Attributes:
+        arch: ``upsample``, ``alexnet``, ``resnet`` or ``best`` (all three).
+        loss: ``mse``, or ``mse+ssim`` = (1 − ssim_weight)·MSE + ssim_weight·(1 − SSIM).
+        ssim_weight: the SSIM share of the ``mse+ssim`` loss.
+        width: channels of the last (full-resolution) decoder stage; earlier stages double it
+            up to 256.
+        epochs: the most epochs per decoder; early stopping usually ends sooner.
+        batch_size: rows per step.
+        lr: Adam's learning rate.
+        weight_decay: Adam's L2 penalty.
+        patience: epochs without a better validation SSIM before a decoder stops.
+        seed: seeds initialisation and minibatch order (results are deterministic per seed).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+    """
+
+    arch: str = "best"
+    loss: str = "mse"
+    ssim_weight: float = 0.5
+    width: int = 32
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCH_CHOICES:
+            raise UnknownNameError("decoder", self.arch, ARCH_CHOICES, hint=f"Decoders: {', '.join(ARCH_CHOICES)}.")
+        if self.loss not in LOSSES:
+            raise UnknownNameError("decoder loss", self.loss, LOSSES, hint=f"Losses: {', '.join(LOSSES)}.")
+        if not 0.0 <= self.ssim_weight <= 1.0:
+            raise ValueError(f"ssim_weight: expected a number in [0, 1], got {self.ssim_weight!r}.")
+        for name in ("width", "epochs", "batch_size", "patience"):
+            positive(name, getattr(self, name))
+        positive("lr", self.lr)
+        positive("weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class ImageScores:
+    """Scores of reconstructions against the test images (data range 1)."""
+
+    ssim_mean: float
+    ssim_p5: float
+    ssim_p50: float
+    ssim_p95: float
+    psnr: float
+    mse: float
+
+    @classmethod
+    def from_per_image(cls, ssim: np.ndarray, mse: np.ndarray) -> ImageScores:
+        from leakaudit.metrics.ssim import ssim_percentiles
+
+        percentiles = ssim_percentiles(ssim, (5, 50, 95))
+        p5, p50, p95 = (percentiles[q] for q in (5, 50, 95))
+        # An exact reconstruction has MSE 0; cap its PSNR at 100 dB instead of infinity.
+        psnr = 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
+        return cls(float(ssim.mean()), float(p5), float(p50), float(p95), float(psnr.mean()), float(mse.mean()))
+
+
+@dataclass
+class DecoderRun:
+    """One trained decoder, scored on test rows, or why it was skipped."""
+
+    arch: str
+    status: str = "ok"
+    reason: str = ""
+    test: ImageScores | None = None
+    val_ssim: float | None = None
+    epochs: int | None = None
+    best_epoch: int | None = None
+    params: int | None = None
+    seconds: float | None = None
+    seconds_per_epoch: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class DecoderResult:
+    """What the decoder attack found; :meth:`to_dict` is its JSON form (without image arrays).
+
+    Attributes:
+        runs: every decoder that ran.
+        best: the decoder with the best mean attacker-validation SSIM.
+        scores: its test scores.
+        mean_image: test scores of predicting the attacker-train mean image.
+        rows: rows per role.
+        input_shape: shape of one X row.
+        layer_shape: shape of one Z row.
+        config: the settings used.
+        warnings: what the user should know.
+        test_rows: store rows of the test images, in the order of ``reconstructions``.
+        reconstructions: the best decoder's test reconstructions, float32 [N, C, H, W].
+        ssim_per_image: per decoder (and ``mean-image``), SSIM of each test image.
+        mean_image_array: the attacker-train mean image [C, H, W].
+    """
+
+    runs: list[DecoderRun]
+    best: str
+    scores: ImageScores
+    mean_image: ImageScores
+    rows: dict[str, int]
+    input_shape: list[int]
+    layer_shape: list[int]
+    config: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    test_rows: np.ndarray | None = field(default=None, repr=False)
+    reconstructions: np.ndarray | None = field(default=None, repr=False)
+    ssim_per_image: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    mean_image_array: np.ndarray | None = field(default=None, repr=False)
+
+    attack = "decoder"
+    _ARRAYS = ("test_rows", "reconstructions", "ssim_per_image", "mean_image_array")
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"attack": self.attack}
+        for f in dataclasses.fields(self):
+            if f.name not in self._ARRAYS:
+                value = getattr(self, f.name)
+                data[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _plain(value)
+        data.update(self.report_metrics())
+        return data
+
+    def report_metrics(self) -> dict[str, float]:
+        """The report.json numbers (DESIGN.md names), for the strongest decoder."""
+        return {
+            "ssim_mean": self.scores.ssim_mean,
+            "ssim_p95": self.scores.ssim_p95,
+            "psnr": self.scores.psnr,
+            "ssim_p95_mean_image": self.mean_image.ssim_p95,
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a decoder goes from Z to X.
+
+    Attributes:
+        z_shape: one Z row.
+        x_shape: one X row, (C, H, W).
+        spatial: Z is a feature map with more than one position (used as is); otherwise it is
+            flattened and projected onto a ``start``-sized map by a linear layer.
+        start: (H, W) of the first feature map.
+        ups: number of ×2 upsamplings; a final resize covers the rest of the way to X's size.
+    """
+
+    z_shape: tuple[int, ...]
+    x_shape: tuple[int, int, int]
+    spatial: bool
+    start: tuple[int, int]
+    ups: int
+
+    @property
+    def features(self) -> int:
+        return math.prod(self.z_shape)
+
+    def widths(self, base: int) -> list[int]:
+        """Channels of the start map and after each upsampling: ``base``·2^k down to ``base``, at most 256."""
+        return [max(base, min(256, base * 2 ** (self.ups - i))) for i in range(self.ups + 1)]
+
+    def reached(self) -> tuple[int, int]:
+        return self.start[0] * 2**self.ups, self.start[1] * 2**self.ups
+
+
+def geometry(z_shape: tuple[int, ...], x_shape: tuple[int, ...], *, flat: bool = False) -> Geometry:
+    """Plan the upsampling from ``z_shape`` to ``x_shape``.
+
+    Spatial Z is doubled while it stays within X's size (5×5 → 20×20 for a 32×32 X) and then
+    resized; flat Z (or ``flat=True``) starts from a map of about 4×4 that doubles exactly to
+    X's size where X's side is 4·2^k.
+    """
+    channels, height, width = (int(s) for s in x_shape)
+    x_shape = (channels, height, width)
+    z_shape = tuple(int(s) for s in z_shape)
+    if not flat and len(z_shape) == 3 and z_shape[1] * z_shape[2] > 1:
+        h, w = z_shape[1:]
+        ratio = min(height / h, width / w)
+        ups = int(math.floor(math.log2(ratio))) if ratio >= 2 else 0
+        return Geometry(z_shape, x_shape, True, (h, w), ups)
+    ups = max(0, math.ceil(math.log2(max(min(height, width), 1) / 4)))
+    start = (max(1, math.ceil(height / 2**ups)), max(1, math.ceil(width / 2**ups)))
+    return Geometry(z_shape, x_shape, False, start, ups)
+
+
+class _Stem(nn.Module):
+    """Z → the first feature map: a 3×3 conv for spatial Z, a linear projection for flat Z."""
+
+    def __init__(self, geo: Geometry, channels: int) -> None:
+        super().__init__()
+        if geo.spatial:
+            self.body = nn.Sequential(
+                nn.Conv2d(geo.z_shape[0], channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+            )
+        else:
+            h, w = geo.start
+            self.body = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(geo.features, channels * h * w, bias=False),
+                nn.BatchNorm1d(channels * h * w),
+                nn.ReLU(),
+                nn.Unflatten(1, (channels, h, w)),
+            )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(z)
+
+
+class _Resize(nn.Module):
+    """Bilinear resize to X's exact size, where the doublings did not land on it."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == self.size:
+            return x
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class MeanImageOutput(nn.Module):
+    """``sigmoid(residual + logit(mean image))``: the decoder learns what Z adds to the mean image.
+
+    With the layer before it initialised to zero, an untrained decoder predicts the
+    attacker-train mean image, the no-information baseline; early stopping can then keep
+    that state (epoch 0) when training only fits noise, instead of reporting a decoder worse
+    than the baseline. The per-pixel base is a parameter, trained with the rest.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], mean_image: torch.Tensor | None = None) -> None:
+        super().__init__()
+        base = torch.full(shape, 0.5) if mean_image is None else mean_image.detach().float().reshape(shape)
+        self.base = nn.Parameter(torch.logit(base.clamp(1e-3, 1 - 1e-3)))
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(residual + self.base)
+
+
+def _zero(layer: nn.Module) -> nn.Module:
+    nn.init.zeros_(layer.weight)
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class UpsampleDecoder(nn.Sequential):
+    """×2 nearest upsampling + two 3×3 conv/BN/ReLU per stage, resize to X, 3×3 conv, sigmoid."""
+
+    def __init__(self, geo: Geometry, width: int = 32, mean_image: torch.Tensor | None = None) -> None:
+        widths = geo.widths(width)
+        layers: list[nn.Module] = [_Stem(geo, widths[0])]
+        for cin, cout in zip(widths, widths[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), *_conv_bn_relu(cin, cout), *_conv_bn_relu(cout, cout)]
+        channels, height, w = geo.x_shape
+        layers += [
+            _Resize((height, w)),
+            _zero(nn.Conv2d(widths[-1], channels, 3, padding=1)),
+            MeanImageOutput(geo.x_shape, mean_image),
+        ]
+        super().__init__(*layers)
+
+
+class AlexNetDecoder(nn.Sequential):
+    """Dosovitskiy & Brox (2016): 3 fully connected layers, 5×5 stride-2 up-convolutions, leaky ReLU 0.2.
+
+    The paper's decoder for 227×227 ImageNet images uses 4,096-wide FC layers and a 256×4×4
+    start; here the FC width is X's pixel count clipped to [512, 4096] and the start map is
+    ~4×4 with ``2·width·2^k`` channels (at most 256).
+    """
+
+    def __init__(self, geo: Geometry, width: int = 32, mean_image: torch.Tensor | None = None) -> None:
+        fc = int(min(4096, max(512, math.prod(geo.x_shape))))
+        widths = geo.widths(width)
+        h, w = geo.start
+        layers: list[nn.Module] = [
+            nn.Flatten(),
+            nn.Linear(geo.features, fc),
+            nn.LeakyReLU(0.2),
+            nn.Linear(fc, fc),
+            nn.LeakyReLU(0.2),
+            nn.Linear(fc, widths[0] * h * w),
+            nn.LeakyReLU(0.2),
+            nn.Unflatten(1, (widths[0], h, w)),
+        ]
+        channels, height, width_px = geo.x_shape
+        for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+            last = i == geo.ups - 1
+            upconv = nn.ConvTranspose2d(cin, channels if last else cout, 5, stride=2, padding=2, output_padding=1)
+            layers += [_zero(upconv)] if last else [upconv, nn.LeakyReLU(0.2)]
+        if geo.ups == 0:
+            layers.append(_zero(nn.Conv2d(widths[0], channels, 3, padding=1)))
+        layers += [_Resize((height, width_px)), MeanImageOutput(geo.x_shape, mean_image)]
+        super().__init__(*layers)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn_relu(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class _ResUpBlock(nn.Module):
+    """×2 up-block: transposed conv → BN → ReLU → conv → BN, plus a transposed-conv skip path."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.skip = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class ResNetDecoder(nn.Sequential):
+    """NoPeek's testbed: a residual block, then residual ×2 up-blocks, resize, 3×3 conv, sigmoid."""
+
+    def __init__(self, geo: Geometry, width: int = 32, mean_image: torch.Tensor | None = None) -> None:
+        widths = geo.widths(width)
+        layers: list[nn.Module] = [_Stem(geo, widths[0]), _ResBlock(widths[0])]
+        layers += [_ResUpBlock(cin, cout) for cin, cout in zip(widths, widths[1:])]
+        channels, height, w = geo.x_shape
+        layers += [
+            _Resize((height, w)),
+            _zero(nn.Conv2d(widths[-1], channels, 3, padding=1)),
+            MeanImageOutput(geo.x_shape, mean_image),
+        ]
+        super().__init__(*layers)
+
+
+def build_decoder(
+    arch: str,
+    z_shape: tuple[int, ...],
+    x_shape: tuple[int, ...],
+    width: int = 32,
+    mean_image: torch.Tensor | None = None,
+) -> nn.Module:
+    """The decoder ``arch`` for Z rows of ``z_shape`` and X rows of ``x_shape``.
+
+    Untrained, it predicts ``mean_image`` (a flat 0.5 grey without one) for every Z.
+    """
+    if arch == "upsample":
+        return UpsampleDecoder(geometry(z_shape, x_shape), width, mean_image)
+    if arch == "alexnet":
+        return AlexNetDecoder(geometry(z_shape, x_shape, flat=True), width, mean_image)
+    if arch == "resnet":
+        return ResNetDecoder(geometry(z_shape, x_shape), width, mean_image)
+    raise UnknownNameError("decoder", arch, ARCHS)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _ssim_fn():
+    from leakaudit.metrics.ssim import structural_similarity
+
+    return structural_similarity
+
+
+def ssim_per_image(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM of each image pair, computed in batches (float32 [N])."""
+    ssim = _ssim_fn()
+    parts = [
+        ssim(recon[i : i + EVAL_BATCH].float(), target[i : i + EVAL_BATCH].float(), data_range=1.0, reduction="none")
+        for i in range(0, len(recon), EVAL_BATCH)
+    ]
+    return torch.cat(parts).float() if parts else torch.empty(0)
+
+
+def mse_per_image(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (recon.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def score_images(recon: torch.Tensor, target: torch.Tensor) -> tuple[ImageScores, np.ndarray]:
+    """Test scores and the per-image SSIM of reconstructions ``recon`` of ``target``."""
+    ssim = ssim_per_image(recon, target).double().numpy()
+    mse = mse_per_image(recon, target).double().numpy()
+    return ImageScores.from_per_image(ssim, mse), ssim
+
+
+def _losses(config: DecoderConfig):
+    ssim = _ssim_fn()
+
+    def mse(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, x)
+
+    def mse_ssim(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        w = config.ssim_weight
+        return (1 - w) * F.mse_loss(out, x) + w * (1 - ssim(out, x, data_range=1.0, reduction="none").mean())
+
+    def score(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return ssim(out.float(), x.float(), data_range=1.0, reduction="none")
+
+    return (mse if config.loss == "mse" else mse_ssim), mse, score
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+@ATTACKS.register("decoder", config=DecoderConfig)
+def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progress | None = None) -> DecoderResult:
+    """Train decoders Z → X on attacker-train rows, select on validation SSIM, score on test rows.
+
+    Args:
+        store: an open activation store with ``/inputs``.
+        config: the attack's settings.
+        progress: optional ``progress(description, done, total)`` for progress bars.
+
+    Raises:
+        StoreError: the store has no ``/inputs`` (it was dumped with ``--no-inputs``).
+        DataError: the images are too small for SSIM's 11×11 window.
+        NonFiniteError: Z or X holds NaN or infinite values.
+    """
+    device = resolve_device(config.device)
+    if not store.has_inputs:
+        store.inputs(np.arange(0))  # raises the store's StoreError, which says which dump option adds them
+    input_shape = tuple(int(s) for s in store.input_shape or ())
+    if min(input_shape[1:]) < SSIM_MIN_SIDE:
+        raise DataError(
+            f"the stored images are {input_shape[1]}×{input_shape[2]}; SSIM's Gaussian window needs at least "
+            f"{SSIM_MIN_SIDE}×{SSIM_MIN_SIDE}. Dump with a larger --input-size."
+        )
+    rows = attack_rows(store)
+    layer_shape = tuple(int(s) for s in store.layer_shape)
+    roles = ((rows.train, "attacker-train"), (rows.val, "attacker-validation"), (rows.test, "test"))
+    z_train, z_val, z_test = (as_tensor(read_activations(store, r, role)) for r, role in roles)
+    x_train, x_val, x_test = (as_tensor(read_inputs(store, r, role)) for r, role in roles)
+
+    mean_image = x_train.mean(dim=0)
+    baseline, baseline_ssim = score_images(mean_image.expand_as(x_test), x_test)
+    loss_fn, val_loss_fn, score_fn = _losses(config)
+
+    archs = ARCHS if config.arch == "best" else (config.arch,)
+    runs: list[DecoderRun] = []
+    per_image: dict[str, np.ndarray] = {"mean-image": baseline_ssim.astype(np.float32)}
+    best_run: DecoderRun | None = None
+    best_recon: torch.Tensor | None = None
+    for arch in archs:
+        torch.manual_seed(seed_for(config.seed, arch))  # initialisation of this decoder
+        model = build_decoder(arch, layer_shape, input_shape, config.width, mean_image)
+        flat = isinstance(model, AlexNetDecoder) or not geometry(layer_shape, input_shape).spatial
+        standardizer = Standardizer.fit(z_train, per_channel=not flat)
+        description = f"decoder {arch}"
+        fitted = fit(
+            model,
+            (standardizer(z_train), x_train),
+            (standardizer(z_val), x_val),
+            loss_fn=loss_fn,
+            score_fn=score_fn,
+            val_loss_fn=val_loss_fn,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            patience=config.patience,
+            seed=seed_for(config.seed, arch),
+            device=device,
+            weight_decay=config.weight_decay,
+            keep_initial=True,
+            on_progress=(lambda done, total: progress(description, done, total)) if progress else None,
+        )
+        recon = predict(model, standardizer(z_test), device).clamp_(0.0, 1.0)
+        scores, ssim = score_images(recon, x_test)
+        per_image[arch] = ssim.astype(np.float32)
+        run = DecoderRun(
+            arch=arch,
+            test=scores,
+            val_ssim=fitted.val_score,
+            epochs=fitted.epochs,
+            best_epoch=fitted.best_epoch,
+            params=parameter_count(model),
+            seconds=round(fitted.seconds, 3),
+            seconds_per_epoch=round(fitted.seconds_per_epoch, 4),
+        )
+        runs.append(run)
+        # Selection on attacker-validation only; keep just the leader's images in memory.
+        if best_run is None or run.val_ssim > best_run.val_ssim:
+            best_run, best_recon = run, recon
+        del model
+    assert best_run is not None and best_run.test is not None and best_recon is not None
+    return DecoderResult(
+        runs=runs,
+        best=best_run.arch,
+        scores=best_run.test,
+        mean_image=baseline,
+        rows=rows.sizes(),
+        input_shape=list(input_shape),
+        layer_shape=list(layer_shape),
+        config=dataclasses.asdict(config),
+        test_rows=rows.test,
+        reconstructions=best_recon.numpy(),
+        ssim_per_image=per_image,
+        mean_image_array=mean_image.numpy(),
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _atomic_path(path: Path):
+    """A temporary file beside ``path``; the caller renames it into place on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_reconstructions(result: DecoderResult, path: str | Path, *, store_path: str | Path | None = None) -> Path:
+    """Write the best decoder's test reconstructions to HDF5, atomically (temp file + rename).
+
+    Layout: ``/rows`` (store rows), ``/reconstructions`` float32 [N, C, H, W] of the best
+    decoder, ``/ssim/<decoder>`` per-image SSIM of every decoder and of ``mean-image``,
+    ``/mean_image`` [C, H, W]; attributes ``schema``, ``schema_version``, ``decoder``,
+    ``store``, ``tool_version``, ``created``.
+    """
+    import h5py
+
+    path = Path(path)
+    if result.reconstructions is None or result.test_rows is None:
+        raise DataError("this decoder result holds no reconstructions to save.")
+    tmp = _atomic_path(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema"] = RECONSTRUCTIONS_SCHEMA
+            f.attrs["schema_version"] = 1
+            f.attrs["decoder"] = result.best
+            f.attrs["store"] = str(store_path or "")
+            f.attrs["tool_version"] = __version__
+            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            f.create_dataset("rows", data=np.asarray(result.test_rows, dtype=np.int64))
+            f.create_dataset("reconstructions", data=np.asarray(result.reconstructions, dtype=np.float32))
+            group = f.create_group("ssim")
+            for name, values in result.ssim_per_image.items():
+                group.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+            if result.mean_image_array is not None:
+                f.create_dataset("mean_image", data=np.asarray(result.mean_image_array, dtype=np.float32))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def image_grid(originals: np.ndarray, reconstructions: np.ndarray, *, scale: int | None = None, pad: int = 2) -> np.ndarray:
+    """A uint8 image: ``originals`` in the top row, ``reconstructions`` below, [H', W', C].
+
+    Small images are enlarged (nearest neighbour) to about 64 pixels so that the grid can be read.
+    """
+    n, channels, height, width = originals.shape
+    scale = scale or max(1, 64 // max(height, width))
+    cell_h, cell_w = height * scale + pad, width * scale + pad
+    grid = np.ones((2 * cell_h + pad, n * cell_w + pad, channels), dtype=np.float32)
+    for row, images in enumerate((originals, reconstructions)):
+        for i, image in enumerate(images):
+            big = np.repeat(np.repeat(np.transpose(image, (1, 2, 0)), scale, axis=0), scale, axis=1)
+            top, left = pad + row * cell_h, pad + i * cell_w
+            grid[top : top + height * scale, left : left + width * scale] = big
+    return (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_grid(result: DecoderResult, store: ActivationStore, path: str | Path, *, columns: int = 8) -> Path:
+    """Write a PNG of the first ``columns`` test images above their reconstructions, atomically."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from leakaudit._io import atomic_write_bytes
+
+    if result.reconstructions is None or result.test_rows is None:
+        raise DataError("this decoder result holds no reconstructions to draw.")
+    count = min(columns, len(result.test_rows))
+    originals = store.inputs(np.asarray(result.test_rows[:count]))
+    grid = image_grid(originals, result.reconstructions[:count])
+    # Grey for one channel, RGB for three; other channel counts show their first channel.
+    image = Image.fromarray(grid if grid.shape[-1] == 3 else grid[..., 0])
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

@@ -1,0 +1,550 @@
+"""``leakaudit audit AUDIT.yaml``: the whole chain from one file.
+
+An audit file names the model, the layer, the data and tasks, the attacks and metrics,
+an optional baseline and hardening, and the policy::
+
+    model: lenet5                          # or {spec: ..., weights: ..., num_classes: ...}
+    weights: model.safetensors             # shorthand for model.weights
+    layer: conv3
+    data: digits
+    tasks: {public: parity, private: label}
+    dump: {batch_size: 256, seed: 0}       # dump settings (optional)
+    attacks:                               # optional; default: classifier on `private`, decoder
+      - classifier: {task: private, head: best}
+      - decoder: {arch: upsample}
+    metrics: [dcor, mi, intra-class-distance, public-accuracy]   # or {name: {settings}}
+    baseline: {weights: baseline.safetensors}   # or {report: baseline/report.json}
+    harden: {method: center-loss, lambda: 0.9}  # optional: harden, then audit the result
+    policy: policy.yaml                    # or an inline {thresholds: ...}
+
+Relative paths are relative to the audit file. Dumps are cached in ``cache`` (default
+``$LEAKAUDIT_CACHE`` or ``~/.cache/leakaudit``) under a key made of everything that
+decides their content — the checkpoint's SHA-256, the model code's, the layer, the data
+(and its files' fingerprint), the preprocessing, the dump settings and the tool version —
+so a cached dump is reused only when all of it matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from leakaudit import __version__
+from leakaudit.config import from_mapping, load_yaml, positive
+from leakaudit.errors import ConfigError, StoreError
+from leakaudit.registry import ATTACKS
+
+Progress = Callable[[str, float, "float | None"], None]
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The model to audit: a spec and optional weights and architecture options."""
+
+    spec: str
+    weights: str | None = None
+    num_classes: int | None = None
+    in_chans: int | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    trust_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class DumpSection:
+    """How stores are dumped (the options of ``leakaudit dump``)."""
+
+    input_size: tuple[int, int] | None = None
+    normalize: str | None = None
+    batch_size: int = 256
+    dtype: Literal["float32", "float16"] = "float32"
+    split: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    seed: int = 0
+    limit: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive("batch_size", self.batch_size)
+        if self.limit is not None:
+            positive("limit", self.limit)
+        if any(f <= 0 for f in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError(f"split: expected three positive fractions summing to 1, got {list(self.split)}.")
+
+
+@dataclass(frozen=True)
+class BaselineSection:
+    """What the subject is compared with: another checkpoint (audited the same way) or a report."""
+
+    model: str | None = None
+    weights: str | None = None
+    report: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.report is not None and (self.model is not None or self.weights is not None):
+            raise ValueError("give either report, or model/weights, not both.")
+        if self.report is None and self.model is None and self.weights is None:
+            raise ValueError("give report, or model and/or weights.")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """A parsed, validated audit file."""
+
+    model: ModelSection
+    layer: str
+    data: str
+    tasks: dict[str, str]
+    dump: DumpSection = DumpSection()
+    attacks: tuple[tuple[str, Any], ...] = ()
+    metrics: tuple[str, ...] | None = None
+    metric_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: BaselineSection | None = None
+    harden: dict[str, Any] | None = None
+    policy: Any = None
+    cache: str | None = None
+    base_dir: Path = Path(".")
+
+
+_TOP_KEYS = ("model", "weights", "layer", "data", "tasks", "dump", "attacks", "metrics", "baseline", "harden", "policy", "cache")
+
+
+def _resolve_path(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _resolve_data(spec: str, base: Path) -> str:
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("idx", "folder", "npz", "hdf5", "h5"):
+        part = ""
+        if kind == "idx" and rest.rsplit(":", 1)[-1] in ("train", "test") and ":" in rest:
+            rest, part = rest.rsplit(":", 1)
+            part = ":" + part
+        return f"{kind}:{_resolve_path(rest, base)}{part}"
+    return spec
+
+
+def _resolve_model_spec(spec: str, base: Path) -> str:
+    where, sep, factory = spec.partition(":")
+    if sep and where.endswith(".py"):
+        return f"{_resolve_path(where, base)}:{factory}"
+    if Path(spec).suffix in (".ts", ".pt", ".pth", ".pt2", ".jit"):
+        return _resolve_path(spec, base) or spec
+    return spec
+
+
+def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
+    """Map a parsed audit YAML onto :class:`AuditConfig`; errors carry the YAML path."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}.")
+    unknown = [k for k in data if k not in _TOP_KEYS]
+    if unknown:
+        from leakaudit.errors import closest
+
+        near = closest(str(unknown[0]), _TOP_KEYS)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{unknown[0]}: unknown key.{hint} Allowed: {', '.join(_TOP_KEYS)}.")
+    for key in ("model", "layer", "data", "tasks"):
+        if key not in data:
+            raise ConfigError(f"{where}: missing required key {key!r}.")
+    model_data = data["model"]
+    if isinstance(model_data, str):
+        model_data = {"spec": model_data}
+    model = from_mapping(ModelSection, model_data, "model")
+    if "weights" in data:
+        if model.weights is not None:
+            raise ConfigError("weights: given twice (also as model.weights).")
+        if not isinstance(data["weights"], str):
+            raise ConfigError(f"weights: expected a path, got {data['weights']!r}.")
+        model = dataclasses.replace(model, weights=data["weights"])
+    model = dataclasses.replace(
+        model, spec=_resolve_model_spec(model.spec, base_dir), weights=_resolve_path(model.weights, base_dir)
+    )
+    for key in ("layer", "data"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise ConfigError(f"{key}: expected a string, got {data[key]!r}.")
+    tasks = data["tasks"]
+    if not isinstance(tasks, Mapping) or not tasks or not all(isinstance(v, str) for v in tasks.values()):
+        raise ConfigError("tasks: expected a mapping of task names to sources, e.g. {public: parity, private: label}.")
+    tasks = {
+        str(name): (f"map:{_resolve_path(src[4:], base_dir)}" if src.startswith("map:") else src) for name, src in tasks.items()
+    }
+    dump = from_mapping(DumpSection, data.get("dump"), "dump")
+    attacks = _parse_attacks(data.get("attacks"), tasks)
+    metrics, metric_settings = _parse_metrics(data.get("metrics"))
+    baseline = None
+    if data.get("baseline") is not None:
+        baseline = from_mapping(BaselineSection, data["baseline"], "baseline")
+        baseline = BaselineSection(
+            _resolve_model_spec(baseline.model, base_dir) if baseline.model else None,
+            _resolve_path(baseline.weights, base_dir),
+            _resolve_path(baseline.report, base_dir),
+        )
+    harden = data.get("harden")
+    if harden is not None:
+        if not isinstance(harden, Mapping) or "method" not in harden:
+            raise ConfigError("harden: expected a mapping with a 'method' (center-loss, nopeek or shredder).")
+        harden = dict(harden)
+    policy = data.get("policy")
+    if policy is not None:
+        from leakaudit.gate import parse_policy
+
+        if isinstance(policy, str):
+            policy = _resolve_path(policy, base_dir)
+        elif isinstance(policy, Mapping):
+            parse_policy(policy, where="policy")
+        else:
+            raise ConfigError(f"policy: expected a file name or a mapping with thresholds, got {policy!r}.")
+    cache = data.get("cache")
+    if cache is not None and not isinstance(cache, str):
+        raise ConfigError(f"cache: expected a folder name, got {cache!r}.")
+    return AuditConfig(
+        model, data["layer"], _resolve_data(data["data"], base_dir), tasks, dump, attacks, metrics,
+        metric_settings, baseline, harden, policy, _resolve_path(cache, base_dir), base_dir,
+    )  # fmt: skip
+
+
+def _parse_attacks(items: Any, tasks: Mapping[str, str]) -> tuple[tuple[str, Any], ...]:
+    if items is None:
+        private = "private" if "private" in tasks else next(iter(tasks))
+        items = [{"classifier": {"task": private}}, {"decoder": {}}]
+    if not isinstance(items, list):
+        raise ConfigError("attacks: expected a list, e.g. [{classifier: {task: private}}, {decoder: {arch: upsample}}].")
+    parsed = []
+    for i, item in enumerate(items):
+        path = f"attacks[{i}]"
+        if isinstance(item, str):
+            name, settings = item, {}
+        elif isinstance(item, Mapping) and "name" in item:
+            name, settings = item["name"], {k: v for k, v in item.items() if k != "name"}
+        elif isinstance(item, Mapping) and len(item) == 1:
+            name, settings = next(iter(item.items()))
+            settings = settings or {}
+        else:
+            raise ConfigError(f"{path}: expected an attack name, or {{NAME: {{settings}}}}.")
+        plugin = ATTACKS.get(str(name))
+        config = from_mapping(plugin.config_cls, settings, f"{path}.{name}") if plugin.config_cls else None
+        parsed.append((str(name), config))
+    return tuple(parsed)
+
+
+def _parse_metrics(items: Any) -> tuple[tuple[str, ...] | None, dict[str, dict[str, Any]]]:
+    from leakaudit.metrics_run import configure
+
+    if items is None:
+        return None, {}
+    if isinstance(items, list) and all(isinstance(i, str) for i in items):
+        names, settings = list(items), {}
+    elif isinstance(items, Mapping):
+        names = [str(k) for k in items]
+        settings = {str(k): dict(v or {}) for k, v in items.items()}
+    else:
+        raise ConfigError("metrics: expected a list of names or a mapping of names to settings.")
+    for name in names:
+        configure(name, settings.get(name), f"metrics.{name}")  # validates names and settings now
+    return tuple(names), settings
+
+
+def load_audit(path: str | Path) -> AuditConfig:
+    path = Path(path)
+    return parse_audit(load_yaml(path, what="audit file"), path.parent.resolve())
+
+
+# ----------------------------------------------------------------------------- cached dumps
+
+
+def cache_dir(config: AuditConfig) -> Path:
+    if config.cache:
+        return Path(config.cache)
+    if os.environ.get("LEAKAUDIT_CACHE"):
+        return Path(os.environ["LEAKAUDIT_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "leakaudit"
+
+
+def _file_digest(path: Path) -> str:
+    from leakaudit._io import sha256_file
+
+    return sha256_file(path)
+
+
+def data_fingerprint(spec: str) -> str:
+    """What identifies the *content* of a data source, not just its name."""
+    kind, _, rest = spec.partition(":")
+    if spec == "digits":
+        import sklearn
+
+        return f"digits/sklearn-{sklearn.__version__}"
+    if kind == "idx":
+        root = Path(rest.rsplit(":", 1)[0] if rest.endswith((":train", ":test")) else rest)
+        files = sorted(p for p in root.iterdir() if "idx" in p.name) if root.is_dir() else []
+        return ",".join(f"{p.name}:{_file_digest(p)}" for p in files)
+    if kind in ("npz", "hdf5", "h5"):
+        path = Path(rest)
+        return _file_digest(path) if path.is_file() else "missing"
+    if kind == "folder":
+        root = Path(rest)
+        entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return spec
+
+
+def model_fingerprint(spec: str, weights: str | None) -> dict[str, Any]:
+    """The checkpoint's SHA-256, and the model code's for file and module specs."""
+    import importlib.util
+
+    found: dict[str, Any] = {"weights": _file_digest(Path(weights)) if weights else None}
+    where, sep, _ = spec.partition(":")
+    if sep and where.endswith(".py") and Path(where).is_file():
+        found["code"] = _file_digest(Path(where))
+    elif Path(spec).is_file():
+        found["archive"] = _file_digest(Path(spec))
+    elif sep and where not in ("timm", "torchvision"):
+        try:
+            origin = importlib.util.find_spec(where)
+        except (ImportError, ValueError):
+            origin = None
+        if origin is not None and origin.origin and Path(origin.origin).is_file():
+            found["code"] = _file_digest(Path(origin.origin))
+    else:
+        import timm
+        import torchvision
+
+        found["library"] = f"timm-{timm.__version__}/torchvision-{torchvision.__version__}"
+    return found
+
+
+def cached_dump(settings_kwargs: Mapping[str, Any], cache: Path, on_progress=None) -> tuple[Path, bool]:
+    """Dump with ``settings_kwargs`` into the cache, or reuse an identical earlier dump.
+
+    Returns:
+        The store path and whether it was reused.
+    """
+    from leakaudit.dump import DumpSettings, dump
+    from leakaudit.store import open_store
+
+    tasks = settings_kwargs.get("tasks", ())
+    task_files = {src: _file_digest(Path(src[4:])) for _, src in tasks if src.startswith("map:") and Path(src[4:]).is_file()}
+    material = {
+        "tool": __version__,
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(settings_kwargs.items())},
+        "model": model_fingerprint(settings_kwargs["model"], settings_kwargs.get("weights")),
+        "data": data_fingerprint(settings_kwargs["data"]),
+        "task_files": task_files,
+    }
+    key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+    path = cache / f"{key[:32]}.h5"
+    if path.exists():
+        try:
+            with open_store(path) as store:
+                sha = store.attrs.get("checkpoint_sha256") or None
+            if sha == material["model"]["weights"] or material["model"]["weights"] is None:
+                return path, True
+        except StoreError:
+            pass  # an unreadable cache entry is recomputed
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"{key[:32]}.json").write_text(json.dumps(material, indent=2, sort_keys=True, default=str) + "\n")
+    dump(DumpSettings(output=path, force=True, **settings_kwargs), on_progress)
+    return path, False
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class AuditResult:
+    """Where an audit wrote its outputs, and the gate's verdict (``None`` without a policy)."""
+
+    output: Path
+    report: Path
+    html: Path
+    verdict: dict[str, Any] | None
+    reused: dict[str, bool]
+    metrics: dict[str, float]
+
+
+def _dump_kwargs(config: AuditConfig, model: ModelSection, layer: str) -> dict[str, Any]:
+    d = config.dump
+    return {
+        "model": model.spec,
+        "weights": model.weights,
+        "layer": layer,
+        "data": config.data,
+        "tasks": tuple(config.tasks.items()),
+        "num_classes": model.num_classes,
+        "in_chans": model.in_chans,
+        "model_args": dict(model.args),
+        "trust_checkpoint": model.trust_checkpoint,
+        "input_size": tuple(d.input_size) if d.input_size else None,
+        "normalize": d.normalize,
+        "batch_size": d.batch_size,
+        "dtype": d.dtype,
+        "split": tuple(d.split),
+        "seed": d.seed,
+        "limit": d.limit,
+        "device": d.device,
+        "with_outputs": layer != "output",
+        "memory_format": "contiguous",  # cached content must not depend on a timing trial
+    }
+
+
+def audit_store(
+    store_path: Path,
+    config: AuditConfig,
+    report_path: Path,
+    grid_path: Path | None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the configured attacks and metrics on one store, merging them into ``report_path``."""
+    from leakaudit.metrics_run import record, run_metrics
+    from leakaudit.report import subject_of, update_report
+    from leakaudit.store import open_store
+
+    if report_path.exists():
+        report_path.unlink()  # a fresh report for this run; never a mix with an older one
+    report: dict[str, Any] = {}
+    with open_store(store_path) as store:
+        subject = subject_of(store)
+        for name, attack_config in config.attacks:
+            plugin = ATTACKS.get(name)
+            result = plugin.target(store, attack_config, progress)
+            data = result.to_dict()
+            if name == "decoder" and grid_path is not None:
+                from leakaudit.attacks.decoders import save_grid
+
+                data["grid"] = str(save_grid(result, store, grid_path))
+            report = update_report(report_path, subject=subject, key=f"attack:{name}", result=data, metrics=result.report_metrics())
+        metric_progress = (lambda n: (lambda done, total: progress(n, done, total))) if progress else None
+        run = run_metrics(store, config.metrics, config.metric_settings, metric_progress)
+        if run.results:
+            report = record(report_path, store, run)
+    return report
+
+
+def run_audit(config: AuditConfig, output: Path, *, force: bool = False, progress: Progress | None = None) -> AuditResult:
+    """Run the audit ``config`` into the folder ``output`` (see the module docstring)."""
+    from leakaudit._io import atomic_write_text
+    from leakaudit.errors import OutputExistsError
+    from leakaudit.gate import evaluate, load_policy, parse_policy
+    from leakaudit.html_report import render, tsne_embedding
+    from leakaudit.report import derive_drops, load_report
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise OutputExistsError(f"{str(output)!r} exists and is not empty. Pass --force to replace its results.")
+    thresholds = None
+    if config.policy is not None:
+        thresholds = load_policy(config.policy) if isinstance(config.policy, str) else parse_policy(config.policy)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    cache = cache_dir(config)
+    reused: dict[str, bool] = {}
+    try:
+        subject_model = config.model
+        subject_layer = config.layer
+        harden_record = None
+        if config.harden is not None:
+            subject_model, subject_layer, harden_record = _harden(config, staging / "hardened", progress)
+        on_dump = (lambda done, total: progress("dump", done, total)) if progress else None
+        subject_store, reused["subject"] = cached_dump(_dump_kwargs(config, subject_model, subject_layer), cache, on_dump)
+        report_path = staging / "report.json"
+        report = audit_store(subject_store, config, report_path, staging / "reconstructions.png", progress)
+        baseline = config.baseline
+        if baseline is None and config.harden is not None:
+            baseline = BaselineSection(model=config.model.spec, weights=config.model.weights)
+        baseline_metrics = None
+        if baseline is not None:
+            if baseline.report is not None:
+                other = load_report(baseline.report)
+                baseline_info = {"subject": other["subject"], "metrics": other["metrics"]}
+            else:
+                base_model = dataclasses.replace(
+                    config.model, spec=baseline.model or config.model.spec, weights=baseline.weights or (None if baseline.model else config.model.weights)
+                )
+                base_store, reused["baseline"] = cached_dump(_dump_kwargs(config, base_model, config.layer), cache, on_dump)
+                (staging / "baseline").mkdir()
+                other = audit_store(base_store, config, staging / "baseline" / "report.json", staging / "baseline" / "reconstructions.png", progress)
+                baseline_info = {"subject": other["subject"], "metrics": other["metrics"]}
+            baseline_metrics = baseline_info["metrics"]
+            report["baseline"] = baseline_info
+            report["metrics"].update(derive_drops(report["metrics"], baseline_metrics))
+        if harden_record is not None:
+            report["harden"] = harden_record
+            for key in ("public_accuracy", "public_accuracy_normalized"):
+                if harden_record.get(key) is not None:
+                    report["metrics"].setdefault(key, harden_record[key])
+        verdict = None
+        if thresholds is not None:
+            verdict = evaluate(report["metrics"], thresholds).to_dict()
+            report["gate"] = verdict
+        report["audit"] = {"cache": str(cache), "reused": reused, "subject_store": str(subject_store)}
+        _rebase_paths(report, staging, output)
+        atomic_write_text(report_path, json.dumps(report, indent=2, default=str) + "\n")
+        embedding = tsne_embedding(subject_store, seed=config.dump.seed)
+        atomic_write_text(staging / "report.html", render(report, verdict=verdict, embedding=embedding))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staging, output)
+    return AuditResult(output, output / "report.json", output / "report.html", verdict, reused, report["metrics"])
+
+
+def _rebase_paths(value: Any, staging: Path, output: Path) -> Any:
+    """Point paths written inside the staging folder at where the folder will end up."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _rebase_paths(item, staging, output)
+        return value
+    if isinstance(value, list):
+        return [_rebase_paths(item, staging, output) for item in value]
+    if isinstance(value, str) and value.startswith(str(staging)):
+        return str(output) + value[len(str(staging)) :]
+    return value
+
+
+def _harden(config: AuditConfig, folder: Path, progress: Progress | None) -> tuple[ModelSection, str, dict[str, Any]]:
+    """Harden the configured model; return the hardened model to audit and a summary."""
+    from leakaudit.recipes.harden import HardenSettings, harden
+
+    options = {k: v for k, v in config.harden.items() if k not in ("method", "epochs", "lr", "patience", "batch_size")}
+    extra = {k: config.harden[k] for k in ("epochs", "lr", "patience", "batch_size") if k in config.harden}
+    d = config.dump
+    settings = HardenSettings(
+        model=config.model.spec, data=config.data, layer=config.layer, output=folder, method=str(config.harden["method"]),
+        tasks=tuple(config.tasks.items()), options=options, weights=config.model.weights,
+        num_classes=config.model.num_classes, in_chans=config.model.in_chans, model_args=dict(config.model.args),
+        trust_checkpoint=config.model.trust_checkpoint, input_size=tuple(d.input_size) if d.input_size else None,
+        normalize=d.normalize, split=tuple(d.split), limit=d.limit, seed=d.seed, device=d.device, **extra,
+    )  # fmt: skip
+    result = harden(settings, progress)
+    run = result.runs[0]
+    files = {k: str(folder / Path(v).name) for k, v in run.files.items()}
+    if "noise" in files or "noise.safetensors" in {Path(v).name for v in run.files.values()}:
+        # Shredder's noise lives in the exported encoder; audit what the client runs.
+        model = ModelSection(spec=str(folder / "encoder.pt2"))
+        layer = "output"
+    else:
+        model = dataclasses.replace(config.model, weights=str(folder / "model.safetensors"))
+        layer = config.layer
+    summary = {
+        "method": result.method,
+        "folder": str(folder),
+        "config": run.config,
+        "public_accuracy": run.public_accuracy,
+        "public_accuracy_normalized": run.public_accuracy_normalized,
+        "best_epoch": run.best_epoch,
+    }
+    return model, layer, summary

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leakaudit import distributed
 from leakaudit.attacks._data import (
     AttackRows,
     attack_rows,
@@ -44,9 +45,11 @@ from leakaudit.attacks._data import (
     read_inputs,
 )
 from leakaudit.attacks._training import (
+    PRECISIONS,
     Progress,
     Standardizer,
     as_tensor,
+    autocast_dtype,
     fit,
     parameter_count,
     predict,
@@ -78,6 +81,7 @@ class ClassifierConfig:
         patience: epochs without a better validation accuracy before a head stops.
         seed: seeds initialisation and minibatch order (results are deterministic per seed).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        precision: ``fp32``, or ``bf16`` to train under bfloat16 autocast (scores stay float32).
     """
 
     task: str = "private"
@@ -90,10 +94,13 @@ class ClassifierConfig:
     patience: int = 20
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_CHOICES:
             raise UnknownNameError("classifier head", self.head, HEAD_CHOICES, hint=f"Heads: {', '.join(HEAD_CHOICES)}.")
+        if self.precision not in PRECISIONS:
+            raise UnknownNameError("precision", self.precision, PRECISIONS)
         for name in ("epochs", "batch_size", "patience"):
             positive(name, getattr(self, name))
         positive("lr", self.lr)
@@ -390,6 +397,7 @@ def _train_head(
         seed=seed_for(config.seed, name),
         device=device,
         weight_decay=config.weight_decay,
+        autocast=autocast_dtype(config.precision, device),
         on_progress=(lambda done, total: progress(description, done, total)) if progress else None,
     )
     pred = predict(model, data.test, device).argmax(dim=1).numpy()
@@ -439,6 +447,9 @@ def _flat(data: _Data) -> _Data:
 def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: Progress | None = None) -> ClassifierResult:
     """Retrain classifiers on Z for a task of the store; report the strongest (Scrunch §3.2).
 
+    Under ``torchrun`` every rank runs this on the same store and trains with
+    DistributedDataParallel; every rank returns the same result.
+
     Args:
         store: an open activation store.
         config: the attack's settings.
@@ -451,17 +462,20 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         UsageError: the one head asked for cannot apply to this store.
     """
     device = resolve_device(config.device)
-    labels_all = store.labels(config.task)
-    class_names = store.class_names(config.task)
-    classes = len(class_names)
-    rows = attack_rows(store)
-    check_class_rows(labels_all, rows, class_names, config.task)
-    train_y = torch.from_numpy(labels_all[rows.train]).long()
-    val_y = torch.from_numpy(labels_all[rows.val]).long()
-    test_y = labels_all[rows.test]
-    labels = (train_y, val_y, test_y)
-    layer_shape = tuple(int(s) for s in store.layer_shape)
-    z = _Data(*(as_tensor(read_activations(store, r, role)) for r, role in _roles(rows)))
+    ctx = distributed.current(device)
+    # Under torchrun, a rank that cannot read the store stops every rank here, before training.
+    with distributed.agreed(ctx):
+        labels_all = store.labels(config.task)
+        class_names = store.class_names(config.task)
+        classes = len(class_names)
+        rows = attack_rows(store)
+        check_class_rows(labels_all, rows, class_names, config.task)
+        train_y = torch.from_numpy(labels_all[rows.train]).long()
+        val_y = torch.from_numpy(labels_all[rows.val]).long()
+        test_y = labels_all[rows.test]
+        labels = (train_y, val_y, test_y)
+        layer_shape = tuple(int(s) for s in store.layer_shape)
+        z = _Data(*(as_tensor(read_activations(store, r, role)) for r, role in _roles(rows)))
 
     warnings_: list[str] = []
     names = HEADS if config.head == "best" else (config.head,)
@@ -483,7 +497,8 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     raw_heads: list[HeadResult] = []
     if config.raw_reference:
         if store.has_inputs:
-            x = _Data(*(as_tensor(read_inputs(store, r, role)) for r, role in _roles(rows)))
+            with distributed.agreed(ctx):
+                x = _Data(*(as_tensor(read_inputs(store, r, role)) for r, role in _roles(rows)))
             input_shape = tuple(int(s) for s in x.train.shape[1:])
             for name in RAW_HEADS:
                 torch.manual_seed(seed_for(config.seed, name))

@@ -42,13 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leakaudit import __version__
+from leakaudit import __version__, distributed
 from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
 from leakaudit.attacks._training import (
     EVAL_BATCH,
+    PRECISIONS,
     Progress,
     Standardizer,
     as_tensor,
+    autocast_dtype,
     fit,
     parameter_count,
     predict,
@@ -85,6 +87,7 @@ class DecoderConfig:
         patience: epochs without a better validation SSIM before a decoder stops.
         seed: seeds initialisation and minibatch order (results are deterministic per seed).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        precision: ``fp32``, or ``bf16`` to train under bfloat16 autocast (scores stay float32).
     """
 
     arch: str = "best"
@@ -98,10 +101,13 @@ class DecoderConfig:
     patience: int = 10
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCH_CHOICES:
             raise UnknownNameError("decoder", self.arch, ARCH_CHOICES, hint=f"Decoders: {', '.join(ARCH_CHOICES)}.")
+        if self.precision not in PRECISIONS:
+            raise UnknownNameError("precision", self.precision, PRECISIONS)
         if self.loss not in LOSSES:
             raise UnknownNameError("decoder loss", self.loss, LOSSES, hint=f"Losses: {', '.join(LOSSES)}.")
         if not 0.0 <= self.ssim_weight <= 1.0:
@@ -505,6 +511,9 @@ def _losses(config: DecoderConfig):
 def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progress | None = None) -> DecoderResult:
     """Train decoders Z → X on attacker-train rows, select on validation SSIM, score on test rows.
 
+    Under ``torchrun`` every rank runs this on the same store and trains with
+    DistributedDataParallel; every rank returns the same result.
+
     Args:
         store: an open activation store with ``/inputs``.
         config: the attack's settings.
@@ -516,19 +525,22 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
         NonFiniteError: Z or X holds NaN or infinite values.
     """
     device = resolve_device(config.device)
-    if not store.has_inputs:
-        store.inputs(np.arange(0))  # raises the store's StoreError, which says which dump option adds them
-    input_shape = tuple(int(s) for s in store.input_shape or ())
-    if min(input_shape[1:]) < SSIM_MIN_SIDE:
-        raise DataError(
-            f"the stored images are {input_shape[1]}×{input_shape[2]}; SSIM's Gaussian window needs at least "
-            f"{SSIM_MIN_SIDE}×{SSIM_MIN_SIDE}. Dump with a larger --input-size."
-        )
-    rows = attack_rows(store)
-    layer_shape = tuple(int(s) for s in store.layer_shape)
-    roles = ((rows.train, "attacker-train"), (rows.val, "attacker-validation"), (rows.test, "test"))
-    z_train, z_val, z_test = (as_tensor(read_activations(store, r, role)) for r, role in roles)
-    x_train, x_val, x_test = (as_tensor(read_inputs(store, r, role)) for r, role in roles)
+    autocast = autocast_dtype(config.precision, device)
+    # Under torchrun, a rank that cannot read the store stops every rank here, before training.
+    with distributed.agreed(distributed.current(device)):
+        if not store.has_inputs:
+            store.inputs(np.arange(0))  # raises the store's StoreError, which says which dump option adds them
+        input_shape = tuple(int(s) for s in store.input_shape or ())
+        if min(input_shape[1:]) < SSIM_MIN_SIDE:
+            raise DataError(
+                f"the stored images are {input_shape[1]}×{input_shape[2]}; SSIM's Gaussian window needs at least "
+                f"{SSIM_MIN_SIDE}×{SSIM_MIN_SIDE}. Dump with a larger --input-size."
+            )
+        rows = attack_rows(store)
+        layer_shape = tuple(int(s) for s in store.layer_shape)
+        roles = ((rows.train, "attacker-train"), (rows.val, "attacker-validation"), (rows.test, "test"))
+        z_train, z_val, z_test = (as_tensor(read_activations(store, r, role)) for r, role in roles)
+        x_train, x_val, x_test = (as_tensor(read_inputs(store, r, role)) for r, role in roles)
 
     mean_image = x_train.mean(dim=0)
     baseline, baseline_ssim = score_images(mean_image.expand_as(x_test), x_test)
@@ -560,6 +572,7 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
             device=device,
             weight_decay=config.weight_decay,
             keep_initial=True,
+            autocast=autocast,
             on_progress=(lambda done, total: progress(description, done, total)) if progress else None,
         )
         recon = predict(model, standardizer(z_test), device).clamp_(0.0, 1.0)

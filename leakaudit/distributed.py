@@ -9,9 +9,12 @@ a disjoint, deterministic share of the work and rank 0 writes the results.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -100,3 +103,109 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- training helpers
+# Used by the attacks' fit loop (leakaudit.attacks._training): DistributedDataParallel needs
+# every rank to take the same number of steps, and every rank to reach the same decisions.
+
+
+def rank_device(device: torch.device, ctx: Context | None) -> torch.device:
+    """The device this rank computes on: bare ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun.
+
+    An explicit index (``cuda:1``) is kept as given; ``cpu`` stays ``cpu``.
+    """
+    if ctx is not None and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def shard_strided(order: torch.Tensor, ctx: Context, *, pad: bool = True) -> torch.Tensor:
+    """This rank's elements of ``order``: positions ``rank``, ``rank + world``, ``rank + 2·world``, …
+
+    With ``pad`` the end of ``order`` is first filled up with its own first elements to a
+    multiple of the world size, as :class:`torch.utils.data.DistributedSampler` does
+    (``drop_last=False``): every rank then holds the same number of rows and takes the same
+    number of steps, which DistributedDataParallel requires. Cutting each rank's share into
+    batches of ``b`` rows makes step ``k`` of the group cover ``order[k·b·world : (k+1)·b·world]``
+    — the rows of the single-process batch ``k`` of ``b·world`` rows.
+    """
+    world = ctx.world_size
+    if pad and len(order) % world:
+        short = world - len(order) % world
+        order = torch.cat([order, order.repeat(-(-short // len(order)))[:short]])
+    return order[ctx.rank :: world]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks, in float64, identical on every rank.
+
+    ``device`` must be a CUDA device under nccl (it reduces CUDA tensors only).
+    """
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.cpu()]
+
+
+def average_floating_buffers(module: torch.nn.Module, ctx: Context) -> None:
+    """Replace each floating-point buffer of ``module`` (batch-norm running statistics) by its mean over ranks.
+
+    Without it each rank's running statistics follow only its own rows, and ranks would
+    evaluate (and keep) different models.
+    """
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(ctx.world_size)
+
+
+def gather_strided(local: torch.Tensor, n: int, ctx: Context) -> torch.Tensor:
+    """Undo ``shard_strided(…, pad=False)``: every rank's ``local`` rows put back in order, on every rank.
+
+    Rank ``r`` holds rows ``r, r + world, …`` of ``n``; the result has all ``n`` rows, on
+    ``local``'s device.
+    """
+    world = ctx.world_size
+    size = -(-n // world)
+    padded = local.new_zeros((size, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = local.new_empty((n, *local.shape[1:]))
+    for rank, part in enumerate(parts):
+        out[rank::world] = part[: len(range(rank, n, world))]
+    return out
+
+
+@contextmanager
+def agreed(ctx: Context | None) -> Iterator[None]:
+    """Run the block; if it raised on any rank, raise on every rank (see :func:`agree`).
+
+    Alone (``ctx`` is ``None``) the block runs as it would without this. The block must not
+    itself run collectives: a rank that failed before one would leave the others waiting in it.
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:  # re-raised below, here or on every rank
+        error = exc
+    if ctx is None:
+        if error is not None:
+            raise error
+        return
+    agree(error)
+
+
+def exit_without_teardown(code: int = 0) -> NoReturn:
+    """Flush stdout and stderr and end this process now, skipping the interpreter's teardown.
+
+    For a rank whose work is done and written. Measured here with torch 2.14 and gloo, on a
+    minimal script (DistributedDataParallel, 20 steps, 2 ranks): a rank aborted while exiting
+    (SIGABRT, "terminate called without an active exception") in 6 exits of 20 after
+    ``destroy_process_group()`` and 1 of 20 without it; ``leakaudit attack`` did so in 2 runs
+    of about 25. torchrun then reports the whole run as failed after every output was
+    written. Leaving with ``os._exit`` aborted in none of 27. Close files before calling this.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

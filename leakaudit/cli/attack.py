@@ -4,18 +4,28 @@
 The click that Typer vendors parses only options that always or never take a value, so
 :class:`_AttackCommand` supplies the default value before parsing where none was given:
 when ``--decoder`` ends the line, is followed by another option, or by the store's path.
+
+Under ``torchrun`` every rank trains its share (DistributedDataParallel, see
+:mod:`leakaudit.attacks._training`); rank 0 alone draws progress bars, prints, and writes
+``--json``, ``--grid``, ``--reconstructions`` and the report, after every rank finished.
+A rank that fails makes every rank fail (or torchrun stops them): nothing is written then.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand
 
 from leakaudit.cli._common import ForceOpt, LazyProgress, check_output, console, warn, write_json
-from leakaudit.errors import ConfigError, UsageError
+from leakaudit.errors import ConfigError, LeakAuditError, UsageError
+
+if TYPE_CHECKING:  # imported lazily at run time: `leakaudit --help` must not load torch
+    from leakaudit.attacks import ClassifierResult, DecoderResult
+    from leakaudit.store import ActivationStore
 
 DECODER_ARCHS = ("upsample", "alexnet", "resnet", "best")
 DECODER_DEFAULT = "best"
@@ -62,6 +72,7 @@ def attack(
     patience: Annotated[Optional[int], typer.Option("--patience", help="Epochs without a better validation score before stopping.  [default: 20 classifier, 10 decoder]", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].  [default: auto]", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (initialisation, minibatch order).  [default: 0]", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, or bf16: train under bfloat16 autocast; every score is still computed in float32.  [default: fp32]", show_default=False)] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML mapping of the attack's settings (see `leakaudit list attacks`); options given here win.", show_default=False)] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="OUT", help="Write the attack's result as JSON to OUT ('-' for stdout).", show_default=False)] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="report.json to merge the numbers into.  [default: STORE's stem + .report.json]", show_default=False)] = None,
@@ -106,40 +117,103 @@ def attack(
         "patience": patience,
         "device": device,
         "seed": seed,
+        "precision": precision,
     }
     settings.update({key: value for key, value in cli_values.items() if value is not None})
     config = from_mapping(plugin.config_cls, settings)
 
     outputs = [Path(json_out)] if json_out not in (None, "-") else []
     outputs += [p for p in (grid, reconstructions) if p is not None]
-    for path in outputs:
-        check_output(path, force)
 
-    from leakaudit.report import default_report_path, subject_of, update_report
+    from leakaudit import distributed
+    from leakaudit.runtime import resolve_device
     from leakaudit.store import open_store
 
-    with open_store(store) as handle:
+    # `--device cuda` without CUDA is refused here, before any rank joins a process group.
+    ctx = distributed.current(resolve_device(config.device))
+    is_main = ctx is None or ctx.is_main
+    with ExitStack() as stack:
+        with distributed.agreed(ctx):  # every rank starts, or none does
+            if is_main:
+                for path in outputs:
+                    check_output(path, force)
+            handle = stack.enter_context(open_store(store))
         with LazyProgress() as bar:
-            result = plugin.target(handle, config, progress=bar.update)
-        for message in result.warnings:
-            warn(message)
-        if name == "decoder":
-            from leakaudit.attacks.decoders import save_grid, save_reconstructions
-
-            if reconstructions is not None:
-                save_reconstructions(result, reconstructions, store_path=handle.path)
-            if grid is not None:
-                save_grid(result, handle, grid)
-        data = {"store": str(handle.path), **result.to_dict()}
-        if json_out is not None:
-            write_json(data, json_out)
-        report_path = report if report is not None else default_report_path(handle.path)
-        update_report(
-            report_path, subject=subject_of(handle), key=f"attack:{name}", result=data, metrics=result.report_metrics()
-        )
-    if json_out != "-":
+            result = plugin.target(handle, config, progress=bar.update if is_main else None)
+        # Reached by every rank only when every rank finished its training; rank 0 then writes,
+        # but only numbers that every rank computed: rank 0 speaks for the group.
+        numbers = distributed.all_gather(result.report_metrics()) if ctx is not None else []
+        with distributed.agreed(ctx):
+            if is_main:
+                _check_ranks_agree(numbers)
+                report_path = _write_outputs(
+                    result, handle, name, world_size=ctx.world_size if ctx is not None else 1,
+                    json_out=json_out, grid=grid, reconstructions=reconstructions, report=report,
+                )  # fmt: skip
+    distributed.shutdown()
+    if is_main and json_out != "-":
         (_show_classifier if name == "classifier" else _show_decoder)(result, store)
         console().print(f"merged into {report_path}", highlight=False)
+    if ctx is not None:
+        distributed.exit_without_teardown(0)  # see there: a DDP rank may abort in the teardown
+
+
+def _check_ranks_agree(numbers: list[dict[str, float]], rel: float = 1e-6) -> None:
+    """Refuse to write when the ranks' reported numbers differ (beyond float noise across machines).
+
+    Every rank trains the same model on the same data with DistributedDataParallel and should
+    report the same numbers; different ones mean the ranks did not train one model.
+
+    Raises:
+        LeakAuditError: the first number on which a rank differs from rank 0.
+    """
+    import math
+
+    for rank, mine in enumerate(numbers[1:], start=1):
+        for name, value in numbers[0].items():
+            other = mine.get(name)
+            if other is None or not math.isclose(value, other, rel_tol=rel, abs_tol=rel):
+                raise LeakAuditError(
+                    f"rank {rank} computed {name} = {other} where rank 0 computed {value}; the ranks did not train "
+                    "the same model, so nothing was written. Run again; report it if it repeats."
+                )
+
+
+def _write_outputs(
+    result: ClassifierResult | DecoderResult,
+    handle: ActivationStore,
+    name: str,
+    *,
+    world_size: int,
+    json_out: str | None,
+    grid: Path | None,
+    reconstructions: Path | None,
+    report: Path | None,
+) -> Path:
+    """Warnings, then ``--reconstructions``, ``--grid``, ``--json`` and the report; the report's path.
+
+    The JSON records ``world_size``: the numbers of a distributed run are close to, not
+    equal to, those of a single process (see :mod:`leakaudit.attacks._training`).
+    """
+    from leakaudit.report import default_report_path, subject_of, update_report
+
+    for message in result.warnings:
+        warn(message)
+    if name == "decoder":
+        from leakaudit.attacks.decoders import save_grid, save_reconstructions
+
+        if reconstructions is not None:
+            save_reconstructions(result, reconstructions, store_path=handle.path)
+        if grid is not None:
+            save_grid(result, handle, grid)
+    data = {"store": str(handle.path), **result.to_dict(), "world_size": world_size}
+    if json_out is not None:
+        write_json(data, json_out)
+    report_path = report if report is not None else default_report_path(handle.path)
+    update_report(
+        report_path, subject=subject_of(handle), key=f"attack:{name}", result=data, metrics=result.report_metrics()
+    )
+    return report_path
 
 
 # Narrow terminals shrink columns; numbers must not be cut to "0.6…".

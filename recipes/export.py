@@ -1,0 +1,227 @@
+"""Deployable outputs of a hardened model, and writing them without half-written folders.
+
+A hardening run leaves in its output folder:
+
+==================  ==============================================================
+``model.safetensors``  the hardened full model's weights (the architecture's state dict)
+``model.json``         the spec to rebuild it: model spec, options, split layer, input
+                       size, normalisation (:func:`load_hardened` reads it)
+``noise.safetensors``  Shredder only: the learned noise at the split
+``encoder.pt2``        the client's encoder, input → split activations (``torch.export``,
+                       dynamic batch), noise sampling included for Shredder
+``classifier.pt2``     the server's classifier, split activations → logits
+``harden.json``        settings, seed, data spec, per-epoch history, test accuracy
+==================  ==============================================================
+
+Both programs load with ``torch.export.load(path).module()`` in plain torch, and with
+``leakaudit dump encoder.pt2 --layer output --data …``. Inputs are what the model sees
+after ``--normalize`` (when the model was trained with it, pass the same to ``dump``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leakaudit import __version__
+from leakaudit._io import atomic_write_text, sha256_file
+from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
+from leakaudit.layers import split_model
+from leakaudit.models import LoadedModel, load_model
+
+MODEL_SCHEMA = "leakaudit.model"
+MODEL_SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    """Refuse an existing output folder without ``force`` (checked before any training)."""
+    if path.exists() and not force:
+        raise OutputExistsError(f"{str(path)!r} exists. Pass --force to replace it.")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{str(path)!r} exists and is not a folder; -o names the output folder.")
+
+
+@contextlib.contextmanager
+def staged_dir(path: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` that replaces ``path`` only when the block succeeds.
+
+    A crash leaves no folder at ``path`` that looks like a finished result: the temporary
+    folder is removed, and an existing ``path`` (with ``force``) is swapped out only at the end.
+    """
+    path = Path(path)
+    check_output_dir(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_weights(module: nn.Module | Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Save a state dict as safetensors atomically (tied tensors are stored as copies)."""
+    from safetensors.torch import save_file
+
+    state = module.state_dict() if isinstance(module, nn.Module) else module
+    # Clones: safetensors refuses tensors that share memory (tied weights), and the
+    # loader restores every key strictly anyway.
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(Path(path), json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+# --------------------------------------------------------------------------- model records
+
+
+def model_record(
+    loaded: LoadedModel,
+    *,
+    weights_file: str,
+    layer: str | None,
+    input_size: tuple[int, int],
+    in_chans: int,
+    normalize: str | None,
+    public: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What ``model.json`` holds: enough to rebuild the model with :func:`load_model`."""
+    return {
+        "schema": MODEL_SCHEMA,
+        "schema_version": MODEL_SCHEMA_VERSION,
+        "tool_version": __version__,
+        "spec": loaded.spec,
+        "options": dict(loaded.options),
+        "weights": weights_file,
+        "started_from": loaded.weights,
+        "started_from_sha256": loaded.checkpoint_sha256,
+        "layer": layer,
+        "input_size": list(input_size),
+        "in_chans": in_chans,
+        "normalize": normalize,
+        "public_task": dict(public),
+    }
+
+
+def load_hardened(folder: str | Path, *, trust_checkpoint: bool = False) -> tuple[LoadedModel, dict[str, Any]]:
+    """Rebuild the hardened full model from an output folder's ``model.json``.
+
+    Returns:
+        The loaded model (eval mode, CPU) and the record. Shredder's noise is not part of
+        the full model's weights: it lives in ``noise.safetensors`` and ``encoder.pt2``.
+    """
+    folder = Path(folder)
+    path = folder / "model.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{str(folder)!r} has no model.json; is it a `leakaudit harden` output folder?") from None
+    except (OSError, ValueError) as exc:
+        raise LeakAuditError(f"cannot read {str(path)!r}: {exc}.") from None
+    if record.get("schema") != MODEL_SCHEMA:
+        raise UsageError(f"{str(path)!r} is not a leakaudit model record.")
+    options = dict(record.get("options") or {})
+    loaded = load_model(
+        record["spec"],
+        weights=folder / record["weights"],
+        num_classes=options.pop("num_classes", None),
+        in_chans=options.pop("in_chans", None),
+        model_args=options,
+        trust_checkpoint=trust_checkpoint,
+    )
+    return loaded, record
+
+
+# --------------------------------------------------------------------------- programs
+
+
+def export_split(
+    model: nn.Module,
+    layer: str,
+    wrap_encoder,
+    example: torch.Tensor,
+    folder: Path,
+    reference: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Cut ``model`` at ``layer`` and save ``encoder.pt2`` and ``classifier.pt2`` in ``folder``.
+
+    Args:
+        model: the hardened model (eval mode).
+        layer: the split module.
+        wrap_encoder: turns the FX encoder into the deployed one (Shredder adds its noise).
+        example: a model input batch (at least 2 rows) used to trace and to check.
+        folder: where to write.
+        reference: Z of ``example`` as the training hook saw it, drawn right after
+            ``torch.manual_seed(0)``; the exported encoder must reproduce it.
+
+    Returns:
+        File names and SHA-256 of both programs.
+
+    Raises:
+        UsageError: the model cannot be split at ``layer`` (from :func:`split_model`, with
+            the layers that can).
+        LeakAuditError: the exported encoder does not reproduce ``reference``.
+    """
+    model = model.eval().cpu()
+    example = example.cpu()
+    split = split_model(model, layer)
+    encoder = wrap_encoder(split.encoder).eval()
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        encoder_program = torch.export.export(encoder, (example,), dynamic_shapes=({0: batch},))
+        torch.manual_seed(0)
+        z = encoder_program.module()(example)
+        classifier_program = torch.export.export(split.head.eval(), (z,), dynamic_shapes=({0: batch},))
+    if reference is not None:
+        reference = reference.cpu()
+        if z.shape != reference.shape or not torch.allclose(z, reference, rtol=1e-4, atol=1e-5):
+            raise LeakAuditError(
+                f"the exported encoder does not reproduce the model's activations at {layer!r} "
+                f"(largest difference {float((z - reference).abs().max()) if z.shape == reference.shape else 'shape'}); "
+                "this is a bug in the export, please report it."
+            )
+    files = {}
+    for name, program in (("encoder.pt2", encoder_program), ("classifier.pt2", classifier_program)):
+        torch.export.save(program, str(folder / name))
+        files[name] = sha256_file(folder / name)
+    return {"files": files, "layer_shape": list(z.shape[1:])}

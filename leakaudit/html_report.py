@@ -221,9 +221,14 @@ def render(
     comparison = report.get("comparison")
     if comparison:
         columns = comparison["columns"]
+        labels = comparison.get("labels", {})
         sections.append(
             "<h2>Hardening recipes compared (Scrunch Table 1 style)</h2>"
-            + _table(["model", *columns], [[row["name"], *[row.get(c) for c in columns]] for row in comparison["rows"]], numeric=range(1, len(columns) + 1))
+            + _table(
+                ["model", *[labels.get(c, c) for c in columns]],
+                [[row["name"], *[row.get(c) for c in columns]] for row in comparison["rows"]],
+                numeric=range(1, len(columns) + 1),
+            )
         )
 
     classifier = results.get("attack:classifier")

@@ -19,7 +19,9 @@ from leakaudit.cli._common import print_error, state
 from leakaudit.errors import EXIT_RUNTIME, LeakAuditError
 
 # Each module defines ``register(app)``; the order is the order of `leakaudit --help`.
-COMMAND_MODULES = ("layers", "dump", "info", "list_plugins", "gate")
+COMMAND_MODULES = (
+    "demo", "audit", "layers", "dump", "info", "train", "attack", "metrics", "harden", "gate", "report", "list_plugins",
+)  # fmt: skip
 
 
 class _LeakAuditGroup(TyperGroup):
@@ -89,8 +91,25 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="leakaudit")
+    """Console-script entry point.
+
+    A rank of a ``torchrun`` group leaves without the interpreter's teardown once its command
+    is done (see :func:`leakaudit.distributed.exit_without_teardown`): gloo's threads can
+    abort the process in it after every output was written, and torchrun then reports the
+    whole run as failed.
+    """
+    try:
+        app(prog_name="leakaudit")
+    except SystemExit as exc:
+        code = exc.code
+    else:  # pragma: no cover - typer always ends with SystemExit
+        code = 0
+    dist = sys.modules.get("torch.distributed")  # never imported by this check: torch is slow to load
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from leakaudit.distributed import exit_without_teardown
+
+        exit_without_teardown(code if isinstance(code, int) else (0 if code is None else 1))
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,12 @@ Weights come from ``.safetensors`` or from ``torch.save`` files read with
 ``weights_only=True``; the wrappers real training code produces are unwrapped. Nothing
 is ever unpickled unless the caller passed ``trust_checkpoint=True``: unpickling runs
 arbitrary code from the file.
+
+Weights written by ``leakaudit train`` and ``leakaudit harden`` come with a model record
+beside them (``W.safetensors`` → ``W.json``, schema ``leakaudit.model``) that holds the
+architecture options they were trained with (``num_classes``, …): those options are the
+defaults for that file, so ``--num-classes`` need not be repeated. An option given
+explicitly always wins.
 """
 
 from __future__ import annotations
@@ -146,6 +152,9 @@ def load_model(
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
+    if weights is not None:
+        for key, value in recorded_options(weights).items():
+            kwargs.setdefault(key, value)
 
     loaded = _build(spec, kwargs, trust_checkpoint)
     if weights is not None:
@@ -160,6 +169,34 @@ def load_model(
         loaded.checkpoint_sha256 = sha256_file(weights)
     loaded.module.eval()
     return loaded
+
+
+def recorded_options(weights: str | Path) -> dict[str, Any]:
+    """The architecture options in the ``leakaudit.model`` record beside ``weights``, if any.
+
+    The record is ``weights`` with the suffix ``.json``, written by ``leakaudit train`` and
+    ``harden``; it counts only when it names this very file. Anything else (no record, an
+    unrelated JSON file, a malformed one) gives no defaults: the weights then load with the
+    options given, and a mismatch is reported by the shapes.
+    """
+    import json
+
+    record_path = Path(weights).with_suffix(".json")
+    if Path(weights).suffix == ".json" or not record_path.is_file():
+        return {}
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("schema") != "leakaudit.model":
+        return {}
+    if record.get("weights") != Path(weights).name:
+        return {}
+    options = record.get("options")
+    if not isinstance(options, dict):
+        return {}
+    scalar = (bool, int, float, str)
+    return {k: v for k, v in options.items() if isinstance(k, str) and (v is None or isinstance(v, scalar))}
 
 
 def _build(spec: str, kwargs: dict[str, Any], trust_checkpoint: bool) -> LoadedModel:

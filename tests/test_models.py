@@ -181,3 +181,29 @@ def test_pickle_module_not_loaded_by_plain_pickle_either(tmp_path):
     with pytest.raises((UntrustedCheckpointError, CheckpointError)):
         load_state_dict(path)
     assert not marker.exists()
+
+
+def test_the_model_record_beside_trained_weights_supplies_their_options(tmp_path):
+    import json
+
+    weights = tmp_path / "parity.safetensors"
+    save_file(LeNet5(num_classes=2).state_dict(), str(weights))
+    # Without a record the architecture's default (10 classes) does not fit the file.
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model("lenet5", weights=weights)
+    record = {"schema": "leakaudit.model", "schema_version": 1, "spec": "lenet5", "options": {"num_classes": 2}}
+    (tmp_path / "parity.json").write_text(json.dumps({**record, "weights": "parity.safetensors"}))
+    loaded = load_model("lenet5", weights=weights)
+    assert loaded.module.fc2.out_features == 2 and loaded.options == {"num_classes": 2}
+    # An option given explicitly wins over the record.
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model("lenet5", weights=weights, num_classes=10)
+    # A record of another file, another schema or malformed JSON gives no defaults.
+    for text in (
+        json.dumps({**record, "weights": "other.safetensors"}),
+        json.dumps({**record, "schema": "something.else", "weights": "parity.safetensors"}),
+        "{not json",
+    ):
+        (tmp_path / "parity.json").write_text(text)
+        with pytest.raises(CheckpointError, match="shape mismatch"):
+            load_model("lenet5", weights=weights)

@@ -106,8 +106,9 @@ def shutdown() -> None:
 
 
 # --------------------------------------------------------------------------- training helpers
-# Used by the attacks' fit loop (leakaudit.attacks._training): DistributedDataParallel needs
-# every rank to take the same number of steps, and every rank to reach the same decisions.
+# Used by the attacks' fit loop (leakaudit.attacks._training) and the recipes' one
+# (leakaudit.recipes._training): DistributedDataParallel needs every rank to take the same
+# number of steps, and every rank to reach the same decisions.
 
 
 def rank_device(device: torch.device, ctx: Context | None) -> torch.device:
@@ -159,22 +160,62 @@ def average_floating_buffers(module: torch.nn.Module, ctx: Context) -> None:
             buffer.div_(ctx.world_size)
 
 
-def gather_strided(local: torch.Tensor, n: int, ctx: Context) -> torch.Tensor:
+def gather_strided(local: torch.Tensor, n: int, ctx: Context, *, differentiable: bool = False) -> torch.Tensor:
     """Undo ``shard_strided(…, pad=False)``: every rank's ``local`` rows put back in order, on every rank.
 
     Rank ``r`` holds rows ``r, r + world, …`` of ``n``; the result has all ``n`` rows, on
     ``local``'s device.
+
+    With ``differentiable`` this rank's rows of the result keep ``local``'s autograd graph and
+    the other ranks' rows are constants. A loss computed from the result on every rank then
+    sends each rank's gradient to its own rows only; since DistributedDataParallel *averages*
+    gradients over ranks, a loss term that is the same function of the gathered rows on every
+    rank must be scaled by the world size (in its gradient, not its value) to get the
+    single-process gradient — see :func:`scale_gradient`.
     """
     world = ctx.world_size
     size = -(-n // world)
-    padded = local.new_zeros((size, *local.shape[1:]))
-    padded[: len(local)] = local
+    padded = local.detach().new_zeros((size, *local.shape[1:]))
+    padded[: len(local)] = local.detach()
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    out = local.new_empty((n, *local.shape[1:]))
+    out = padded.new_empty((n, *local.shape[1:]))
     for rank, part in enumerate(parts):
         out[rank::world] = part[: len(range(rank, n, world))]
+    if differentiable and local.requires_grad:
+        out[ctx.rank :: world] = local  # autograd records the copy: gradients reach `local`
     return out
+
+
+def scale_gradient(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """``value`` unchanged, with its gradient multiplied by ``factor``."""
+    return factor * value - (factor - 1.0) * value.detach()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank; the same answer on every rank."""
+    return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite each tensor, in place, with rank ``src``'s (model weights, recipe state)."""
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=src)
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped for DistributedDataParallel; its parameters stay ``model``'s own.
+
+    DDP's constructor broadcasts rank 0's parameters and buffers, so every rank starts from
+    the same weights. Buffers are not broadcast before each forward: callers average them
+    over ranks after each epoch (:func:`average_floating_buffers`) instead, so batch-norm
+    running statistics follow every rank's rows, not only rank 0's.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
 @contextmanager

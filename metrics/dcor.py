@@ -44,6 +44,14 @@ below 1e-9 unless a large share of the rows are duplicates.
 Inputs are ``[n, ...]`` NumPy arrays, torch tensors, or any object with ``.shape`` and row
 slicing (an ``h5py.Dataset``), read block by block so an activation store bigger than
 memory still works (it is re-read about ``n / block`` times).
+
+Under ``torchrun``, passing ``group`` (a :class:`leakaudit.distributed.Context`) to
+:func:`distance_correlation_stats` splits the tiles across ranks: tile ``t`` of the
+upper triangle (in the order the single-process pass walks them) goes to rank
+``t mod world``; each rank accumulates its tiles' partial sums and row sums in float64, and
+one all-reduce (float64) gives every rank the sums of the whole pass. Only the order of
+the float64 additions differs from one process, so the result agrees with it to ~1e-12.
+Every rank reads all of X and Z once for the column means, and the rows of its tiles.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ import numpy as np
 import torch
 from scipy import stats as _scipy_stats
 
+from leakaudit.distributed import Context
 from leakaudit.errors import ConfigError, DataError, NonFiniteError, UsageError
 
 __all__ = [
@@ -290,6 +299,7 @@ def _pass(
     block_size: int | None,
     device: str | torch.device | None,
     progress: Progress | None,
+    group: Context | None = None,
 ) -> _Sums:
     dtype, block, dev = _resolve(precision, block_size, device, xr)
     mean_x, const_x = _scan(xr, block)
@@ -304,6 +314,10 @@ def _pass(
     n = xr.n
     starts = list(range(0, n, block))
     total = len(starts) * (len(starts) + 1) // 2
+    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+    if group is not None:
+        total = len(range(rank, total, world))  # this rank's tiles
+    tile = -1  # position of the tile in the single-process order
     done = 0
     if progress is not None:
         progress(0, total)
@@ -313,9 +327,15 @@ def _pass(
     with torch.no_grad():
         for bi, i0 in enumerate(starts):
             i1 = min(i0 + block, n)
+            if world > 1 and not any((tile + 1 + t) % world == rank for t in range(min(world, len(starts) - bi))):
+                tile += len(starts) - bi  # none of this row's tiles is ours: skip reading it
+                continue
             xi, nxi = _centred(xr, i0, i1, mean_x, dtype, dev)
             zi, nzi = _centred(zr, i0, i1, mean_z, dtype, dev)
             for j0 in starts[bi:]:
+                tile += 1
+                if world > 1 and tile % world != rank:
+                    continue
                 j1 = min(j0 + block, n)
                 same = j0 == i0
                 if same:
@@ -342,6 +362,13 @@ def _pass(
                 done += 1
                 if progress is not None:
                     progress(done, total)
+    if group is not None:
+        import torch.distributed as dist
+
+        # One float64 all-reduce of everything the pass accumulated.
+        packed = torch.cat([acc, row_a, row_b])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        acc, row_a, row_b = packed[:3], packed[3 : 3 + n], packed[3 + n :]
     s_ab, s_aa, s_bb = (float(v) for v in acc.cpu())
     return _Sums(n, s_ab, s_aa, s_bb, row_a.cpu(), row_b.cpu())
 
@@ -472,6 +499,7 @@ def distance_correlation_stats(
     device: str | torch.device | None = None,
     precision: Precision = "float64",
     progress: Progress | None = None,
+    group: Context | None = None,
 ) -> DcorStats:
     """dCor, bias-corrected dCor² and a p-value of independence from one pass.
 
@@ -499,7 +527,11 @@ def distance_correlation_stats(
         block_size: Tile side in rows.
         device: Torch device for the tiles.
         precision: ``"float64"`` or ``"float32"``.
-        progress: Called as ``progress(done, total)`` with tile counts.
+        progress: Called as ``progress(done, total)`` with tile counts (this rank's, under ``torchrun``).
+        group: Under ``torchrun``, this process's place in the group: the tiles are split
+            across ranks and every rank returns the same statistics (see the module
+            docstring); every rank must call with the same arguments. The permutation test,
+            if any, runs whole on every rank. ``None``: one process does everything.
 
     Returns:
         The statistics; ``method="exact"``.
@@ -523,7 +555,7 @@ def distance_correlation_stats(
             f"a permutation test keeps two n × n matrices in memory and is limited to "
             f"{PERMUTATION_MAX_N:,} rows; got {n:,}. Use pvalue='t-test'."
         )
-    sums = _pass(xr, zr, precision=precision, block_size=block_size, device=device, progress=progress)
+    sums = _pass(xr, zr, precision=precision, block_size=block_size, device=device, progress=progress, group=group)
     dcor_v = _dcor_from_sums(sums)
     dcor_u2 = _dcor_u2_from_sums(sums)
     if pvalue == "t-test":

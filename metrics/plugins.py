@@ -81,12 +81,20 @@ class DcorConfig:
 
 @METRICS.register("dcor", config=DcorConfig)
 def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress | None = None) -> MetricResult:
-    """Distance correlation of X and Z: dcor (NoPeek's V-statistic), dcor_u2 and a p-value."""
+    """Distance correlation of X and Z: dcor (NoPeek's V-statistic), dcor_u2 and a p-value.
+
+    Under ``torchrun`` the exact pass splits its tiles across the ranks (gloo on CPU, nccl
+    when ``device`` is CUDA; bare ``cuda`` is ``cuda:LOCAL_RANK``); every rank gets the same
+    numbers and ``details.world_size`` records how many computed them.
+    """
+    from leakaudit import distributed
     from leakaudit.metrics.dcor import distance_correlation_stats
     from leakaudit.runtime import resolve_device
 
     rows = _rows(store, config.rows)
     x, z = _xz(store, rows, "distance correlation")
+    device = resolve_device(config.device)
+    group = distributed.current(device)
     stats = distance_correlation_stats(
         x,
         z,
@@ -94,14 +102,15 @@ def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress |
         num_permutations=config.num_permutations,
         seed=config.seed,
         block_size=config.block_size,
-        device=resolve_device(config.device),
+        device=distributed.rank_device(device, group),
         precision=config.precision,
         progress=progress,
+        group=group,
     )
     return MetricResult(
         "dcor",
         {"dcor": stats.dcor, "dcor_u2": stats.dcor_u2, "dcor_pvalue": stats.pvalue},
-        asdict(stats),
+        {**asdict(stats), "world_size": 1 if group is None else group.world_size},
         asdict(config),
     )
 

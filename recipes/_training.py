@@ -10,6 +10,23 @@ The rows come from :func:`leakaudit.data.split_roles`, the split every command s
 the model is trained on attacker-train rows, selected (early stopping) on
 attacker-validation rows and scored on test rows, which a later ``leakaudit dump`` with
 the same data, fractions and seed assigns to the same roles.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1; ``group`` below is this process's
+:class:`~leakaudit.distributed.Context`) the same loop trains with DistributedDataParallel
+(gloo on CPU, nccl on CUDA), as the attacks' loop does: every rank draws the same seeded
+permutation each epoch and takes every ``world``-th row of it (padded as
+``DistributedSampler`` pads), in batches of ``batch_size // world`` rows, so the group's
+step ``k`` covers the rows of the single-process batch ``k``. Evaluation splits each
+single-process evaluation batch the same way and all-reduces the sums, so every rank sees
+the same validation numbers and takes the same early-stopping and selection decisions;
+validation Z is gathered in row order. Batch-norm buffers are averaged over ranks after
+each epoch; the objective's own state (centres, Shredder's noise) is broadcast from rank 0
+at the start and kept identical after (centre updates use the whole group's batch, noise
+gradients are averaged). A non-finite loss on any rank stops every rank. With a model
+without batch norm or dropout, a run on ``world`` ranks follows the single-process run
+with the same ``--batch-size`` up to float noise, the padded rows of each epoch's last
+step and where its last short batch falls (tests/recipes/test_distributed_harden.py
+states the tolerance).
 """
 
 from __future__ import annotations
@@ -26,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leakaudit import distributed
 from leakaudit.data import DataSource, Preprocess, Task, open_source, preprocess_for, resolve_task, split_roles
 from leakaudit.errors import ConfigError, DataError, LeakAuditError, UsageError
+from leakaudit.distributed import Context
 from leakaudit.layers import OUTPUT, resolve_layer
 from leakaudit.models import LoadedModel, load_model
 
@@ -205,12 +224,19 @@ def _read_all(source: DataSource, prep: Preprocess, n: int, block: int = 4096) -
 
 @dataclass
 class Batch:
-    """One minibatch: raw inputs in [0, 1], the model's input, and labels of every task."""
+    """One minibatch: raw inputs in [0, 1], the model's input, and labels of every task.
+
+    Under ``torchrun`` a batch is this rank's share of the group's batch: rows ``rank``,
+    ``rank + world``, … of its ``group_rows`` rows (see :func:`batches`), which
+    :func:`leakaudit.distributed.gather_strided` puts back together.
+    """
 
     inputs: torch.Tensor
     model_input: torch.Tensor
     labels: dict[str, torch.Tensor]
     public: str
+    group: Context | None = None
+    group_rows: int = 0
 
     @property
     def target(self) -> torch.Tensor:
@@ -221,29 +247,51 @@ class Batch:
 
 
 def batches(
-    data: PreparedData, rows: np.ndarray, batch_size: int, device: torch.device, generator: torch.Generator | None
+    data: PreparedData,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    group: Context | None = None,
 ) -> Iterator[Batch]:
     """Minibatches of ``rows``: shuffled by ``generator`` (training) or in order (evaluation).
 
     A trailing batch of a single row is merged into the previous one: batch statistics
     (BatchNorm, distance correlation) are undefined on one row.
+
+    With a distributed ``group``, each batch is this rank's share. Training: the permutation
+    is sharded with :func:`leakaudit.distributed.shard_strided` (padded, so every rank takes
+    the same number of steps) and cut into ``batch_size // world`` rows. Evaluation: the
+    single-process batches (a trailing one merged when it has fewer rows than ranks), each
+    split strided across ranks. Either way the rank holds rows ``rank``, ``rank + world``, …
+    of the group's batch, in single-process order.
     """
     order = torch.from_numpy(rows)
     if generator is not None:
         order = order[torch.randperm(len(order), generator=generator)]
+    world = 1 if group is None else group.world_size
+    if group is not None and generator is not None:
+        order = distributed.shard_strided(order, group)
+        batch_size = max(1, batch_size // world)
     starts = list(range(0, len(order), batch_size))
-    if len(starts) > 1 and len(order) - starts[-1] < 2:
+    shortest = 2 if group is None or generator is not None else max(2, world)
+    if len(starts) > 1 and len(order) - starts[-1] < shortest:
         starts.pop()
     labels = {name: data.labels(name) for name in data.tasks}
     for i, start in enumerate(starts):
         stop = starts[i + 1] if i + 1 < len(starts) else len(order)
         index = order[start:stop]
+        group_rows = len(index) * world if generator is not None else len(index)
+        if group is not None and generator is None:
+            index = index[group.rank :: world]
         inputs = data.inputs.index_select(0, index).to(device)
         yield Batch(
             inputs=inputs,
             model_input=data.prep.model_input(inputs),
             labels={name: values.index_select(0, index).to(device) for name, values in labels.items()},
             public=data.public.name,
+            group=group,
+            group_rows=group_rows,
         )
 
 
@@ -300,6 +348,13 @@ class Objective:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         return None
 
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Tensors that must be identical on every rank under ``torchrun``, broadcast from rank 0 before training.
+
+        The live tensors of :meth:`state_dict` (which holds trainable ones too, such as Shredder's noise).
+        """
+        return list(self.state_dict().values())
+
     def wrap_encoder(self, encoder: nn.Module) -> nn.Module:
         """The client's encoder as deployed: the model's prefix plus whatever :meth:`transform` adds."""
         return encoder
@@ -323,8 +378,16 @@ class ZCapture:
 
     _active: set[int] = set()
 
-    def __init__(self, model: nn.Module, layer: str | None, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        runner: nn.Module | None = None,
+    ) -> None:
+        """Hook ``layer`` of ``model``; forwards run through ``runner`` (its DistributedDataParallel wrapper) if given."""
         self.model, self.layer, self.transform = model, layer, transform
+        self.runner = runner if runner is not None else model
         self.z: torch.Tensor | None = None
         self.handle = None
         if layer is None:
@@ -346,7 +409,7 @@ class ZCapture:
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, Z) of one forward pass."""
         self.z = None
-        logits = self.model(x)
+        logits = self.runner(x)
         if not isinstance(logits, torch.Tensor):
             raise UsageError(f"the model returns a {type(logits).__name__}; training needs a logits tensor.")
         if self.layer is not None and self.z is None:
@@ -393,10 +456,13 @@ def evaluate(
     keep_z: bool = False,
     max_z_rows: int = 20_000,
     layer: str | None = None,
+    group: Context | None = None,
 ) -> Evaluation:
     """Run ``model`` (with the objective's transform at the split) over ``rows``.
 
     ``layer`` records Z at another layer than the objective's (the plain objective has none).
+    With a distributed ``group`` each rank runs its share of every batch, the sums are
+    all-reduced and Z is gathered in row order: every rank returns the same evaluation.
     """
     was_training = model.training
     model.eval()
@@ -407,20 +473,28 @@ def evaluate(
     kept = 0
     try:
         with ZCapture(model, layer or objective.layer, objective.transform) as hook, torch.no_grad():
-            for batch in batches(data, rows, batch_size, device, None):
+            for batch in batches(data, rows, batch_size, device, None, group):
                 logits, z = hook.forward(batch.model_input)
                 loss, parts = objective.loss(batch, logits, z)
                 size = len(batch)
                 total += size
                 correct += int((logits.argmax(1) == batch.target).sum())
-                loss_sum += float(loss) * size
-                for name, value in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0.0) + float(value) * size
+                if size:  # under torchrun a rank may hold no rows of a batch (its loss is then NaN)
+                    loss_sum += float(loss) * size
+                    for name, value in parts.items():
+                        parts_sum[name] = parts_sum.get(name, 0.0) + float(value) * size
                 if keep_z and z is not None and kept < max_z_rows:
+                    if group is not None:  # every rank keeps the whole batch's Z, in row order
+                        z = distributed.gather_strided(z.detach(), batch.group_rows, group)
                     zs.append(z[: max_z_rows - kept].flatten(1).float().cpu())
                     kept += zs[-1].shape[0]
     finally:
         model.train(was_training)
+    if group is not None:
+        names = sorted(parts_sum)
+        sums = distributed.all_reduce_sum([loss_sum, correct, total, *(parts_sum[k] for k in names)], device)
+        loss_sum, correct, total = sums[0], sums[1], int(sums[2])
+        parts_sum = dict(zip(names, sums[3:]))
     labels = data.labels(data.public.name)[torch.from_numpy(rows)]
     return Evaluation(
         loss=loss_sum / max(total, 1),
@@ -510,12 +584,17 @@ def fit(
     progress: Progress | None = None,
     description: str = "train",
     on_epoch: Callable[[EpochStats], None] | None = None,
+    group: Context | None = None,
 ) -> FitOutcome:
     """Train ``model`` on attacker-train rows with ``objective``, early-stopping on validation.
 
     Epoch 0 is the model as given; the selected epoch (by :meth:`Objective.is_better`) is
     restored into ``model`` and ``objective`` at the end — also when the loss diverges, in
     which case the outcome carries where (and nothing after the last good epoch is kept).
+
+    With a distributed ``group`` every rank calls this with the same arguments (the same
+    ``generator`` seed) and trains its share of each batch with DistributedDataParallel (see
+    the module docstring); every rank ends with the same weights, objective state and outcome.
     """
     train_rows, val_rows = data.rows(ROLE_TRAIN), data.rows(ROLE_VAL)
     if len(train_rows) < 2 or len(val_rows) < 1:
@@ -528,13 +607,25 @@ def fit(
     else:
         model.requires_grad_(False)
         params = []
-    params += objective.parameters()
+    own = objective.parameters()  # not the model's: DistributedDataParallel does not average their gradients
+    params += own
+    trainee: nn.Module = model
+    if group is not None:
+        check_group(data, batch_size, group)
+        distributed.broadcast_tensors([*model.state_dict().values(), *objective.shared_tensors()])
+        # Dropout masks and Shredder's noise: each rank draws its own, or every rank would
+        # perturb its rows the same way.
+        torch.manual_seed((generator.initial_seed() + group.rank) % 2**63)
+        if objective.trains_model:
+            trainee = distributed.data_parallel(model, device)
     optimizer = torch.optim.Adam(params, lr=lr)
-    steps_per_epoch = len(list(range(0, len(train_rows), batch_size)))
+    steps_per_epoch = sum(1 for _ in _step_starts(len(train_rows), batch_size, group))
     total_steps = epochs * steps_per_epoch
 
     def validate(epoch: int, train_loss: float | None, started: float, train_parts: dict[str, float]) -> EpochStats:
-        val = evaluate(model, objective, data, val_rows, batch_size=batch_size, device=device, keep_z=objective.needs_val_z)
+        val = evaluate(
+            model, objective, data, val_rows, batch_size=batch_size, device=device, keep_z=objective.needs_val_z, group=group
+        )
         metrics = {f"train_{k}": v for k, v in train_parts.items()}
         metrics.update({f"val_{k}": v for k, v in val.parts.items()})
         metrics.update(objective.epoch_metrics(val.z, val.labels))
@@ -558,15 +649,20 @@ def fit(
         loss_sum, seen = 0.0, 0
         parts_sum: dict[str, float] = {}
         # The hook lives for the training batches only: validation installs its own.
-        with ZCapture(model, objective.layer, objective.transform) as hook:
-            for index, batch in enumerate(batches(data, train_rows, batch_size, device, generator)):
+        with ZCapture(model, objective.layer, objective.transform, runner=trainee) as hook:
+            for index, batch in enumerate(batches(data, train_rows, batch_size, device, generator, group)):
                 step += 1
                 logits, z = hook.forward(batch.model_input)
                 loss, parts = objective.loss(batch, logits, z)
-                if not torch.isfinite(loss):
+                bad = not bool(torch.isfinite(loss))
+                if group is not None:
+                    bad = distributed.any_rank(bad, device)  # a rank that stops alone leaves the others waiting
+                if bad:
                     return _diverged(model, objective, best_state, history, best, step, epoch, index, "loss")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if group is not None and own:
+                    _average_gradients(own, group)
                 norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
                 if not torch.isfinite(norm):
                     return _diverged(model, objective, best_state, history, best, step, epoch, index, "gradient")
@@ -579,6 +675,12 @@ def fit(
                     parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach()) * size
                 if progress is not None:
                     progress(description, step, total_steps)
+        if group is not None:
+            names = sorted(parts_sum)
+            sums = distributed.all_reduce_sum([loss_sum, seen, *(parts_sum[k] for k in names)], device)
+            loss_sum, seen, parts_sum = sums[0], int(sums[1]), dict(zip(names, sums[2:]))
+            if objective.trains_model:
+                distributed.average_floating_buffers(model, group)
         stats = validate(epoch, loss_sum / seen, started, {k: v / seen for k, v in parts_sum.items()})
         history.append(stats)
         if on_epoch is not None:
@@ -599,6 +701,42 @@ def fit(
     return FitOutcome(history, best.epoch, stopped_early, steps=step)
 
 
+def check_group(data: PreparedData, batch_size: int, group: Context) -> None:
+    """Refuse what a run on ``group.world_size`` ranks cannot split: every rank needs rows of every batch."""
+    world = group.world_size
+    if batch_size < 2 * world:
+        raise ConfigError(
+            f"--batch-size is the group's batch under torchrun and each of the {world} ranks needs at least 2 rows "
+            f"of it: give at least {2 * world}, got {batch_size}."
+        )
+    for role, name in ((ROLE_TRAIN, "attacker-train"), (ROLE_VAL, "attacker-validation"), (ROLE_TEST, "test")):
+        if len(data.rows(role)) < 2 * world:
+            raise DataError(
+                f"{len(data.rows(role))} {name} rows cannot be split across {world} ranks (at least {2 * world} needed). "
+                "Use more data (--limit) or fewer ranks."
+            )
+
+
+def _step_starts(n: int, batch_size: int, group: Context | None) -> list[int]:
+    """First positions of the training steps over ``n`` rows (this rank's share under ``torchrun``)."""
+    if group is not None:
+        n, batch_size = -(-n // group.world_size), max(1, batch_size // group.world_size)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < 2:
+        starts.pop()
+    return starts
+
+
+def _average_gradients(params: Sequence[torch.Tensor], group: Context) -> None:
+    """Average the gradients of tensors DistributedDataParallel does not cover (the objective's own)."""
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(group.world_size)
+
+
 def _diverged(model, objective, best_state, history, best, step, epoch, batch, what) -> FitOutcome:
     restore(model, objective, best_state)
     model.eval()
@@ -614,9 +752,18 @@ def divergence_message(diverged: Diverged, best_epoch: int, kept: Path, hint: st
     )
 
 
-def accuracy_on(model: nn.Module, objective: Objective, data: PreparedData, role: int, *, batch_size: int, device: torch.device) -> float:
+def accuracy_on(
+    model: nn.Module,
+    objective: Objective,
+    data: PreparedData,
+    role: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+    group: Context | None = None,
+) -> float:
     """Public-task accuracy of ``model`` (with the objective's transform) on the rows of ``role``."""
-    return evaluate(model, objective, data, data.rows(role), batch_size=batch_size, device=device).accuracy
+    return evaluate(model, objective, data, data.rows(role), batch_size=batch_size, device=device, group=group).accuracy
 
 
 def check_outputs(module: nn.Module, data: PreparedData, device: torch.device, spec: str) -> None:
@@ -659,6 +806,7 @@ class RecipeContext:
         batch_size: rows per step.
         baseline: the pre-trained model on attacker-validation rows (public accuracy, loss).
         layer_shape: shape of one row of Z.
+        group: this process's place under ``torchrun``; ``None`` when alone.
     """
 
     model: nn.Module
@@ -668,13 +816,14 @@ class RecipeContext:
     batch_size: int
     baseline: Evaluation
     layer_shape: tuple[int, ...]
+    group: Context | None = None
 
     def train_activations(self, max_rows: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
         """Flattened Z of the pre-trained model on (up to ``max_rows``) attacker-train rows, and their public labels."""
         rows = self.data.rows(ROLE_TRAIN)[:max_rows]
         evaluation = evaluate(
             self.model, Objective(), self.data, rows, batch_size=self.batch_size, device=self.device,
-            keep_z=True, max_z_rows=max_rows, layer=self.layer,
+            keep_z=True, max_z_rows=max_rows, layer=self.layer, group=self.group,
         )
         assert evaluation.z is not None
         return evaluation.z, evaluation.labels

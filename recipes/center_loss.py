@@ -16,6 +16,11 @@ Wen et al. (2016), ``c_j ← c_j − α · Σ_{i: y_i = j} (c_j − f(z_i)) / (1
 α = ``center_alpha``; they start at the class means of the pre-trained model's
 activations. L_C is averaged over the batch (per-sample, as Keras averages a loss layer's
 output), so λ weighs comparable magnitudes whatever the batch size.
+
+Under ``torchrun`` every rank holds the same centres: they start from the class means of
+the activations of all attacker-train rows (gathered across ranks), are broadcast from
+rank 0 before training, and each update sums the counts and ``f(z_i)`` of the whole
+group's batch (one all-reduce per step), so it is the single-process update of that batch.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from leakaudit.registry import RECIPES
@@ -67,6 +73,7 @@ class CenterLoss(Objective):
     def __init__(self, config: CenterLossConfig, context: RecipeContext) -> None:
         self.config = config
         self.layer = context.layer
+        self.group = context.group
         z, labels = context.train_activations()
         self.mean: torch.Tensor | None = None
         self.components: torch.Tensor | None = None
@@ -115,6 +122,10 @@ class CenterLoss(Objective):
         counts = torch.bincount(target, minlength=k).to(features.dtype)
         # Σ_{i: y_i=j} (c_j − f(z_i)) = n_j c_j − Σ_{i: y_i=j} f(z_i)
         sums = torch.zeros_like(self.centers).index_add_(0, target, features)
+        if self.group is not None:  # the group's batch, not this rank's share of it
+            both = torch.cat([counts[:, None], sums], dim=1)
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            counts, sums = both[:, 0], both[:, 1:]
         delta = (counts[:, None] * self.centers - sums) / (1.0 + counts[:, None])
         self.centers -= self.config.center_alpha * delta
 
@@ -128,6 +139,10 @@ class CenterLoss(Objective):
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.centers = state["centers"].clone()
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        fixed = [t for t in (self.mean, self.components) if t is not None]
+        return [self.centers, *fixed]
 
     def describe(self) -> dict[str, Any]:
         return {"lambda": self.config.lambda_, "center_alpha": self.config.center_alpha, "center_dim": self.config.center_dim}

@@ -11,23 +11,34 @@ attacked with the tool's own ``dump``, classifier attack and metrics
 (:mod:`leakaudit.recipes.sweep`): the privacy–utility table of Scrunch's Figs. 4–5.
 
 Everything is written into a temporary folder that replaces ``output`` only at the end.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains its share of each batch with
+DistributedDataParallel (:mod:`leakaudit.recipes._training`) and evaluates its share of the
+validation and test rows; every rank reaches the same weights, decisions and numbers, and
+rank 0 alone writes the folder (weights, exports, ``harden.json``). A rank that fails makes
+the group fail: rank 0's temporary folder is removed (or, when torchrun kills rank 0, left
+behind as a hidden ``.OUTPUT.tmp-PID``), so no folder at ``output`` looks finished. The
+privacy evaluation (``--sweep`` without ``--no-evaluate``, ``--evaluate``) is not run under
+torchrun: run ``dump``, ``attack`` and ``metrics`` under torchrun on the hardened model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from leakaudit import __version__
+from leakaudit import __version__, distributed
 from leakaudit.config import from_mapping
-from leakaudit.errors import ConfigError, NonFiniteError
+from leakaudit.distributed import Context
+from leakaudit.errors import ConfigError, NonFiniteError, UsageError
 from leakaudit.layers import split_model
 from leakaudit.registry import RECIPES, Plugin
 from leakaudit.runtime import resolve_device, seed_everything
@@ -44,6 +55,7 @@ from leakaudit.recipes._training import (
     ZCapture,
     batches,
     check_fit_options,
+    check_group,
     check_outputs,
     divergence_message,
     evaluate,
@@ -270,8 +282,21 @@ def harden(
     started = time.perf_counter()
     plugin, runs = recipe_configs(settings)
     output = Path(settings.output)
-    check_output_dir(output, settings.force)
-    device = resolve_device(settings.device)
+    if settings.evaluates and distributed.world_size_from_env() > 1:
+        raise UsageError(
+            "the privacy evaluation (--sweep, --evaluate) does not run under torchrun; pass --no-evaluate, "
+            "then run `leakaudit dump`, `attack` and `metrics` under torchrun on the hardened model."
+        )
+    if distributed.world_size_from_env() <= 1:
+        check_output_dir(output, settings.force)
+    device = resolve_device(settings.device)  # `--device cuda` without CUDA: refused before joining a group
+    group = distributed.current(device)
+    device = distributed.rank_device(device, group)
+    is_main = group is None or group.is_main
+    if group is not None:
+        with distributed.agreed(group):  # every rank starts, or none does
+            if is_main:
+                check_output_dir(output, settings.force)
     seed_everything(settings.seed)
     loaded = load_for_training(
         settings.model,
@@ -297,11 +322,15 @@ def harden(
     private = _private_task(settings, data) if settings.evaluates else None
     model = loaded.module.to(device)
     check_outputs(model, data, device, settings.model)
+    if group is not None:
+        check_group(data, settings.batch_size, group)
+        distributed.broadcast_tensors(list(model.state_dict().values()))  # rank 0's weights, even random ones
     initial = snapshot(model, Objective())["model"]
 
     plain = Objective()
-    baseline_val = evaluate(model, plain, data, data.rows(ROLE_VAL), batch_size=settings.batch_size, device=device)
-    baseline_test = evaluate(model, plain, data, data.rows(ROLE_TEST), batch_size=settings.batch_size, device=device).accuracy
+    rows_val, rows_test = data.rows(ROLE_VAL), data.rows(ROLE_TEST)
+    baseline_val = evaluate(model, plain, data, rows_val, batch_size=settings.batch_size, device=device, group=group)
+    baseline_test = evaluate(model, plain, data, rows_test, batch_size=settings.batch_size, device=device, group=group).accuracy
     layer_shape = _layer_shape(model, layer, data, device)
     baseline = {
         "public_accuracy": baseline_test,
@@ -312,14 +341,16 @@ def harden(
 
     results: list[RunResult] = []
     table = None
-    with staged_dir(output, settings.force) as stage:
+    # Rank 0 writes; the other ranks train beside it and write nothing.
+    with staged_dir(output, settings.force) if is_main else _nowhere(output) as stage:
         for label, config in runs:
             folder = stage / label if label else stage
-            folder.mkdir(exist_ok=True)
+            if is_main:
+                folder.mkdir(exist_ok=True)
             model.load_state_dict(initial)
             result = _run_one(
                 settings, plugin, config, label, loaded, model, layer, tuple(layer_shape), data, device,
-                baseline_val, baseline_test, folder, output / label if label else output, progress, on_epoch,
+                baseline_val, baseline_test, folder, output / label if label else output, progress, on_epoch, group,
             )
             results.append(result)
         if settings.evaluates:
@@ -338,13 +369,21 @@ def harden(
             table=table,
             seconds=time.perf_counter() - started,
         )
-        write_json(stage / "harden.json", result.to_dict())
+        with distributed.agreed(group):
+            if is_main:
+                write_json(stage / "harden.json", result.to_dict())
         stage_name = stage.name
     if table is not None and settings.keep_stores:
         from leakaudit.recipes.sweep import retarget_stores
 
         retarget_stores(output, table, stage_name)
     return result
+
+
+@contextlib.contextmanager
+def _nowhere(output: Path) -> Iterator[Path]:
+    """What a rank other than 0 gets instead of :func:`staged_dir`: a path it never writes to."""
+    yield output.with_name(f".{output.name}.not-written")
 
 
 def _run_one(
@@ -364,10 +403,12 @@ def _run_one(
     final_folder: Path,
     progress: Progress | None,
     on_epoch: Callable[[str, EpochStats], None] | None,
+    group: Context | None = None,
 ) -> RunResult:
     started = time.perf_counter()
+    is_main = group is None or group.is_main
     generator = seed_everything(settings.seed)
-    context = RecipeContext(model, layer, data, device, settings.batch_size, baseline_val, layer_shape)
+    context = RecipeContext(model, layer, data, device, settings.batch_size, baseline_val, layer_shape, group)
     objective: Objective = plugin.target(config, context)
     lr = settings.lr if settings.lr is not None else objective.default_lr
     description = f"{settings.method} {label}".strip()
@@ -384,6 +425,7 @@ def _run_one(
         progress=progress,
         description=description,
         on_epoch=(lambda stats: on_epoch(label, stats)) if on_epoch is not None else None,
+        group=group,
     )
     record = model_record(
         loaded,
@@ -396,24 +438,57 @@ def _run_one(
     )
     record["method"] = settings.method
     record["config"] = objective.describe()
-    if outcome.diverged is not None:
+    if outcome.diverged is not None:  # the same outcome on every rank
         kept = Path(settings.output).with_name(Path(settings.output).name + ".last-good")
-        with staged_dir(kept, force=True) as stage:
-            save_weights(model, stage / "model.safetensors")
-            write_json(stage / "model.json", record)
-            write_json(stage / "harden.json", {
-                "status": "diverged", "run": label, "step": outcome.diverged.step,
-                "epoch": outcome.diverged.epoch, "best_epoch": outcome.best_epoch,
-                "history": [h.to_dict() for h in outcome.history],
-            })
+        with distributed.agreed(group):
+            if is_main:
+                with staged_dir(kept, force=True) as stage:
+                    save_weights(model, stage / "model.safetensors")
+                    write_json(stage / "model.json", record)
+                    write_json(stage / "harden.json", {
+                        "status": "diverged", "run": label, "step": outcome.diverged.step,
+                        "epoch": outcome.diverged.epoch, "best_epoch": outcome.best_epoch,
+                        "history": [h.to_dict() for h in outcome.history],
+                    })
         hint = "Lower --lr or the recipe's weight (--alpha, --lambda)."
         raise NonFiniteError(divergence_message(outcome.diverged, outcome.best_epoch, kept, hint))
 
-    # Noise (Shredder) is drawn from torch's generator: seed it so the test accuracy is reproducible.
-    torch.manual_seed(settings.seed)
-    test = evaluate(model, objective, data, data.rows(ROLE_TEST), batch_size=settings.batch_size, device=device)
-    save_weights(model, folder / "model.safetensors", metadata={"leakaudit": "harden", "method": settings.method})
+    # Noise (Shredder) is drawn from torch's generator: seed it so the test accuracy is reproducible
+    # (under torchrun each rank draws for its own rows: seed + rank).
+    torch.manual_seed(settings.seed + (group.rank if group is not None else 0))
+    test = evaluate(model, objective, data, data.rows(ROLE_TEST), batch_size=settings.batch_size, device=device, group=group)
     files = {"model.safetensors": "model.safetensors", "model.json": "model.json"}
+    with distributed.agreed(group):
+        if is_main:
+            files.update(_write_run(settings, objective, model, layer, data, device, folder, record))
+    return RunResult(
+        label=label or settings.method,
+        folder=final_folder,
+        config=objective.describe(),
+        history=outcome.history,
+        best_epoch=outcome.best_epoch,
+        stopped_early=outcome.stopped_early,
+        public_accuracy=test.accuracy,
+        public_accuracy_normalized=test.accuracy / baseline_test if baseline_test > 0 else math.nan,
+        lr=lr,
+        files=files,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_run(
+    settings: HardenSettings,
+    objective: Objective,
+    model: torch.nn.Module,
+    layer: str,
+    data: PreparedData,
+    device: torch.device,
+    folder: Path,
+    record: dict[str, Any],
+) -> dict[str, str]:
+    """Write one run's weights, exports and ``model.json`` into ``folder``; the files beyond the weights and record."""
+    save_weights(model, folder / "model.safetensors", metadata={"leakaudit": "harden", "method": settings.method})
+    files: dict[str, str] = {}
     extra = objective.state_dict()
     if extra and not objective.trains_model:  # Shredder: the noise is the hardening
         save_weights(extra, folder / "noise.safetensors")
@@ -428,19 +503,7 @@ def _run_one(
     record["files"] = exported["files"]
     record["layer_shape"] = exported["layer_shape"]
     write_json(folder / "model.json", record)
-    return RunResult(
-        label=label or settings.method,
-        folder=final_folder,
-        config=objective.describe(),
-        history=outcome.history,
-        best_epoch=outcome.best_epoch,
-        stopped_early=outcome.stopped_early,
-        public_accuracy=test.accuracy,
-        public_accuracy_normalized=test.accuracy / baseline_test if baseline_test > 0 else math.nan,
-        lr=lr,
-        files=files,
-        seconds=time.perf_counter() - started,
-    )
+    return files
 
 
 def _layer_shape(model: torch.nn.Module, layer: str, data: PreparedData, device: torch.device) -> list[int]:

@@ -9,6 +9,15 @@ plain ``sqrt`` a strong weight turns the loss into NaN as soon as distances coll
 them); ``against=TASK`` from the one-hot labels of a protected attribute instead — the
 paper's attribute privacy (§IV-D), where the attacker should not learn that attribute.
 The mean batch dCor is logged per epoch (the paper's Fig. 11).
+
+Under ``torchrun`` each rank holds a share of every batch, and dCor is not a sum over rows:
+the mean of per-rank dCors would be a different (smaller-batch, more biased) penalty. So X
+and Z are gathered across ranks (:func:`leakaudit.distributed.gather_strided`) and every
+rank computes dCor of the *whole group batch*, as a single process would; this rank's rows
+of Z keep their gradient and the others' are constants, and the term's gradient is scaled
+by the world size so that DistributedDataParallel's average over ranks is the
+single-process gradient. Cost: one all-gather of X and Z per step, and the b × b distance
+matrices (b = the group's batch) on every rank.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from leakaudit import distributed
 from leakaudit.errors import ConfigError, UnknownNameError
 from leakaudit.metrics.dcor import distance_correlation_torch
 from leakaudit.registry import RECIPES
@@ -80,7 +90,16 @@ class NoPeek(Objective):
     def loss(self, batch: Batch, logits: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert z is not None
         ce = F.cross_entropy(logits, batch.target)
-        dcor = distance_correlation_torch(self.reference(batch), z)
+        reference = self.reference(batch)
+        group = batch.group
+        if group is None:
+            dcor = distance_correlation_torch(reference, z)
+        else:  # the whole group's batch on every rank (see the module docstring)
+            whole_x = distributed.gather_strided(reference, batch.group_rows, group)
+            whole_z = distributed.gather_strided(z, batch.group_rows, group, differentiable=True)
+            dcor = distance_correlation_torch(whole_x, whole_z)
+            if dcor.requires_grad:
+                dcor = distributed.scale_gradient(dcor, group.world_size)
         return self.config.alpha * dcor + self.config.ce_weight * ce, {"cross_entropy": ce, "dcor": dcor}
 
     def describe(self) -> dict[str, Any]:

@@ -15,6 +15,11 @@ The deployed encoder includes the sampling: ``encoder.pt2`` draws ε from torch'
 generator, so ``torch.manual_seed(s)`` before running it fixes the noise (``leakaudit
 dump`` seeds it with ``--seed``); the learned μ and b are also saved in
 ``noise.safetensors``.
+
+Under ``torchrun`` the frozen model is not wrapped in DistributedDataParallel (it has
+nothing to train); the noise's μ and log b are broadcast from rank 0 before training and
+their gradients averaged over ranks after every step, so every rank holds the same noise
+parameters. Each rank draws ε from its own stream (seed + rank).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The λ = 0 baseline of Scrunch, and the pre-trained model the recipes start from
 model is trained on attacker-train rows, early-stopped on attacker-validation rows and
 scored on test rows (:func:`leakaudit.data.split_roles`), and saved as safetensors with a
 ``.json`` record beside it (spec, options, task, per-epoch history).
+
+Under ``torchrun`` every rank trains its share of each batch with DistributedDataParallel
+(:mod:`leakaudit.recipes._training`) and rank 0 alone writes the weights and the record.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leakaudit import distributed
 from leakaudit.data import open_source, resolve_task
 from leakaudit.errors import ConfigError, NonFiniteError, OutputExistsError, UsageError
 from leakaudit.recipes._training import (
@@ -24,6 +28,7 @@ from leakaudit.recipes._training import (
     Progress,
     accuracy_on,
     check_fit_options,
+    check_group,
     check_outputs,
     divergence_message,
     fit,
@@ -133,6 +138,9 @@ def train(
     if output.is_dir():
         raise UsageError(f"{str(output)!r} is a directory; give a file name such as model.safetensors.")
     device = resolve_device(settings.device)
+    group = distributed.current(device)
+    device = distributed.rank_device(device, group)
+    is_main = group is None or group.is_main
     generator = seed_everything(settings.seed)
     name, source = settings.task
 
@@ -161,6 +169,8 @@ def train(
     )
     model = loaded.module.to(device)
     check_outputs(model, data, device, settings.model)
+    if group is not None:
+        check_group(data, settings.batch_size, group)
     objective = Objective()
     outcome = fit(
         model,
@@ -175,6 +185,7 @@ def train(
         progress=progress,
         description=f"train {settings.model} on {name}",
         on_epoch=on_epoch,
+        group=group,
     )
     summary = _settings_dict(settings, data)
     rec = model_record(
@@ -186,16 +197,17 @@ def train(
         normalize=settings.normalize,
         public={"name": name, "source": source, "class_names": data.public.class_names},
     )
-    if outcome.diverged is not None:
+    if outcome.diverged is not None:  # the same outcome on every rank
         kept = output.with_name(output.stem + ".last-good.safetensors")
-        save_weights(model, kept)
-        write_json(kept.with_suffix(".json"), {**rec, "weights": kept.name, "status": "diverged",
-                                               "history": [h.to_dict() for h in outcome.history]})
+        with distributed.agreed(group):
+            if is_main:
+                save_weights(model, kept)
+                write_json(kept.with_suffix(".json"), {**rec, "weights": kept.name, "status": "diverged",
+                                                       "history": [h.to_dict() for h in outcome.history]})
         raise NonFiniteError(
             divergence_message(outcome.diverged, outcome.best_epoch, kept, "Lower --lr, or check the data and model.")
         )
-    accuracy = accuracy_on(model, objective, data, ROLE_TEST, batch_size=settings.batch_size, device=device)
-    save_weights(model, output, metadata={"leakaudit": "train", "spec": settings.model})
+    accuracy = accuracy_on(model, objective, data, ROLE_TEST, batch_size=settings.batch_size, device=device, group=group)
     result = TrainResult(
         output=output,
         record=record,
@@ -218,7 +230,10 @@ def train(
             }
         }
     )
-    write_json(record, rec)
+    with distributed.agreed(group):  # rank 0 writes, after every rank finished
+        if is_main:
+            save_weights(model, output, metadata={"leakaudit": "train", "spec": settings.model})
+            write_json(record, rec)
     return result
 
 

@@ -1,7 +1,12 @@
-"""``leakaudit harden``: fine-tune a pre-trained split model with center-loss, nopeek or shredder."""
+"""``leakaudit harden``: fine-tune a pre-trained split model with center-loss, nopeek or shredder.
+
+Under ``torchrun`` every rank trains (see :mod:`leakaudit.recipes.harden`); rank 0 alone
+draws the progress bar, prints the epochs and the result, and writes ``--json``.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -136,12 +141,15 @@ def harden(
         patience=patience,
         force=force,
     )
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the group
     with LazyProgress() as bar:
         result = run_harden(
             settings,
-            progress=bar.update,
-            on_epoch=lambda label, stats: info(escape(epoch_line(stats, f"[{label}] " if label else ""))),
+            progress=bar.update if is_main else None,
+            on_epoch=(lambda label, stats: info(escape(epoch_line(stats, f"[{label}] " if label else "")))) if is_main else None,
         )
+    if not is_main:
+        return
     _print_result(result)
     if json_out is not None:
         write_json(result.to_dict(), json_out)

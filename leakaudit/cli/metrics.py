@@ -1,7 +1,13 @@
-"""``leakaudit metrics``: dCor, mutual information, intra-class distance, public accuracy; drops vs a baseline."""
+"""``leakaudit metrics``: dCor, mutual information, intra-class distance, public accuracy; drops vs a baseline.
+
+Under ``torchrun`` the exact dCor splits its tiles across the ranks (the other metrics run
+whole on every rank); rank 0 alone draws progress bars, prints, writes ``--json`` and
+merges into the report.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,14 +37,18 @@ def metrics(
     for name in names or []:
         METRICS.get(name)  # unknown names list the closest, before any work
     settings = parse_settings(setting or [], METRICS.names())
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the group
     if json_out not in (None, "-"):
         check_output(Path(json_out), force)
     report_path = report_path or default_report_path(store)
     with open_store(store) as handle, LazyProgress() as bar:
-        run = run_metrics(handle, names, settings, bar.callback)
+        callback = bar.callback if is_main else (lambda name: None)
+        run = run_metrics(handle, names, settings, callback)
         if baseline is not None:
-            run.baseline = baseline_metrics(handle, baseline, list(run.results), settings, lambda n: bar.callback(f"baseline {n}"))
+            run.baseline = baseline_metrics(handle, baseline, list(run.results), settings, lambda n: callback(f"baseline {n}"))
             check_comparable(run.results, run.baseline.get("results", {}))
+        if not is_main:
+            return
         report = record(report_path, handle, run)
     for name, reason in run.skipped.items():
         info(f"skipped {name}: {reason}")

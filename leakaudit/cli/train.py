@@ -1,7 +1,11 @@
-"""``leakaudit train``: plain cross-entropy training of the public task (the λ = 0 baseline)."""
+"""``leakaudit train``: plain cross-entropy training of the public task (the λ = 0 baseline).
+
+Under ``torchrun`` every rank trains; rank 0 alone draws the progress bar, prints and writes.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -113,8 +117,13 @@ def train(
         patience=patience,
         force=force,
     )
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the group
     with LazyProgress() as bar:
-        result = run_train(settings, progress=bar.update, on_epoch=lambda s: info(epoch_line(s)))
+        result = run_train(
+            settings, progress=bar.update if is_main else None, on_epoch=(lambda s: info(epoch_line(s))) if is_main else None
+        )
+    if not is_main:
+        return
     stop = f", stopped early after epoch {result.history[-1].epoch}" if result.stopped_early else ""
     console().print(
         f"wrote {result.output} (+ {result.record.name}) — public accuracy on test rows "

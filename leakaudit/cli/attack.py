@@ -249,6 +249,7 @@ def _show_classifier(result, store: Path) -> None:
         table.add_column(
             column, justify="left" if column in ("head", "input", "note") else "right", min_width=_MIN_WIDTH.get(column)
         )
+    skipped: list[str] = []
     for head in [*result.heads, *result.raw_heads]:
         mark = " *" if head.name in (result.best_head, result.raw_best_head) else ""
         if head.ok:
@@ -263,11 +264,15 @@ def _show_classifier(result, store: Path) -> None:
                 "",
             )
         else:
-            table.add_row(head.name, head.input, "—", "—", "—", "—", "—", f"skipped: {head.reason}")
+            # The reason is a sentence: below the table, where it is not folded into a narrow column.
+            table.add_row(head.name, head.input, "—", "—", "—", "—", "—", f"skipped ({len(skipped) + 1})")
+            skipped.append(f"({len(skipped) + 1}) {head.name}: {head.reason}")
     table.add_row("chance", "", _pct(result.chance), _pct(result.chance_balanced), "", "", "", "majority class")
     table.caption = "* strongest on attacker-validation · epochs: run (best)"
     out = console()
     out.print(table)
+    for line in skipped:
+        out.print(f"skipped {line}", highlight=False)
     out.print(
         f"private_accuracy {_num(result.accuracy)} ({result.best_head}) · private_accuracy_raw "
         f"{_num(result.private_accuracy_raw)} ({result.raw_best_head or 'no /inputs'}) · private_accuracy_drop "

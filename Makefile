@@ -27,7 +27,7 @@ test-all: venv
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
 bench: venv
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache build *.egg-info

@@ -27,6 +27,7 @@ Usage::
 
     python benchmarks/bench_attacks.py                      # the recorded run
     python benchmarks/bench_attacks.py --limit 6000         # a quick rehearsal
+    python benchmarks/bench_attacks.py --quick              # 3,000 rows, one epoch each: a smoke run
 """
 
 from __future__ import annotations
@@ -109,7 +110,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workdir", type=Path, default=None, help="keep the stores here (default: a temporary folder)")
     parser.add_argument("--skip", choices=("classifier", "decoder"), action="append", default=[])
+    parser.add_argument("--quick", action="store_true",
+                        help="3,000 rows and one epoch for the model, the heads and the decoders (a smoke run, not a result)")
     args = parser.parse_args()
+    if args.quick:
+        args.limit = args.limit or 3_000
+        args.model_epochs = args.classifier_epochs = args.decoder_epochs = 1
     torch.set_num_threads(args.threads)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-attacks-"))

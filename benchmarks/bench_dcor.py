@@ -1,20 +1,23 @@
 """Distance correlation: time and peak memory, ours against the `dcor` package.
 
-    python benchmarks/bench_dcor.py            # the full table (n up to 60,000; ~20-30 min on 2 cores)
-    python benchmarks/bench_dcor.py --quick    # n ≤ 5,000, a minute or two
+    python benchmarks/bench_dcor.py            # the full table (n up to 60,000; 30-60 min on 2 shared cores)
+    python benchmarks/bench_dcor.py --quick    # n ≤ 2,000, a minute or two
 
 Every case runs in its own subprocess, so "peak RSS" is that process's ``ru_maxrss``: the
 honest peak of everything it held, the input arrays included (listed separately). The `dcor`
 package runs under an address-space limit (``--dcor-limit-gb``) so that its O(n² · d)
 broadcast fails with MemoryError instead of taking the machine down; "fails" in the table
-means that. Data: X uniform in [0, 1) (images), Z = ReLU(X W + noise) (activations), float32,
+means that. It is tried at every n up to ``--dcor-max-n`` (default 10,000; beyond that the
+broadcast alone is stated in GB instead of generating the data only to watch it fail). Data: X uniform in [0, 1) (images), Z = ReLU(X W + noise) (activations), float32,
 seeded. The package gets the same arrays in float64.
 
 Cost model: dCor needs the two n × n distance matrices, 2 n² (d + k) flops when computed in
 full; ours computes the upper triangle only, n² (d + k) flops. "achieved" is the latter
 divided by the time, against this machine's matrix-multiply rate measured in the same
 subprocess just before the pass, with tiles of our shape (the physical limit; the machine is
-shared, so it moves); "effective" uses the full-matrix count.
+shared, so it moves); "effective" uses the full-matrix count. "cpu s" is the user + system CPU
+time of the pass: on a 2-core machine it can reach 2 × wall; far less means other processes
+held the cores. The load average at the start of each case is recorded beside it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _child(task: dict) -> dict:
     kind = task["kind"]
     if kind == "gemm":
@@ -82,9 +90,9 @@ def _child(task: dict) -> dict:
 
             x, z = _data(n, d, k)
             x, z = x.astype("float64"), z.astype("float64")
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_s()
             value = float(dcor.distance_correlation(x, z))
-            return {"seconds": time.perf_counter() - start, "dcor": value, "peak_mb": _peak_mb()}
+            return {"seconds": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu, "dcor": value, "peak_mb": _peak_mb()}
         except MemoryError:
             return {"error": f"MemoryError under a {task['limit_gb']:g} GB limit", "peak_mb": _peak_mb()}
     if kind == "ours":
@@ -94,12 +102,13 @@ def _child(task: dict) -> dict:
         data_mb = (x.nbytes + z.nbytes) / 2**20
         # The machine is shared: measure the physical limit right before the pass it bounds.
         gemm = _gemm_rates(d + k, repeats=3)[task["precision"]]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_s()
         stats = distance_correlation_stats(x, z, pvalue="t-test", precision=task["precision"])
         seconds = time.perf_counter() - start
         return {
             "gemm_gflops": gemm,
             "seconds": seconds,
+            "cpu_s": _cpu_s() - cpu,
             "dcor": stats.dcor,
             "dcor_u2": stats.dcor_u2,
             "pvalue": stats.pvalue,
@@ -119,7 +128,41 @@ def _child(task: dict) -> dict:
 # --------------------------------------------------------------------------- parent side
 
 
+def _targets(rows: list) -> None:
+    """The targets of issue 4, each checked against this run's rows."""
+    print()
+    print("Targets (issue 4), from the rows above:")
+    compared = [(n, d, k, pkg["seconds"] / o64["seconds"]) for n, d, k, o64, _, pkg in rows
+                if "seconds" in pkg and "seconds" in o64]
+    if compared:
+        worst = min(compared, key=lambda row: row[3])
+        print(f"- >= 10x faster than the dcor package wherever it runs ({len(compared)} row(s)): worst "
+              f"{worst[3]:.0f}x at n={worst[0]:,}, d={worst[1]:,}, k={worst[2]:,} -> {'met' if worst[3] >= 10 else 'NOT met'}")
+    else:
+        print("- >= 10x faster than the dcor package: the package ran at no size -> not measurable")
+    for n, d, k, o64, _, _ in rows:
+        if n != 60_000:
+            continue
+        if "seconds" not in o64:
+            print(f"- n=60,000, d={d:,}, k={k:,}: {o64.get('error', '?')} -> NOT met")
+            continue
+        limit_s = 180 if (d, k) == (784, 400) else 900 if k == 8_192 else None
+        memory_ok = o64["peak_mb"] * 2**20 < 4e9
+        line = f"- n=60,000, d={d:,}, k={k:,} exact: peak {o64['peak_mb'] / 1024:.2f} GiB (< 4 GB: {'met' if memory_ok else 'NOT met'})"
+        if limit_s is not None:
+            line += (f", {o64['seconds']:.0f} s (< {limit_s} s: {'met' if o64['seconds'] < limit_s else 'NOT met'}; "
+                     f"load {o64.get('load', 0):.1f}, cpu {o64.get('cpu_s', 0):.0f} s)")
+        print(line)
+
+
 def _run(task: dict, timeout: float) -> dict:
+    load = os.getloadavg()[0]
+    result = _run_child(task, timeout)
+    result["load"] = load
+    return result
+
+
+def _run_child(task: dict, timeout: float) -> dict:
     env = dict(os.environ)
     try:
         proc = subprocess.run(
@@ -144,8 +187,12 @@ def _fmt_time(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="n ≤ 5,000 only")
+    parser.add_argument("--quick", action="store_true", help="n ≤ 2,000 only, one projection case")
     parser.add_argument("--dcor-limit-gb", type=float, default=16.0, help="address-space limit of the dcor package")
+    parser.add_argument("--dcor-max-n", type=int, default=10_000, help="largest n at which the dcor package is tried")
+    parser.add_argument("--f32-max-n", type=int, default=10_000,
+                        help="largest n for the float32 variant (float64, the exact default, runs at every n)")
+    parser.add_argument("--timeout", type=float, default=5_400, help="seconds per case before it is recorded as timed out")
     parser.add_argument("--no-projection", action="store_true", help="skip the random-projection table")
     parser.add_argument("--sizes", help="comma-separated n to run instead of the default list")
     parser.add_argument("--series", help="comma-separated d:k pairs instead of 784:400,1024:8192")
@@ -157,14 +204,15 @@ def main() -> None:
 
     import torch
 
-    sizes = [1_000, 2_000, 5_000] if args.quick else [1_000, 2_000, 5_000, 10_000, 60_000]
+    sizes = [1_000, 2_000] if args.quick else [1_000, 2_000, 5_000, 10_000, 60_000]
     if args.sizes:
         sizes = [int(v) for v in args.sizes.split(",")]
     series = [(784, 400), (1_024, 8_192)]
     if args.series:
         series = [tuple(int(v) for v in pair.split(":")) for pair in args.series.split(",")]
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
-          f"{os.getloadavg()[0]:.1f} at start", flush=True)
+    print(f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GIB:.0f} GiB, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} at start; "
+          f"started {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     gemm = {width: _run({"kind": "gemm", "width": width}, 600) for width in sorted({d + k for d, k in series})}
     for width, rates in gemm.items():
         print(f"matrix multiply 1024 × {width} tiles: float64 {rates['float64']:.0f} GFLOP/s, "
@@ -173,20 +221,24 @@ def main() -> None:
     rows = []
     for d, k in series:
         for n in sizes:
-            ours64 = _run({"kind": "ours", "n": n, "d": d, "k": k, "precision": "float64"}, 3_600)
-            ours32 = _run({"kind": "ours", "n": n, "d": d, "k": k, "precision": "float32"}, 3_600)
+            ours64 = _run({"kind": "ours", "n": n, "d": d, "k": k, "precision": "float64"}, args.timeout)
+            ours32 = (
+                _run({"kind": "ours", "n": n, "d": d, "k": k, "precision": "float32"}, args.timeout)
+                if n <= args.f32_max_n
+                else {"error": "not run"}
+            )
             package = (
-                _run({"kind": "dcor", "n": n, "d": d, "k": k, "limit_gb": args.dcor_limit_gb}, 3_600)
-                if n <= 2_000
-                else {"error": "not run: needs n²·d·8 bytes"}
+                _run({"kind": "dcor", "n": n, "d": d, "k": k, "limit_gb": args.dcor_limit_gb}, args.timeout)
+                if n <= args.dcor_max_n
+                else {"error": f"not run: its n×n×{max(d, k)} broadcast alone is {n * n * max(d, k) * 8 / GIB:,.0f} GiB"}
             )
             rows.append((n, d, k, ours64, ours32, package))
             print(json.dumps({"n": n, "d": d, "k": k, "ours64": ours64, "ours32": ours32, "dcor": package}), flush=True)
 
     print()
-    print("| n | d | k | dcor pkg s | dcor pkg peak MB | ours f64 s | ours f32 s | speed-up f64 | ours f64 peak MB "
+    print("| n | d | k | load | dcor pkg s | dcor pkg peak MB | ours f64 s (cpu s) | ours f32 s | speed-up f64 | ours f64 peak MB "
           "(data MB) | achieved f64 GFLOP/s (GEMM rate just before) | effective 2n²(d+k) | |Δ dCor| vs pkg | f32 rel. err |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, d, k, o64, o32, pkg in rows:
         limit = o64.get("gemm_gflops", gemm[d + k]["float64"])
         if "seconds" in o64:
@@ -201,8 +253,11 @@ def main() -> None:
         rel32 = f"{abs(o32['dcor'] - o64['dcor']) / o64['dcor']:.1e}" if "dcor" in o32 and "dcor" in o64 else "–"
         pkg_time = _fmt_time(pkg) if "seconds" in pkg else pkg.get("error", "fails")
         pkg_mem = f"{pkg['peak_mb']:,.0f}" if "peak_mb" in pkg else "–"
-        print(f"| {n:,} | {d:,} | {k:,} | {pkg_time} | {pkg_mem} | {_fmt_time(o64)} | {_fmt_time(o32)} | {speedup} | "
-              f"{memory} | {rate} | {effective} | {delta} | {rel32} |")
+        cpu = f" ({o64['cpu_s']:.1f})" if "cpu_s" in o64 else ""
+        o32_time = _fmt_time(o32) if "seconds" in o32 else o32.get("error", "fails")
+        print(f"| {n:,} | {d:,} | {k:,} | {o64.get('load', 0):.1f} | {pkg_time} | {pkg_mem} | {_fmt_time(o64)}{cpu} | "
+              f"{o32_time} | {speedup} | {memory} | {rate} | {effective} | {delta} | {rel32} |")
+    _targets(rows)
     print()
     print("| n | d | k | dCor | bias-corrected dCor² | t-test p |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -217,11 +272,11 @@ def main() -> None:
         print("| n | projections | seed | time s | exact f64 s | dCor | exact dCor | Δ dCor | dCor² (u) | exact | Δ dCor² (u) |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         exact = {r[0]: r[3] for r in rows if r[1] == 784}
-        for n in [m for m in ([5_000] if args.quick else [5_000, 10_000, 60_000]) if m in exact]:
+        for n in [m for m in ([max(sizes)] if args.quick else [5_000, 10_000, 60_000]) if m in exact]:
             ref = exact.get(n, {})
-            for projections in (50, 200) if n < 60_000 else (50,):
-                for seed in (0, 1):
-                    res = _run({"kind": "projection", "n": n, "d": 784, "k": 400, "projections": projections, "seed": seed}, 3_600)
+            for projections in (50, 200) if n < 60_000 and not args.quick else (50,):
+                for seed in (0,) if args.quick else (0, 1):
+                    res = _run({"kind": "projection", "n": n, "d": 784, "k": 400, "projections": projections, "seed": seed}, args.timeout)
                     if "dcor" not in res or "dcor" not in ref:
                         print(f"| {n:,} | {projections} | {seed} | {res.get('error', '?')} | | | | | | | |")
                         continue

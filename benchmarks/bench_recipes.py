@@ -13,6 +13,7 @@ Usage::
     python benchmarks/bench_recipes.py                  # --limit 20000 (the stated subset)
     python benchmarks/bench_recipes.py --limit 60000    # the whole training file (slow on 2 cores)
     python benchmarks/bench_recipes.py --report-only    # re-read existing outputs
+    python benchmarks/bench_recipes.py --quick          # digits train + center loss, 2 epochs, in .bench/quick
 
 Commands run with ``OMP_NUM_THREADS=1``: on this shared 2-core machine a LeNet-5 training step
 took 7 ms with one thread and 395 ms with two while another process held a core.
@@ -73,6 +74,20 @@ def commands(out: Path, limit: int) -> dict[str, list[str]]:
     }
 
 
+def _quick(argv: list[str]) -> list[str]:
+    """The same command with 2 epochs, 2 attack epochs and the sweep cut to its first two values."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in ("--epochs", "--attack-epochs"):
+            out[i + 1] = "2"
+        elif arg == "--sweep":
+            key, values = out[i + 1].split("=", 1)
+            out[i + 1] = f"{key}={','.join(values.split(',')[:2])}"
+    if out[0] == "harden" and "--attack-epochs" not in out:
+        out += ["--attack-epochs", "2"]
+    return out
+
+
 def run(name: str, argv: list[str], log: Path) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     print(f"$ leakaudit {shlex.join(argv)}", flush=True)
@@ -131,10 +146,18 @@ def main() -> None:
                         help="output folder, relative to the repository root (commands run there)")
     parser.add_argument("--only", nargs="*", help="run only these steps (digits-train, digits-center-loss, …, train, center-loss, nopeek, shredder)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: the digits training and center-loss steps, 2 epochs, in .bench/quick")
     args = parser.parse_args()
+    if args.quick:
+        if args.out == Path(".bench") / "fashion":
+            args.out = Path(".bench") / "quick"
+        args.only = args.only or ["digits-train", "digits-center-loss"]
     os.chdir(ROOT)  # the printed commands are relative to the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     plan = {**digits_commands(args.out), **commands(args.out, args.limit)}
+    if args.quick:
+        plan = {name: _quick(argv) for name, argv in plan.items()}
     if not args.report_only:
         for name, argv in plan.items():
             if args.only and name not in args.only:

@@ -1,7 +1,7 @@
 """SSIM: images per second and agreement with scikit-image, ours against pytorch-msssim.
 
     python benchmarks/bench_ssim.py            # 10,000 32×32 gray and 2,000 128×128 RGB pairs
-    python benchmarks/bench_ssim.py --quick    # a tenth of that
+    python benchmarks/bench_ssim.py --quick    # a tenth of that, one repeat: a smoke run
 
 Images are real: scikit-learn's digits upsampled to 32 × 32 (gray) and 128 × 128 crops of
 scikit-image's photographs (RGB); the second image of each pair is a blend with another
@@ -76,11 +76,16 @@ def _skimage(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tenth of the images")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skimage-images", type=int, default=500, help="images timed with the scikit-image loop")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the images, one repeat, 200 scikit-image images")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats, best kept (default 3; 1 with --quick)")
+    parser.add_argument("--skimage-images", type=int, default=None,
+                        help="images timed with the scikit-image loop (default 500; 200 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.skimage_images is None:
+        args.skimage_images = 200 if args.quick else 500
     if args.threads:
         torch.set_num_threads(args.threads)
 

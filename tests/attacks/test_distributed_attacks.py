@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -44,9 +42,8 @@ from leakaudit.errors import LeakAuditError, UnknownNameError
 from leakaudit.store import open_store
 from tests.attacks import one_torch_thread, single_thread  # noqa: F401 - fixture
 from tests.conftest import error_line
+from tests.torchrun import TORCHRUN, finish, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -68,29 +65,6 @@ def store(tmp_path_factory) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def _torchrun(*args: str | os.PathLike, nproc: int = 2, module: bool = True) -> subprocess.Popen:
-    """``torchrun --standalone`` (a free port of its own) in a session of its own, so a failed test can end it."""
-    entry = ["-m", "leakaudit"] if module else []
-    command = [str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", *entry, *map(str, args)]
-    return subprocess.Popen(
-        command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-
-
-def _finish(process: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
-    try:
-        return process.communicate(timeout=timeout)
-    finally:
-        if process.poll() is None:  # the test failed or timed out: end what it started
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-
-
 def _outputs(directory: Path, decoder: bool) -> list[str]:
     paths = ["--json", directory / "result.json", "--report", directory / "report.json"]
     if decoder:
@@ -108,8 +82,8 @@ def test_two_ranks_decoder_matches_single_process_and_only_rank_0_writes(store, 
     single_dir.mkdir()
     config = tmp_path / "decoder.yaml"
     config.write_text("width: 16\n")
-    process = _torchrun("attack", store, *DECODER, "--config", config, "--device", "cpu", *_outputs(distributed_dir, decoder=True))
-    out, err = _finish(process)
+    process = torchrun("attack", store, *DECODER, "--config", config, "--device", "cpu", *_outputs(distributed_dir, decoder=True))
+    out, err = finish(process)
     assert process.returncode == 0, err
     # Rank 0 alone printed the table, drew the progress bar and wrote the files.
     assert out.count("decoder attack, Z 16×5×5 → X 1×32×32") == 1 and out.count("merged into") == 1, out
@@ -138,8 +112,8 @@ def test_two_ranks_classifier_matches_single_process_and_only_rank_0_writes(stor
     distributed_dir, single_dir = tmp_path / "dist", tmp_path / "single"
     distributed_dir.mkdir()
     single_dir.mkdir()
-    process = _torchrun("--quiet", "attack", store, *CLASSIFIER, "--device", "auto", *_outputs(distributed_dir, decoder=False))
-    out, err = _finish(process)
+    process = torchrun("--quiet", "attack", store, *CLASSIFIER, "--device", "auto", *_outputs(distributed_dir, decoder=False))
+    out, err = finish(process)
     assert process.returncode == 0, err
     assert out.count("classifier attack, task 'private' (10 classes)") == 1 and out.count("merged into") == 1, out
     assert "classifier linear" not in err  # --quiet: no bars, on any rank
@@ -191,8 +165,8 @@ def test_every_rank_returns_the_same_result(store, tmp_path):
     """Batch norm and dropout (resnet decoder, mlp head): every rank ends with the same model and numbers."""
     script = tmp_path / "ranks.py"
     script.write_text(_RANK_SCRIPT)
-    process = _torchrun(script, store, tmp_path, module=False)
-    _, err = _finish(process)
+    process = torchrun(script, store, tmp_path, module=False)
+    _, err = finish(process)
     assert process.returncode == 0, err
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["decoder"]["runs"][0]["epochs"] == 3 and rank0["classifier"]["heads"][0]["name"] == "mlp"
@@ -233,7 +207,7 @@ def test_a_rank_killed_mid_training_stops_the_group_and_nothing_is_written(store
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     # Long enough that the kill lands in training: about 0.5 s an epoch here, 1,000 epochs.
-    process = _torchrun(
+    process = torchrun(
         "--quiet", "attack", store, "--decoder", "upsample", "--epochs", "1000", "--patience", "1000", "--device", "cpu",
         *_outputs(out_dir, decoder=True),
     )  # fmt: skip
@@ -251,7 +225,7 @@ def test_a_rank_killed_mid_training_stops_the_group_and_nothing_is_written(store
         time.sleep(2.0)  # into the epochs
         os.kill(victim, signal.SIGKILL)  # rank 1 dies mid-training
         started = time.time()
-        _, err = _finish(process, timeout=120)
+        _, err = finish(process, timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -276,8 +250,8 @@ def test_cuda_without_cuda_is_a_usage_error(store, tmp_path, cli):
 def test_cuda_without_cuda_under_torchrun_fails_on_every_rank(store, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    process = _torchrun("attack", store, "--classifier", "--device", "cuda", "--json", tmp_path / "c.json")
-    _, err = _finish(process, timeout=300)
+    process = torchrun("attack", store, "--classifier", "--device", "cuda", "--json", tmp_path / "c.json")
+    _, err = finish(process, timeout=300)
     assert process.returncode != 0
     # Each rank says it; torchrun may stop the slower one before it does.
     assert err.count("Error: --device cuda was given but CUDA is not available here") >= 1
@@ -382,8 +356,8 @@ def test_two_ranks_on_two_gpus_match_single_process(store, tmp_path, cli):
     distributed_dir, single_dir = tmp_path / "dist", tmp_path / "single"
     distributed_dir.mkdir()
     single_dir.mkdir()
-    process = _torchrun("--quiet", "attack", store, *DECODER, "--device", "cuda", *_outputs(distributed_dir, decoder=True))
-    _, err = _finish(process)
+    process = torchrun("--quiet", "attack", store, *DECODER, "--device", "cuda", *_outputs(distributed_dir, decoder=True))
+    _, err = finish(process)
     assert process.returncode == 0, err
     single = cli("--quiet", "attack", store, *DECODER, "--device", "cuda", *_outputs(single_dir, decoder=True))
     assert single.exit_code == 0, single.stderr

@@ -20,10 +20,6 @@ rows on 2 ranks: one row twice) and where the last short batch falls. So:
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import error_line
+from tests.torchrun import TORCHRUN, finish, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -56,29 +51,6 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def _torchrun(*args: str | os.PathLike, nproc: int = 2, module: bool = True) -> subprocess.Popen:
-    """``torchrun --standalone`` (a free port of its own) in a session of its own, so a failed test can end it."""
-    entry = ["-m", "leakaudit"] if module else []
-    command = [str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", *entry, *map(str, args)]
-    return subprocess.Popen(
-        command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-
-
-def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
-    try:
-        return process.communicate(timeout=timeout)
-    finally:
-        if process.poll() is None:  # the test failed or timed out: end what it started
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-
-
 def _weights_differ(a: Path, b: Path) -> float:
     one, two = load_file(str(a)), load_file(str(b))
     assert one.keys() == two.keys()
@@ -93,8 +65,8 @@ def test_two_ranks_center_loss_matches_single_process_and_only_rank_0_writes(tmp
     work = tmp_path / "work"
     work.mkdir()
     distributed_out, single_out = work / "dist", work / "single"
-    process = _torchrun(*HARDEN, "--device", "cpu", "-o", distributed_out, "--json", work / "dist.json")
-    out, err = _finish(process)
+    process = torchrun(*HARDEN, "--device", "cpu", "-o", distributed_out, "--json", work / "dist.json")
+    out, err = finish(process)
     assert process.returncode == 0, err
     assert out.count("wrote ") == 1 and out.count("center-loss at conv3") == 1, out  # rank 0 speaks for the group
     assert err.count("epoch 3:") == 1, err  # one line per epoch, from rank 0
@@ -199,8 +171,8 @@ distributed.exit_without_teardown(0)
 def test_every_rank_holds_the_same_state_and_nopeek_gets_the_single_process_gradient(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(_RANK_SCRIPT)
-    process = _torchrun(script, tmp_path, module=False)
-    _, err = _finish(process)
+    process = torchrun(script, tmp_path, module=False)
+    _, err = finish(process)
     assert process.returncode == 0, err
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["nopeek_rows"] == [16, 32, 32]  # each rank holds half of the group's 32-row batch
@@ -246,8 +218,8 @@ def test_a_failing_rank_stops_the_group_and_nothing_is_written(tmp_path):
     factory.write_text(FAILING_MODEL)
     out = tmp_path / "hardened"
     args = [a if a != "lenet5" else f"{factory}:build" for a in HARDEN]
-    process = _torchrun("--quiet", *args, "--device", "cpu", "-o", out)
-    _, err = _finish(process)
+    process = torchrun("--quiet", *args, "--device", "cpu", "-o", out)
+    _, err = finish(process)
     assert process.returncode != 0
     # The failing rank says why in one line; rank 0 stops (its peer is gone) or torchrun ends it.
     assert err.count("Error: unexpected RuntimeError: simulated failure on rank 1.") == 1, err
@@ -255,7 +227,7 @@ def test_a_failing_rank_stops_the_group_and_nothing_is_written(tmp_path):
     assert not list(tmp_path.rglob("harden.json")) and not list(tmp_path.rglob("model.safetensors"))
 
 
-def test_the_privacy_evaluation_is_refused_under_torchrun(tmp_path, cli, monkeypatch):
+def test_the_privacy_evaluation_is_refused_undertorchrun(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before joining any group
     result = cli(*HARDEN, "--evaluate", "-o", tmp_path / "out")
     assert result.exit_code == 2
@@ -285,8 +257,8 @@ def test_center_loss_on_cuda_matches_the_cpu(tmp_path, cli):
 @needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl, one rank per GPU)")
 def test_two_ranks_on_two_gpus_match_single_process(tmp_path, cli):
-    process = _torchrun("--quiet", *HARDEN, "--device", "cuda", "-o", tmp_path / "dist", "--json", tmp_path / "dist.json")
-    _, err = _finish(process)
+    process = torchrun("--quiet", *HARDEN, "--device", "cuda", "-o", tmp_path / "dist", "--json", tmp_path / "dist.json")
+    _, err = finish(process)
     assert process.returncode == 0, err
     single = cli("--quiet", *HARDEN, "--device", "cuda", "-o", tmp_path / "single", "--json", tmp_path / "single.json")
     assert single.exit_code == 0, single.stderr

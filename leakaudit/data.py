@@ -410,17 +410,17 @@ class Preprocess:
         channels = x.shape[1]
         if channels == 4:
             x, channels = x[:, :3], 3
-        if channels != self.in_chans:
-            if channels == 1:
-                x = x.expand(-1, self.in_chans, -1, -1)
-            elif channels == 3 and self.in_chans == 1:
-                weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-                x = (x * weights).sum(1, keepdim=True)
-            else:
-                raise DataError(f"cannot convert {channels}-channel images to the model's {self.in_chans} channels.")
+        if channels != self.in_chans and not (channels == 1 or (channels == 3 and self.in_chans == 1)):
+            raise DataError(f"cannot convert {channels}-channel images to the model's {self.in_chans} channels.")
+        if channels == 3 and self.in_chans == 1:
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x * weights).sum(1, keepdim=True)
         if tuple(x.shape[-2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
             x = x.clamp_(0.0, 1.0)
+        if x.shape[1] == 1 and self.in_chans > 1:
+            # Gray to the model's channels after resizing: the same image, a third of the work.
+            x = x.expand(-1, self.in_chans, -1, -1)
         return x.contiguous()
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:

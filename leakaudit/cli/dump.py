@@ -56,6 +56,7 @@ def dump(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Dump only the first N rows of the source.")] = None,
     compression: Annotated[Optional[str], typer.Option("--compression", help="gzip or lzf (chunked storage; slower to read shuffled).")] = None,
     memory_format: Annotated[str, typer.Option("--memory-format", help="auto (time both), contiguous or channels_last.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads for the forward pass (default: timed with --memory-format auto, else torch's setting).", show_default=False)] = None,
     num_classes: NumClassesOpt = None,
     in_chans: InChansOpt = None,
     model_arg: ModelArgOpt = None,
@@ -93,6 +94,7 @@ def dump(
         seed=seed,
         device=device,
         memory_format=memory_format,  # type: ignore[arg-type]
+        threads=threads,
         compression=compression,
         limit=limit,
         resume=resume,
@@ -105,10 +107,12 @@ def dump(
         return  # under torchrun, rank 0 speaks for the group
     if report.resumed_from:
         info(f"resumed at row {report.resumed_from:,}")
+    how = [f"{report.truncation} truncation", report.memory_format, report.device]
+    if report.device == "cpu" and report.threads:
+        how.append(f"{report.threads} thread{'s' if report.threads > 1 else ''}")
     console().print(
         f"wrote {report.path} — {report.rows:,} rows, Z {'×'.join(map(str, report.layer_shape))} "
-        f"({report.truncation} truncation, {report.memory_format}, {report.device}), "
-        f"{report.rows_per_second:,.0f} rows/s",
+        f"({', '.join(how)}), {report.rows_per_second:,.0f} rows/s",
         highlight=False,
     )
 

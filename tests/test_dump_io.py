@@ -1,0 +1,214 @@
+"""How a dump writes and runs: direct page writes, the forward's tuning, threads, preprocessing."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leakaudit.store as store_module
+from leakaudit.cli import app
+from leakaudit.data import Preprocess
+from leakaudit.dump import DumpSettings, Tuning, dump, tune_forward
+from leakaudit.errors import ConfigError
+from leakaudit.models import LeNet5
+from leakaudit.store import PAGE, StoreWriter, _DirectWriter, open_store
+
+
+def _writer(path, n, input_shape, layer_shape, dtype="float32", compression=None, output_shape=None):
+    return StoreWriter(
+        path,
+        n=n,
+        input_shape=input_shape,
+        layer_shape=layer_shape,
+        dtype=dtype,
+        labels={"label": (np.arange(n) % 3, ["a", "b", "c"], "label")},
+        index=np.arange(n),
+        split=np.zeros(n, dtype=np.uint8),
+        attrs={"layer": "x"},
+        fingerprint={"test": 1},
+        output_shape=output_shape,
+        compression=compression,
+    )
+
+
+# Row sizes that are not multiples of the page (12, 20, 7 × 4 bytes), uneven batches, an
+# activation dtype the writer must not send as raw bytes (float64 into float16 storage).
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-hdf5"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_rows_written_in_uneven_batches_read_back_exactly(tmp_path, monkeypatch, direct, dtype):
+    if not direct:
+        monkeypatch.setattr(_DirectWriter, "open", classmethod(lambda cls, path: None))
+    n = 1_003
+    rng = np.random.default_rng(0)
+    inputs = rng.random((n, 3, 1, 1), dtype=np.float32)
+    acts = rng.standard_normal((n, 5), dtype=np.float32).astype(dtype)
+    outs = rng.standard_normal((n, 7), dtype=np.float32)
+    writer = _writer(tmp_path / "s.h5", n, (3, 1, 1), (5,), dtype=dtype, output_shape=(7,))
+    start = 0
+    for size in [1, 2, 341, 256, 3, 400]:
+        stop = min(n, start + size)
+        z = acts[start:stop]
+        if dtype == "float16" and size == 3:
+            z = z.astype(np.float64)  # converted by HDF5, not written as bytes
+        writer.write(start, inputs[start:stop], z, outs[start:stop])
+        start = stop
+    assert start == n
+    if direct and hasattr(os, "O_DIRECT"):
+        assert writer._direct, "O_DIRECT should be available on this file system"
+    writer.checkpoint(n)
+    path = writer.finish()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["inputs"][()], inputs)
+        np.testing.assert_array_equal(f["activations"][()], acts)
+        np.testing.assert_array_equal(f["outputs"][()], outs)
+        np.testing.assert_array_equal(f["labels/label"][()], np.arange(n) % 3)
+        for name in ("inputs", "activations", "outputs"):
+            assert f[name].id.get_offset() % PAGE == 0, f"{name} should start on a page boundary"
+
+
+def test_channels_last_rows_are_stored_in_row_order(tmp_path):
+    z = torch.randn(70, 4, 3, 5).contiguous(memory_format=torch.channels_last)
+    x = np.random.default_rng(1).random((70, 1, 2, 2), dtype=np.float32)
+    writer = _writer(tmp_path / "s.h5", 70, (1, 2, 2), (4, 3, 5))
+    writer.write(0, x[:33], z[:33].numpy())
+    writer.write(33, x[33:], z[33:].numpy())
+    path = writer.finish()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["activations"][()], z.contiguous().numpy())
+        np.testing.assert_array_equal(f["inputs"][()], x)
+
+
+def test_compressed_store_is_written_through_hdf5(tmp_path):
+    x = np.random.default_rng(2).random((50, 1, 4, 4), dtype=np.float32)
+    z = np.random.default_rng(3).random((50, 6), dtype=np.float32)
+    writer = _writer(tmp_path / "s.h5", 50, (1, 4, 4), (6,), compression="gzip")
+    writer.write(0, x, z)
+    assert not writer._direct
+    with h5py.File(writer.finish(), "r") as f:
+        assert f["activations"].compression == "gzip"
+        np.testing.assert_array_equal(f["activations"][()], z)
+
+
+def test_direct_write_refused_by_the_file_system_falls_back(tmp_path, monkeypatch):
+    real_pwrite = os.pwrite
+
+    def refusing(fd, data, offset):
+        if fd == writer._direct.direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    n = 3 * PAGE // 4  # one input row is 4 bytes: three pages of inputs, whole pages go direct
+    x = np.random.default_rng(4).random((n, 1, 1, 1), dtype=np.float32)
+    z = np.random.default_rng(5).random((n, 2), dtype=np.float32)
+    writer = _writer(tmp_path / "s.h5", n, (1, 1, 1), (2,))
+    writer.write(0, x[:10], z[:10])  # opens the direct writer
+    assert writer._direct
+    monkeypatch.setattr(os, "pwrite", refusing)
+    writer.write(10, x[10:], z[10:])
+    assert writer._direct is False  # given up for the rest of the store
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    with h5py.File(writer.finish(), "r") as f:
+        np.testing.assert_array_equal(f["inputs"][()], x)
+        np.testing.assert_array_equal(f["activations"][()], z)
+
+
+def test_no_space_for_the_store_is_one_clear_error(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(store_module.StoreError, match="not enough free disk space"):
+        _writer(tmp_path / "s.h5", 10_000, (1, 32, 32), (120,))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+# --------------------------------------------------------------------------- forward tuning
+
+
+def test_tuning_explicit_format_and_threads_run_no_trial(monkeypatch):
+    model = LeNet5().eval()
+    calls = []
+
+    def encoder(x):
+        calls.append(x.shape)
+        return model(x)
+
+    example = torch.rand(8, 1, 32, 32)
+    tuning = tune_forward(model, encoder, example, "channels_last", threads=1)
+    assert tuning == Tuning("channels_last", 1) and calls == []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    tuning = tune_forward(model, encoder, example, "contiguous")
+    assert tuning == Tuning("contiguous", torch.get_num_threads()) and calls == []
+
+
+def test_tuning_auto_times_every_configuration_and_restores_threads():
+    model = LeNet5().eval()
+    seen = []
+
+    def encoder(x):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(), torch.get_num_threads()))
+        return model(x)
+
+    before = torch.get_num_threads()
+    example = torch.rand(8, 1, 32, 32)
+    tuning = tune_forward(model, encoder, example, "auto")
+    assert torch.get_num_threads() == before
+    assert tuning.memory_format in ("contiguous", "channels_last")
+    expected_threads = {before, 1}
+    assert {threads for _, threads in seen} == expected_threads
+    assert tuning.threads in expected_threads
+    # Each configuration: one warm-up and the same number of timed rounds.
+    counts = {}
+    for config in seen:
+        counts[config] = counts.get(config, 0) + 1
+    assert len(set(counts.values())) == 1
+
+
+def test_dump_restores_torch_threads_and_records_its_choice(tmp_path):
+    before = torch.get_num_threads()
+    out = tmp_path / "s.h5"
+    report = dump(DumpSettings(model="lenet5", layer="conv3", data="digits", output=out, limit=600, batch_size=64,
+                               tasks=(("label", "label"),), threads=1))  # fmt: skip
+    assert torch.get_num_threads() == before
+    assert report.threads == 1
+    assert report.wait_reader_s >= 0 and report.forward_s > 0 and report.reader_cpu_s > 0
+    with open_store(out) as store:
+        assert store.attrs["threads"] == 1
+
+
+def test_threads_must_be_positive():
+    with pytest.raises(ConfigError, match="--threads must be positive"):
+        DumpSettings(model="lenet5", layer="conv3", data="digits", output="x.h5", threads=0)
+
+
+def test_cli_threads_option(tmp_path):
+    from typer.testing import CliRunner
+
+    out = tmp_path / "s.h5"
+    result = CliRunner().invoke(app, ["dump", "lenet5", "--layer", "conv3", "--data", "digits", "--limit", "100",
+                                      "--threads", "1", "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 thread)" in result.output
+    result = CliRunner().invoke(app, ["dump", "lenet5", "--layer", "conv3", "--data", "digits", "--threads", "-2",
+                                      "-o", str(tmp_path / "t.h5")])  # fmt: skip
+    assert result.exit_code == 2 and "--threads must be positive" in result.output
+    assert not (tmp_path / "t.h5").exists()
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_gray_to_rgb_after_resizing_equals_before():
+    block = np.random.default_rng(6).integers(0, 256, size=(9, 1, 28, 28), dtype=np.uint8)
+    ours = Preprocess(input_size=(32, 32), in_chans=3).images(block)
+    x = torch.from_numpy(block).float().div_(255.0).expand(-1, 3, -1, -1)
+    reference = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    assert ours.shape == (9, 3, 32, 32) and ours.is_contiguous()
+    assert torch.equal(ours, reference)

@@ -388,7 +388,7 @@ class _DirectWriter:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            return False  # nothing written yet: the caller writes the rows another way
+            return False  # the caller writes the whole range again, another way
         if first > offset:
             _pwrite_all(self.buffered_fd, data[: first - offset], offset)
         if end > last:

@@ -153,7 +153,7 @@ def test_no_space_for_the_store_is_one_clear_error(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- forward tuning
 
 
-def test_tuning_explicit_format_and_threads_run_no_trial(monkeypatch):
+def test_tuning_explicit_format_and_threads_run_no_trial():
     model = LeNet5().eval()
     calls = []
 

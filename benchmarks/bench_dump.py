@@ -12,7 +12,7 @@ wall time (model build, FX trace, memory-format trial) is reported too.
 
 Usage::
 
-    python benchmarks/bench_dump.py                 # both cases, 60,000 rows, 2 repeats
+    python benchmarks/bench_dump.py                 # both cases, 60,000 rows, 3 repeats
     python benchmarks/bench_dump.py --limit 10000   # quicker
     python benchmarks/bench_dump.py --quick         # 5,000 rows, one repeat: a smoke run
 """

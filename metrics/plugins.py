@@ -183,7 +183,8 @@ def intra_class_metric(store: ActivationStore, config: IntraClassConfig, progres
     flat = _flat(z).astype(np.float64)
     spread = float(np.linalg.norm(flat - flat.mean(0), axis=1).mean())
     details = {"per_class": stats.per_class, "counts": stats.counts, "spread": spread,
-               "relative": stats.value / spread if spread > 0 else None, "task": config.task}  # fmt: skip
+               "relative": stats.value / spread if spread > 0 else None,
+               "scatter_ratio": stats.scatter_ratio if np.isfinite(stats.scatter_ratio) else None, "task": config.task}  # fmt: skip
     return MetricResult("intra-class-distance", {"intra_class_distance": stats.value}, details, asdict(config))
 
 

@@ -827,10 +827,3 @@ class RecipeContext:
         )
         assert evaluation.z is not None
         return evaluation.z, evaluation.labels
-
-
-def intra_class_distance(z: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean distance of Z to its public-class centre (the metrics' implementation)."""
-    from leakaudit.metrics.distance import intra_class_distance as metric
-
-    return float(metric(z, labels))

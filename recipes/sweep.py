@@ -27,7 +27,8 @@ from leakaudit.dump import DumpSettings, dump
 from leakaudit.registry import ATTACKS
 from leakaudit.store import open_store
 
-from leakaudit.recipes._training import PreparedData, Progress, intra_class_distance
+from leakaudit.metrics.distance import intra_class_distance_stats
+from leakaudit.recipes._training import PreparedData, Progress
 from leakaudit.recipes.export import save_weights
 
 #: dCor on at most this many test rows (the exact pass is O(n²·d)).
@@ -46,6 +47,7 @@ COLUMNS: dict[str, str] = {
     "private_accuracy_raw": "the private task trained on raw X (the drop's reference)",
     "dcor": "dCor(X, Z) on test rows (V-statistic, exponent 1)",
     "intra_class_distance": "mean distance of test Z to its public-class centre",
+    "intra_class_scatter_ratio": "within-class over total scatter of test Z (scale-free: rescaling Z does not change it)",
     "ssim_p95": "95th-percentile SSIM of the strongest decoder (with decoder evaluation)",
 }
 
@@ -166,7 +168,9 @@ def _measure(store, settings, private: str, *, raw_reference: bool, progress: Pr
 
     row["dcor"] = distance_correlation(x, z[:DCOR_MAX_ROWS])
     public = torch.from_numpy(store.labels("public")[test])
-    row["intra_class_distance"] = intra_class_distance(torch.from_numpy(z.reshape(len(z), -1)), public)
+    stats = intra_class_distance_stats(z.reshape(len(z), -1), public)
+    row["intra_class_distance"] = stats.value
+    row["intra_class_scatter_ratio"] = stats.scatter_ratio
     if settings.decoder:
         decoder = ATTACKS.get("decoder")
         dvalues: dict[str, Any] = {"arch": settings.decoder_arch, "seed": settings.seed, "device": settings.device}

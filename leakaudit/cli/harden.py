@@ -70,6 +70,7 @@ def harden(
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="center-loss: λ in λ·L_C + (1 − λ)·L_S, in [0, 1] (default 0.9).")] = None,
     center_alpha: Annotated[Optional[float], typer.Option("--center-alpha", help="center-loss: rate at which centres follow the batches (default 0.5).")] = None,
     center_dim: Annotated[Optional[int], typer.Option("--center-dim", help="center-loss: fixed PCA reduction of Z to this many dimensions before the centre loss.")] = None,
+    center_scale: Annotated[Optional[str], typer.Option("--center-scale", help="center-loss: 'absolute' (the paper's, default) or 'relative' (within-class over total scatter; no rescaling of Z lowers it).")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="nopeek: weight α of dCor(X, Z) against the cross-entropy (default 1).")] = None,
     against: Annotated[Optional[str], typer.Option("--against", help="nopeek: 'input' (default) or a task name, to decorrelate Z from that attribute.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="Further recipe setting KEY=VALUE (see `leakaudit list recipes`); repeatable.")] = None,
@@ -106,7 +107,7 @@ def harden(
 
     options: dict[str, Any] = parse_key_values(option, "--option")
     for name, value in (("lambda", lambda_), ("center_alpha", center_alpha), ("center_dim", center_dim),
-                        ("alpha", alpha), ("against", against)):
+                        ("center_scale", center_scale), ("alpha", alpha), ("against", against)):
         if value is not None:
             options[name] = value
     settings = HardenSettings(
@@ -177,7 +178,7 @@ def _print_result(result) -> None:
     if result.table:
         table = Table(title="privacy–utility (test rows)")
         columns = ("label", "public_accuracy_normalized", "private_accuracy", "private_accuracy_drop",
-                   "private_accuracy_continuation", "private_accuracy_drop_continuation", "dcor", "intra_class_distance")
+                   "private_accuracy_continuation", "private_accuracy_drop_continuation", "dcor", "intra_class_distance", "intra_class_scatter_ratio")
         extra = ("ssim_p95",) if any(r.get("ssim_p95") is not None for r in result.table) else ()
         for column in (*columns, *extra):
             table.add_column(column.replace("_", " "))

@@ -55,6 +55,7 @@ def epoch_line(stats: Any, prefix: str = "") -> str:
     shown = {
         "val_center_loss": "centre loss",
         "intra_class_distance": "intra-class dist",
+        "scatter_ratio": "within/total scatter",
         "train_dcor": "batch dCor",
         "val_dcor": "val dCor",
         "noise_to_signal": "noise/signal",

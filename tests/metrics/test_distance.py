@@ -38,6 +38,26 @@ def test_matches_direct_numpy_on_flattened_activations(tmp_path) -> None:
         assert intra_class_distance(handle["activations"], labels, block_size=128) == pytest.approx(expected, rel=1e-12)
 
 
+def test_scatter_ratio_is_within_over_total_and_scale_free() -> None:
+    # Hand example above: within = 2·1 + 2·(16/9 + 9) + (8/3)² ; total about the mean (0.8, 0).
+    z = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, -3.0], [4.0, 0.0]])
+    labels = np.array([0, 0, 5, 5, 5])
+    within = 2.0 + 2 * (16 / 9 + 9) + (8 / 3) ** 2
+    total = float(((z - z.mean(0)) ** 2).sum())
+    assert intra_class_distance_stats(z, labels).scatter_ratio == pytest.approx(within / total, rel=1e-12)
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((500, 6)) + rng.integers(0, 4, 500)[:, None]
+    labels = rng.integers(0, 4, 500)
+    z[labels == 2] += 5.0
+    ratio = intra_class_distance_stats(z, labels, block_size=64).scatter_ratio
+    assert 0.0 < ratio < 1.0
+    # Shrinking Z shrinks the distance, not the ratio.
+    small = intra_class_distance_stats(z * 1e-3, labels)
+    assert small.scatter_ratio == pytest.approx(ratio, rel=1e-9)
+    assert small.value == pytest.approx(1e-3 * intra_class_distance(z, labels), rel=1e-9)
+    assert np.isnan(intra_class_distance_stats(np.ones((3, 2)), [0, 1, 1]).scatter_ratio)
+
+
 def test_collapsed_classes_have_zero_distance() -> None:
     z = np.repeat(np.eye(3), 4, axis=0) * 7.0
     labels = np.repeat([0, 1, 2], 4)

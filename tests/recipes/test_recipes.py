@@ -19,7 +19,7 @@ from leakaudit.dump import DumpSettings, dump
 from leakaudit.errors import NonFiniteError
 from leakaudit.layers import split_model
 from leakaudit.models import load_model
-from leakaudit.recipes import HardenSettings, TrainSettings, harden, load_hardened, train
+from leakaudit.recipes import CenterLoss, CenterLossConfig, HardenSettings, TrainSettings, harden, load_hardened, train
 from leakaudit.registry import RECIPES
 from leakaudit.store import open_store
 
@@ -133,7 +133,8 @@ def test_center_loss_pulls_z_together_and_keeps_the_task(center_loss_run):
     assert run.best_epoch >= 1
     assert best.metrics["intra_class_distance"] < 0.6 * start
     assert run.public_accuracy_normalized >= 0.95
-    assert center_loss_run.to_dict()["runs"][0]["config"] == {"lambda": 0.9, "center_alpha": 0.5, "center_dim": None}
+    assert center_loss_run.to_dict()["runs"][0]["config"] == {"lambda": 0.9, "center_alpha": 0.5, "center_dim": None,
+                                                                "center_scale": "absolute"}
 
 
 def test_center_loss_with_a_fixed_reduction(pretrained, tmp_path):
@@ -141,6 +142,32 @@ def test_center_loss_with_a_fixed_reduction(pretrained, tmp_path):
                      lr=1e-3, epochs=2)
     run = result.runs[0]
     assert run.history[-1].metrics["intra_class_distance"] < run.history[0].metrics["intra_class_distance"]
+
+
+def test_relative_center_loss_is_scale_free_and_tightens_the_classes(pretrained, tmp_path):
+    result = _harden(pretrained, tmp_path / "relative", "center-loss", options={"lambda": 0.9, "center_scale": "relative"},
+                     lr=1e-3, epochs=3)
+    run = result.runs[0]
+    first, last = run.history[0].metrics, run.history[-1].metrics
+    assert last["scatter_ratio"] < 0.7 * first["scatter_ratio"]
+    assert run.public_accuracy_normalized >= 0.9
+    # The loss itself: within-class over total scatter of the batch, whatever Z's scale.
+    objective = CenterLoss.__new__(CenterLoss)
+    objective.config, objective.components = CenterLossConfig(center_scale="relative"), None
+    z = torch.randn(12, 5, dtype=torch.float64)
+    target = torch.arange(12) % 3
+    objective.centers = torch.stack([z[target == j].mean(0) for j in range(3)])
+    within = sum(float(((z[target == j] - z[target == j].mean(0)) ** 2).sum()) for j in range(3))
+    total = float(((z - z.mean(0)) ** 2).sum())
+    assert float(objective.center_loss(z, target)) == pytest.approx(within / total, rel=1e-12)
+    objective.centers = objective.centers * 10
+    assert float(objective.center_loss(10 * z, target)) == pytest.approx(within / total, rel=1e-12)
+    same = torch.ones(4, 5, dtype=torch.float64, requires_grad=True)
+    loss = objective.center_loss(same, torch.zeros(4, dtype=torch.long))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(same.grad).all()
+    with pytest.raises(ValueError, match="--center-scale must be one of absolute, relative"):
+        CenterLossConfig(center_scale="log")
 
 
 def test_exported_encoder_equals_the_hardened_model_cut_at_the_layer(center_loss_run, tmp_path):

@@ -2,8 +2,9 @@
 
 For each case the *bare* forward is what a careful user would time: the whole data set
 already preprocessed in memory, the model cut at the layer by FX, ``inference_mode``,
-and the fastest of the contiguous and channels_last memory formats with 1 thread or
-torch's default thread count (each tried on the first 16 batches). The
+and the fastest of the contiguous and channels_last memory formats with torch's default
+thread count, with 1 thread, or as one single-threaded loop per core over alternate batches
+(each tried on the first 16 batches). The
 *dump* is ``leakaudit.dump.dump`` writing a real HDF5 store (inputs + activations +
 labels) from the raw idx files, reading and resizing them as it goes. Runs alternate
 (bare, dump, bare, dump, …) and the best of each is kept, so load from other processes
@@ -24,13 +25,14 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from leakaudit.data import open_source, preprocess_for
-from leakaudit.dump import DumpSettings, dump
+from leakaudit.dump import DumpSettings, Tuning, dump
 from leakaudit.layers import truncate
 from leakaudit.models import load_model
 
@@ -42,12 +44,14 @@ CASES = [
 ]
 
 
-def bare_forward(spec: str, layer: str, options: dict, data: str, limit: int, batch_size: int) -> tuple[float, str]:
+def bare_forward(spec: str, layer: str, options: dict, data: str, limit: int, batch_size: int) -> tuple[float, Tuning]:
     """Best rows/s of the truncated forward over preprocessed in-memory data, and its configuration.
 
     The configuration a careful user would pick: each memory format (contiguous, channels_last)
-    and each thread count (1 and torch's default) is tried on the first batches, and the whole
-    loop is timed in the fastest one. The images are resized to 32 × 32, as the dump is told.
+    with torch's default thread count, with 1 thread, and as one single-threaded loop per core
+    over alternate batches (Python threads: torch releases the GIL in its kernels) is tried on
+    the first batches, and the whole loop is timed in the fastest one. The images are resized
+    to 32 × 32, as the dump is told.
     """
     torch.manual_seed(0)
     loaded = load_model(spec, **options)
@@ -60,29 +64,41 @@ def bare_forward(spec: str, layer: str, options: dict, data: str, limit: int, ba
     default_threads = torch.get_num_threads()
     probe = min(limit, 16 * batch_size)
 
-    def loop(xs: torch.Tensor, rows: int) -> float:
+    def loop(xs: torch.Tensor, rows: int, workers: int) -> float:
+        def run(first: int) -> None:
+            with torch.inference_mode():
+                for begin in range(first * batch_size, rows, workers * batch_size):
+                    encoder(xs[begin : begin + batch_size])
+
         with torch.inference_mode():
             encoder(xs[:batch_size])  # warm-up
-            start = time.perf_counter()
-            for begin in range(0, rows, batch_size):
-                encoder(xs[begin : begin + batch_size])
-            return rows / (time.perf_counter() - start)
+        start = time.perf_counter()
+        if workers == 1:
+            run(0)
+        else:
+            pool = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+            for thread in pool:
+                thread.start()
+            for thread in pool:
+                thread.join()
+        return rows / (time.perf_counter() - start)
 
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    shapes = [(default_threads, 1), (1, 1)] + ([(1, default_threads)] if default_threads > 1 else [])
     trials = []
     try:
-        for threads in sorted({1, default_threads}):
+        for threads, workers in shapes:
             torch.set_num_threads(threads)
             for fmt, memory_format in formats.items():
                 module.to(memory_format=memory_format)
-                trials.append((loop(x.contiguous(memory_format=memory_format), probe), fmt, threads))
-        _, fmt, threads = max(trials)
+                trials.append((loop(x.contiguous(memory_format=memory_format), probe, workers), fmt, threads, workers))
+        _, fmt, threads, workers = max(trials)
         torch.set_num_threads(threads)
         module.to(memory_format=formats[fmt])
-        rate = loop(x.contiguous(memory_format=formats[fmt]), limit)
+        rate = loop(x.contiguous(memory_format=formats[fmt]), limit, workers)
     finally:
         torch.set_num_threads(default_threads)
-    return rate, f"{fmt}, {threads} thread{'s' if threads > 1 else ''}"
+    return rate, Tuning(fmt, threads, workers)
 
 
 def run_dump(spec: str, layer: str, options: dict, data: str, limit: int, batch_size: int, out: Path) -> tuple[float, float, str, float]:
@@ -104,11 +120,12 @@ def run_dump(spec: str, layer: str, options: dict, data: str, limit: int, batch_
         )
     )
     wall = time.perf_counter() - start
+    tuning = Tuning(report.memory_format, report.threads, report.workers)
     print(f"    dump: {report.rows_per_second:,.0f} rows/s, loop {report.seconds:.2f} s (forward {report.forward_s:.2f} s, "
           f"waiting for the reader {report.wait_reader_s:.2f} s, for the writer {report.wait_writer_s:.2f} s); "
           f"CPU s of the reader {report.reader_cpu_s:.2f}, of the writer {report.writer_cpu_s:.2f}; "
-          f"{report.memory_format}, {report.threads} thread(s); end to end {wall:.2f} s", flush=True)
-    chosen = f"{report.memory_format}, {report.threads} thread{'s' if report.threads > 1 else ''}"
+          f"{report.memory_format}, {tuning.describe()}; end to end {wall:.2f} s", flush=True)
+    chosen = f"{report.memory_format}, {tuning.describe()}"
     return report.rows_per_second, wall, chosen, report.reader_cpu_s + report.writer_cpu_s
 
 
@@ -132,13 +149,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         for name, spec, layer, options in CASES:
-            bare, dumped, wall, bare_fmt, dump_fmt = 0.0, 0.0, float("inf"), "", ""
+            bare, dumped, wall, bare_fmt, dump_fmt, bare_cores = 0.0, 0.0, float("inf"), "", "", 1
             pairs, helpers = [], float("inf")
             for _ in range(args.repeats):
-                bare_rate, fmt = bare_forward(spec, layer, options, args.data, args.limit, args.batch_size)
+                bare_rate, config = bare_forward(spec, layer, options, args.data, args.limit, args.batch_size)
+                fmt = f"{config.memory_format}, {config.describe()}"
                 print(f"    bare: {bare_rate:,.0f} rows/s ({fmt})", flush=True)
                 if bare_rate > bare:
-                    bare, bare_fmt = bare_rate, fmt
+                    bare, bare_fmt, bare_cores = bare_rate, fmt, config.threads * config.workers
                 rate, seconds, fmt, cpu = run_dump(spec, layer, options, args.data, args.limit, args.batch_size, Path(tmp) / "bench.h5")
                 if rate > dumped:
                     dumped, dump_fmt = rate, fmt
@@ -147,8 +165,7 @@ def main() -> None:
                 helpers = min(helpers, cpu)
             # The forward's own CPU time, if its threads were all busy, against the reader's and
             # writer's: on a machine whose cores the forward fills, the best ratio possible.
-            threads = int(bare_fmt.split(", ")[1].split()[0])
-            forward_cpu = args.limit / bare * threads
+            forward_cpu = args.limit / bare * bare_cores
             ceiling = forward_cpu / (forward_cpu + helpers)
             rows.append((name, bare, bare_fmt, dumped, dump_fmt, dumped / bare, statistics.median(pairs), ceiling,
                          helpers, args.limit / wall))  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 
 import h5py
 import numpy as np
@@ -173,9 +175,11 @@ def test_tuning_explicit_format_and_threads_run_no_trial():
 def test_tuning_auto_times_every_configuration_and_restores_threads():
     model = LeNet5().eval()
     seen = []
+    main = threading.get_ident()
 
     def encoder(x):
-        seen.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(), torch.get_num_threads()))
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        seen.append((channels_last, torch.get_num_threads(), threading.get_ident() == main))
         return model(x)
 
     before = torch.get_num_threads()
@@ -183,14 +187,64 @@ def test_tuning_auto_times_every_configuration_and_restores_threads():
     tuning = tune_forward(model, encoder, example, "auto")
     assert torch.get_num_threads() == before
     assert tuning.memory_format in ("contiguous", "channels_last")
-    expected_threads = {before, 1}
-    assert {threads for _, threads in seen} == expected_threads
-    assert tuning.threads in expected_threads
-    # Each configuration: one warm-up and the same number of timed rounds.
+    # torch's thread count and 1 thread in this thread; where there are several cores, also one
+    # single-threaded pass per core side by side in worker threads.
+    shapes = {(before, True), (1, True)} | ({(1, False)} if before > 1 else set())
+    assert {(threads, here) for _, threads, here in seen} == shapes
+    assert (tuning.threads, tuning.workers) in {(before, 1), (1, 1), (1, before)}
+    # Each configuration: one warm-up and the same number of timed rounds (×workers passes).
     counts = {}
     for config in seen:
         counts[config] = counts.get(config, 0) + 1
-    assert len(set(counts.values())) == 1
+    per_pass = {config: count // (1 if config[2] else before) for config, count in counts.items()}
+    assert len(set(per_pass.values())) == 1
+
+
+def test_workers_write_the_same_store_in_order_whatever_order_batches_finish(tmp_path, monkeypatch):
+    import random
+
+    import leakaudit.dump as dump_module
+
+    base = dict(model="lenet5", layer="conv3", data="digits", limit=700, batch_size=32, tasks=(("label", "label"),))
+    serial = dump(DumpSettings(**base, output=tmp_path / "serial.h5", threads=1, workers=1))
+    assert serial.workers == 1
+    # Batches finish in a scrambled order: each pass sleeps a random time before its forward.
+    pad, rng, order = dump_module._pad, random.Random(0), []
+
+    def slow_pad(x, fixed_batch):
+        time.sleep(rng.random() * 0.02)
+        order.append(threading.get_ident())
+        return pad(x, fixed_batch)
+
+    monkeypatch.setattr(dump_module, "_pad", slow_pad)
+    checkpoints = []
+    real_checkpoint = StoreWriter.checkpoint
+
+    def checkpoint(self, rows_done):
+        checkpoints.append(rows_done)
+        return real_checkpoint(self, rows_done)
+
+    monkeypatch.setattr(StoreWriter, "checkpoint", checkpoint)
+    progress = []
+    parallel = dump(DumpSettings(**base, output=tmp_path / "parallel.h5", workers=3), on_progress=lambda d, n: progress.append(d))
+    assert parallel.workers == 3 and parallel.threads == max(1, torch.get_num_threads() // 3)
+    assert len(set(order)) == 3  # three threads ran forward passes
+    assert progress == sorted(progress) and progress[-1] == 700
+    assert checkpoints == sorted(checkpoints)
+    with open_store(tmp_path / "serial.h5") as a, open_store(tmp_path / "parallel.h5") as b:
+        for name in ("inputs", "activations", "index", "split"):
+            assert np.array_equal(a.read(name), b.read(name)), name
+        assert b.attrs["workers"] == 3
+
+
+def test_workers_are_refused_where_passes_cannot_overlap(tmp_path):
+    with pytest.raises(ConfigError, match="--workers 2: this forward pass cannot run in several threads at once "
+                                          r"\(--with-outputs records the split layer with a forward hook\)"):
+        dump(DumpSettings(model="lenet5", layer="conv3", data="digits", output=tmp_path / "o.h5", with_outputs=True,
+                          workers=2, tasks=(("label", "label"),)))  # fmt: skip
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="--workers must be positive"):
+        DumpSettings(model="lenet5", layer="conv3", data="digits", output="x.h5", workers=0)
 
 
 def test_dump_restores_torch_threads_and_records_its_choice(tmp_path):
@@ -222,6 +276,14 @@ def test_cli_threads_option(tmp_path):
                                       "-o", str(tmp_path / "t.h5")])  # fmt: skip
     assert result.exit_code == 2 and "--threads must be positive" in result.output
     assert not (tmp_path / "t.h5").exists()
+    result = CliRunner().invoke(app, ["dump", "lenet5", "--layer", "conv3", "--data", "digits", "--limit", "100",
+                                      "--workers", "2", "--threads", "1", "-o", str(tmp_path / "w.h5")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2 workers × 1 thread)" in result.output
+    result = CliRunner().invoke(app, ["dump", "lenet5", "--layer", "conv3", "--data", "digits", "--with-outputs",
+                                      "--workers", "2", "-o", str(tmp_path / "v.h5")])  # fmt: skip
+    assert result.exit_code == 2 and "cannot run in several threads at once" in result.output
+    assert not (tmp_path / "v.h5").exists() and not (tmp_path / "v.h5.partial").exists()
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -57,6 +57,7 @@ def dump(
     compression: Annotated[Optional[str], typer.Option("--compression", help="gzip or lzf (chunked storage; slower to read shuffled).")] = None,
     memory_format: Annotated[str, typer.Option("--memory-format", help="auto (time both), contiguous or channels_last.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads for the forward pass (default: timed with --memory-format auto, else torch's setting).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Forward passes at once on separate batches, each with --threads threads (default: timed with --memory-format auto, else 1).", show_default=False)] = None,
     num_classes: NumClassesOpt = None,
     in_chans: InChansOpt = None,
     model_arg: ModelArgOpt = None,
@@ -66,7 +67,7 @@ def dump(
 ) -> None:
     """Dump inputs X, activations Z at --layer, labels and the attacker split to an HDF5 store."""
     from leakaudit.data import parse_task_option
-    from leakaudit.dump import DumpSettings
+    from leakaudit.dump import DumpSettings, Tuning
     from leakaudit.dump import dump as run_dump
 
     size = parse_shape(input_size, "--input-size", (1, 2))
@@ -95,6 +96,7 @@ def dump(
         device=device,
         memory_format=memory_format,  # type: ignore[arg-type]
         threads=threads,
+        workers=workers,
         compression=compression,
         limit=limit,
         resume=resume,
@@ -109,7 +111,7 @@ def dump(
         info(f"resumed at row {report.resumed_from:,}")
     how = [f"{report.truncation} truncation", report.memory_format, report.device]
     if report.device == "cpu" and report.threads:
-        how.append(f"{report.threads} thread{'s' if report.threads > 1 else ''}")
+        how.append(Tuning(report.memory_format, report.threads, report.workers).describe())
     console().print(
         f"wrote {report.path} — {report.rows:,} rows, Z {'×'.join(map(str, report.layer_shape))} "
         f"({', '.join(how)}), {report.rows_per_second:,.0f} rows/s",

@@ -57,8 +57,9 @@ def commands(out: Path, limit: int) -> dict[str, list[str]]:
     """The runs, in order: the pre-trained baseline, then one command per recipe."""
     base = out / "lenet5-groups.safetensors"
     data = ["--data", FASHION, "--limit", str(limit)]
-    common = ["harden", "lenet5", "--weights", str(base), "--num-classes", "4", "--layer", "conv3", *data,
-              "--task", f"public={GROUPS}", "--task", "private=label", "--attack-epochs", "60", "--force"]
+    uncapped = ["harden", "lenet5", "--weights", str(base), "--num-classes", "4", "--layer", "conv3", *data,
+                "--task", f"public={GROUPS}", "--task", "private=label", "--force"]
+    common = [*uncapped, "--attack-epochs", "60"]
     return {
         "train": ["train", "lenet5", *data, "--task", f"public={GROUPS}", "--epochs", "30",
                   "-o", str(base), "--force"],
@@ -67,6 +68,10 @@ def commands(out: Path, limit: int) -> dict[str, list[str]]:
         # The same with twice the epochs at 3× the rate: at 30 epochs λ ≥ 0.7 was still improving.
         "center-loss-long": [*common, "--method", "center-loss", "--sweep", "lambda=0.5,0.7,0.9,0.99",
                              "--epochs", "60", "--lr", "3e-3", "--patience", "10", "-o", str(out / "center-loss-long")],
+        # The scale-free centre loss (third session), attacked at the default budget (no cap).
+        "center-loss-relative": [*uncapped, "--method", "center-loss", "--center-scale", "relative",
+                                 "--sweep", "lambda=0.5,0.7,0.9,0.99", "--epochs", "60", "--lr", "3e-3",
+                                 "--patience", "10", "--keep-stores", "-o", str(out / "center-loss-relative")],
         "nopeek": [*common, "--method", "nopeek", "--sweep", "alpha=1,3,10", "--epochs", "30", "--lr", "1e-3",
                    "--decoder", "--decoder-arch", "upsample", "-o", str(out / "nopeek")],
         "shredder": [*common, "--method", "shredder", "--evaluate", "--epochs", "30", "--decoder",
@@ -116,6 +121,9 @@ def table_markdown(harden_json: Path, *, ssim: bool) -> str:
     base = rows[0]
     header = ["run", "public acc", "normalized", "private acc (best head)", "drop", "Δ drop vs unhardened",
               "private acc (continuation)", "drop (continuation)", "dCor(X,Z)", "dCor change", "intra-class dist"]
+    scatter = all(row.get("intra_class_scatter_ratio") is not None for row in rows)
+    if scatter:
+        header += ["within/total scatter"]
     if ssim:
         header += ["SSIM p95"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -133,6 +141,8 @@ def table_markdown(harden_json: Path, *, ssim: bool) -> str:
             (f"{100 * (row['dcor'] / base['dcor'] - 1):+.1f} %" if row is not base else "—"),
             _num(row["intra_class_distance"]),
         ]
+        if scatter:
+            cells.append(_num(row["intra_class_scatter_ratio"]))
         if ssim:
             cells.append(_num(row.get("ssim_p95")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -144,7 +154,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=Path(".bench") / "fashion",
                         help="output folder, relative to the repository root (commands run there)")
-    parser.add_argument("--only", nargs="*", help="run only these steps (digits-train, digits-center-loss, …, train, center-loss, nopeek, shredder)")
+    parser.add_argument("--only", nargs="*", help="run only these steps (digits-train, digits-center-loss, …, train, center-loss, center-loss-relative, nopeek, shredder)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: the digits training and center-loss steps, 2 epochs, in .bench/quick")

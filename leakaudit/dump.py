@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -195,35 +196,49 @@ def tune_forward(
             for _ in range(repeat):
                 encoder(inputs[fmt])
 
-    def run(fmt: str, count: int, passes: int) -> float:
-        """Seconds per batch: one pass, or ``passes`` threads side by side doing 3 passes each
-        (so that starting the threads does not weigh on small models)."""
+    # Side-by-side passes run in threads that live for the whole trial and set their thread
+    # count once, as the dump's workers do: a fresh thread's first forward pass is slow (torch
+    # sets up its per-thread state), which made them look slower than they run.
+    pool_threads = {count for count, passes in shapes if passes > 1}
+    pool = ThreadPoolExecutor(
+        max(passes for _, passes in shapes), thread_name_prefix="leakaudit-trial",
+        initializer=torch.set_num_threads, initargs=(min(pool_threads, default=1),),
+    )  # fmt: skip
+
+    def pooled(fmt: str, repeat: int) -> None:
+        with torch.inference_mode():  # the pool's threads keep their thread count: no toggling
+            for _ in range(repeat):
+                encoder(inputs[fmt])
+
+    def run(fmt: str, count: int, passes: int, repeat: int = 1) -> float:
+        """Seconds per batch: ``repeat`` passes in a row, in this thread or in each of ``passes``
+        pool threads side by side."""
         module.to(memory_format=_format(fmt))
         start = time.perf_counter()
         if passes == 1:
-            forward(fmt, count)
-            return time.perf_counter() - start
-        helpers = [_Worker(lambda: forward(fmt, count, 3), "leakaudit-trial") for _ in range(passes)]
-        for helper in helpers:
-            helper.start()
-        for helper in helpers:
-            helper.join()
-            helper.check()
-        return (time.perf_counter() - start) / (3 * passes)
+            forward(fmt, count, repeat)
+        else:
+            for future in [pool.submit(pooled, fmt, repeat) for _ in range(passes)]:
+                future.result()
+        return (time.perf_counter() - start) / (repeat * passes)
 
     # Rounds interleave the configurations and keep each one's best time, so that a burst of
     # load from other processes cannot single one out (the minimum is the robust statistic).
-    warm = max(run(*config) for config in configs)  # allocator, kernel selection
-    rounds = 5 if warm < 0.1 else 3 if warm < 0.5 else 1  # keep the trial short for big models
-    for _ in range(rounds):
-        for config in configs:
-            elapsed = run(*config)
-            timings[config] = min(elapsed, timings.get(config, elapsed))
-    # Prefer the first (default) configuration unless another is clearly faster.
-    baseline = configs[0]
-    best = min(timings, key=timings.get)
-    if timings[best] >= 0.95 * timings[baseline]:
-        best = baseline
+    try:
+        warm = max(run(*config) for config in configs)  # allocator, kernel selection, threads
+        rounds = 5 if warm < 0.1 else 3 if warm < 0.5 else 1  # keep the trial short for big models
+        repeat = 3 if warm < 0.1 else 1
+        for _ in range(rounds):
+            for config in configs:
+                elapsed = run(*config, repeat)
+                timings[config] = min(elapsed, timings.get(config, elapsed))
+    finally:
+        pool.shutdown()
+    # The first configuration in order of preference (shapes as listed, then formats) that is
+    # within 5 % of the fastest: differences smaller than that are noise on a shared machine.
+    fastest = min(timings.values())
+    best = next(config for count, passes in shapes for config in configs
+                if config[1:] == (count, passes) and timings[config] <= fastest / 0.95)
     module.to(memory_format=_format(best[0]))
     return Tuning(*best)
 

@@ -196,7 +196,7 @@ def test_tuning_auto_times_every_configuration_and_restores_threads():
     counts = {}
     for config in seen:
         counts[config] = counts.get(config, 0) + 1
-    per_pass = {config: count // (1 if config[2] else 3 * before) for config, count in counts.items()}
+    per_pass = {config: count // (1 if config[2] else before) for config, count in counts.items()}
     assert len(set(per_pass.values())) == 1
 
 

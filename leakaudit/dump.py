@@ -196,17 +196,15 @@ def tune_forward(
             for _ in range(repeat):
                 encoder(inputs[fmt])
 
-    # Side-by-side passes run in threads that live for the whole trial and set their thread
-    # count once, as the dump's workers do: a fresh thread's first forward pass is slow (torch
-    # sets up its per-thread state), which made them look slower than they run.
-    pool_threads = {count for count, passes in shapes if passes > 1}
-    pool = ThreadPoolExecutor(
-        max(passes for _, passes in shapes), thread_name_prefix="leakaudit-trial",
-        initializer=torch.set_num_threads, initargs=(min(pool_threads, default=1),),
-    )  # fmt: skip
+    # Side-by-side passes run in threads that live for the whole trial, as the dump's workers
+    # do: a fresh thread's first forward pass is slow (torch sets up its per-thread state),
+    # which made them look slower than they run.
+    pool = ThreadPoolExecutor(max(passes for _, passes in shapes), thread_name_prefix="leakaudit-trial")
 
-    def pooled(fmt: str, repeat: int) -> None:
-        with torch.inference_mode():  # the pool's threads keep their thread count: no toggling
+    def pooled(fmt: str, count: int, repeat: int) -> None:
+        if torch.get_num_threads() != count:  # set, not restored: the pool's threads are ours
+            torch.set_num_threads(count)
+        with torch.inference_mode():
             for _ in range(repeat):
                 encoder(inputs[fmt])
 
@@ -218,7 +216,7 @@ def tune_forward(
         if passes == 1:
             forward(fmt, count, repeat)
         else:
-            for future in [pool.submit(pooled, fmt, repeat) for _ in range(passes)]:
+            for future in [pool.submit(pooled, fmt, count, repeat) for _ in range(passes)]:
                 future.result()
         return (time.perf_counter() - start) / (repeat * passes)
 
@@ -234,6 +232,9 @@ def tune_forward(
                 timings[config] = min(elapsed, timings.get(config, elapsed))
     finally:
         pool.shutdown()
+        # A thread's torch.set_num_threads also becomes the count of threads started later;
+        # the pool's must not outlive the trial.
+        torch.set_num_threads(default_threads)
     # The first configuration in order of preference (shapes as listed, then formats) that is
     # within 5 % of the fastest: differences smaller than that are noise on a shared machine.
     fastest = min(timings.values())

@@ -186,6 +186,11 @@ def test_tuning_auto_times_every_configuration_and_restores_threads():
     example = torch.rand(8, 1, 32, 32)
     tuning = tune_forward(model, encoder, example, "auto")
     assert torch.get_num_threads() == before
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [before]  # threads started after the trial get torch's count, not the pool's
     assert tuning.memory_format in ("contiguous", "channels_last")
     # torch's thread count and 1 thread in this thread; where there are several cores, also one
     # single-threaded pass per core side by side in worker threads.

@@ -210,7 +210,9 @@ def test_workers_write_the_same_store_in_order_whatever_order_batches_finish(tmp
 
     import leakaudit.dump as dump_module
 
-    base = dict(model="lenet5", layer="conv3", data="digits", limit=700, batch_size=32, tasks=(("label", "label"),))
+    # One memory format for both: the trial could pick different kernels (bits) otherwise.
+    base = dict(model="lenet5", layer="conv3", data="digits", limit=700, batch_size=32, tasks=(("label", "label"),),
+                memory_format="contiguous")
     serial = dump(DumpSettings(**base, output=tmp_path / "serial.h5", threads=1, workers=1))
     assert serial.workers == 1
     # Batches finish in a scrambled order: each pass sleeps a random time before its forward.

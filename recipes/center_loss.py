@@ -5,11 +5,11 @@ trained with the cross-entropy L_S of the public task, and a centre-loss branch
 
     L_C = ½ · mean_i ‖f(z_i) − c_{y_i}‖²
 
-with one centre per public class (``center_scale="absolute"``, the paper's form). ``f`` is the identity, or with ``center_dim`` a fixed
-dimensionality reduction fitted once on the pre-trained model's attacker-train
-activations (a PCA projection, standing in for the paper's fixed pre-trained
-autoencoder; it is never trained). The joint loss is λ·L_C + (1 − λ)·L_S and the whole
-model is fine-tuned with a low learning rate.
+with one centre per public class (``center_scale="absolute"``, the paper's form). ``f`` is
+the identity, or with ``center_dim`` a fixed dimensionality reduction fitted once on the
+pre-trained model's attacker-train activations (a PCA projection, standing in for the
+paper's fixed pre-trained autoencoder; it is never trained). The joint loss is
+λ·L_C + (1 − λ)·L_S and the whole model is fine-tuned with a low learning rate.
 
 The paper's L_C is not scale-free: a network can shrink every activation and let the next
 layer scale them back up, which lowers L_C without making the classes any tighter relative

@@ -203,8 +203,8 @@ def tune_forward(
     inputs = {fmt: example.contiguous(memory_format=_format(fmt)) for fmt in formats}
     timings: dict[tuple[str, int, int], float] = {}
 
-    def forward(fmt: str, count: int, repeat: int = 1) -> None:
-        with _torch_threads(count), torch.inference_mode():
+    def forward(fmt: str, repeat: int) -> None:
+        with torch.inference_mode():
             for _ in range(repeat):
                 encoder(inputs[fmt])
 
@@ -216,9 +216,7 @@ def tune_forward(
     def pooled(fmt: str, count: int, repeat: int) -> None:
         if torch.get_num_threads() != count:  # set, not restored: the pool's threads are ours
             torch.set_num_threads(count)
-        with torch.inference_mode():
-            for _ in range(repeat):
-                encoder(inputs[fmt])
+        forward(fmt, repeat)
 
     def run(fmt: str, count: int, passes: int, repeat: int = 1) -> float:
         """Seconds per batch: ``repeat`` passes in a row, in this thread or in each of ``passes``
@@ -226,7 +224,8 @@ def tune_forward(
         module.to(memory_format=_format(fmt))
         start = time.perf_counter()
         if passes == 1:
-            forward(fmt, count, repeat)
+            with _torch_threads(count):
+                forward(fmt, repeat)
         else:
             for future in [pool.submit(pooled, fmt, count, repeat) for _ in range(passes)]:
                 future.result()

@@ -131,8 +131,7 @@ class CenterLoss(Objective):
         total = (features - features.mean(0)).pow(2).sum()
         # A batch whose activations (nearly) coincide has no scale to compare with: cap the
         # ratio at 1e6 (a constant there, so no gradient) rather than divide by zero.
-        floor = torch.maximum(1e-6 * within.detach(), torch.tensor(torch.finfo(features.dtype).tiny, dtype=features.dtype, device=features.device))
-        return within / torch.maximum(total, floor)
+        return within / torch.maximum(total, 1e-6 * within.detach()).clamp_min(torch.finfo(features.dtype).tiny)
 
     def loss(self, batch: Batch, logits: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert z is not None

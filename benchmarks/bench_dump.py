@@ -103,7 +103,9 @@ def bare_forward(spec: str, layer: str, options: dict, data: str, limit: int, ba
 
 def run_dump(spec: str, layer: str, options: dict, data: str, limit: int, batch_size: int, out: Path) -> tuple[float, float, str, float]:
     """Rows/s of the dump's batch loop, its end-to-end seconds, the configuration it chose, and
-    the CPU seconds of its reader and writer threads together."""
+    the CPU seconds of the work beside the forward: the reader's and writer's, and (on a CPU,
+    where the forward's threads preprocess their batches) the preprocessing's, counted as its
+    seconds × the threads of a pass."""
     start = time.perf_counter()
     report = dump(
         DumpSettings(
@@ -123,10 +125,12 @@ def run_dump(spec: str, layer: str, options: dict, data: str, limit: int, batch_
     tuning = Tuning(report.memory_format, report.threads, report.workers)
     print(f"    dump: {report.rows_per_second:,.0f} rows/s, loop {report.seconds:.2f} s (forward {report.forward_s:.2f} s, "
           f"waiting for the reader {report.wait_reader_s:.2f} s, for the writer {report.wait_writer_s:.2f} s); "
+          f"preprocessing in the forward's threads {report.preprocess_s:.2f} s; "
           f"CPU s of the reader {report.reader_cpu_s:.2f}, of the writer {report.writer_cpu_s:.2f}; "
           f"{report.memory_format}, {tuning.describe()}; end to end {wall:.2f} s", flush=True)
     chosen = f"{report.memory_format}, {tuning.describe()}"
-    return report.rows_per_second, wall, chosen, report.reader_cpu_s + report.writer_cpu_s
+    extra = report.reader_cpu_s + report.writer_cpu_s + report.preprocess_s * report.threads
+    return report.rows_per_second, wall, chosen, extra
 
 
 def main() -> None:
@@ -163,8 +167,9 @@ def main() -> None:
                 wall = min(wall, seconds)
                 pairs.append(rate / bare_rate)
                 helpers = min(helpers, cpu)
-            # The forward's own CPU time, if its threads were all busy, against the reader's and
-            # writer's: on a machine whose cores the forward fills, the best ratio possible.
+            # The forward's own CPU time, if its threads were all busy, against the work beside it
+            # (reader, writer, preprocessing): on a machine whose cores the forward fills, the
+            # best ratio possible.
             forward_cpu = args.limit / bare * bare_cores
             ceiling = forward_cpu / (forward_cpu + helpers)
             rows.append((name, bare, bare_fmt, dumped, dump_fmt, dumped / bare, statistics.median(pairs), ceiling,
@@ -172,12 +177,13 @@ def main() -> None:
             print(f"  {name}: bare {bare:,.0f} rows/s ({bare_fmt}), dump {dumped:,.0f} rows/s ({dump_fmt}); "
                   f"ratios of the pairs {', '.join(f'{r:.2f}' for r in pairs)}", flush=True)
     print("\n| case | bare forward rows/s (format) | dump rows/s (format chosen) | ratio (best/best) | median ratio of the pairs "
-          "| reader + writer CPU s | ceiling | dump end-to-end rows/s |")
+          "| CPU s beside the forward | ceiling | dump end-to-end rows/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, bare, bare_fmt, dumped, dump_fmt, ratio, median, ceiling, helpers, e2e in rows:
         print(f"| {name} | {bare:,.0f} ({bare_fmt}) | {dumped:,.0f} ({dump_fmt}) | {ratio:.2f} | {median:.2f} | "
               f"{helpers:.2f} | {ceiling:.2f} | {e2e:,.0f} |")
-    print("\nceiling: forward CPU s (rows / bare rate × its threads) ÷ (that + the reader's and writer's CPU s)")
+    print("\nCPU s beside the forward: the reader's and writer's, and the preprocessing's in the forward's threads "
+          "(its seconds × a pass's threads)\nceiling: forward CPU s (rows / bare rate × its threads) ÷ (that + the CPU s beside it)")
     print(f"\nTarget ratio >= 0.9: " + "; ".join(f"{row[0]} {row[5]:.2f} -> {'met' if row[5] >= 0.9 else 'NOT met'}" for row in rows))
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 

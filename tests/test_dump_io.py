@@ -206,6 +206,25 @@ def test_tuning_auto_times_every_configuration_and_restores_threads():
     assert len(set(per_pass.values())) == 1
 
 
+def test_trial_times_each_pass_with_the_preprocessing_it_will_do():
+    model = LeNet5().eval()
+    made, fed = [], []
+
+    def prepare():
+        x = torch.rand(8, 1, 32, 32)
+        made.append(x)
+        return x
+
+    def encoder(x):
+        fed.append(x)
+        return model(x)
+
+    tune_forward(model, encoder, torch.rand(8, 1, 32, 32), "auto", prepare=prepare)
+    # Every timed pass ran on a freshly prepared input (in the format being timed).
+    assert len(made) == len(fed) > 0
+    assert all(torch.equal(a, b) for a, b in zip(made, fed))
+
+
 def test_workers_write_the_same_store_in_order_whatever_order_batches_finish(tmp_path, monkeypatch):
     import random
 
@@ -265,6 +284,37 @@ def test_dump_restores_torch_threads_and_records_its_choice(tmp_path):
     assert report.wait_reader_s >= 0 and report.forward_s > 0 and report.reader_cpu_s > 0
     with open_store(out) as store:
         assert store.attrs["threads"] == 1
+
+
+def test_cpu_passes_preprocess_their_own_batches_and_a_bad_later_image_loses_nothing(tmp_path, monkeypatch):
+    import leakaudit.dump as dump_module
+    from leakaudit.errors import DataError
+
+    # On a CPU the reader only reads; each forward pass resizes its batch in its own thread.
+    threads_resizing = set()
+    images = Preprocess.images
+
+    def spy(self, block):
+        threads_resizing.add(threading.current_thread().name)
+        return images(self, block)
+
+    monkeypatch.setattr(Preprocess, "images", spy)
+    out = tmp_path / "s.h5"
+    report = dump(DumpSettings(model="lenet5", layer="conv3", data="digits", output=out, limit=600, batch_size=64,
+                               tasks=(("label", "label"),), workers=2, memory_format="contiguous"))  # fmt: skip
+    assert report.preprocess_s > 0
+    assert "leakaudit-reader" not in threads_resizing
+    assert {"MainThread", "leakaudit-forward-1"} <= threads_resizing
+    # A float image out of [0, 1] in a later batch: refused where it is preprocessed, the
+    # error reaches the caller, and no store (complete or partial) is left.
+    x = np.random.default_rng(0).random((300, 1, 32, 32), dtype=np.float32)
+    x[250, 0, 3, 3] = 2.0
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(300) % 3)
+    bad = tmp_path / "bad.h5"
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\]; found values in \[.*, 2\]"):
+        dump(DumpSettings(model="lenet5", layer="conv3", data=f"npz:{tmp_path / 'd.npz'}", output=bad, batch_size=32,
+                          tasks=(("label", "y"),), workers=2, memory_format="contiguous"))  # fmt: skip
+    assert not bad.exists() and not dump_module.partial_path(bad).exists()
 
 
 def test_threads_must_be_positive():

@@ -445,7 +445,10 @@ def resize(x: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.
     ``SMALL_IMAGE``) two matrix products with those operators cost half of ``interpolate``'s
     kernel on one thread (28→32: 0.09 vs 0.21 s per 60,000 images), which is CPU the dump's
     forward pass keeps; the operators are ``interpolate``'s own (``_resize_operator``), so
-    the images agree with it to float rounding (1.2e-7). Larger images go to ``interpolate``.
+    the images agree with it to float rounding (1.2e-7). Where every output row mixes at most
+    two input rows (any enlargement), the second product is two row gathers instead
+    (``_two_taps``: 28→32, 22 instead of 43 ms per 60,000 images). Larger images go to
+    ``interpolate``.
     """
     batch, channels, height, width = x.shape
     out_h, out_w = size
@@ -458,9 +461,30 @@ def resize(x: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.
     if scale != 1.0:
         a_w = a_w * scale
     planes = batch * channels
-    rows = x.reshape(planes * height, width) @ a_w.T  # every row resized at once: one GEMM
-    out = torch.bmm(a_h.expand(planes, -1, -1), rows.view(planes, height, out_w))
+    rows = (x.reshape(planes * height, width) @ a_w.T).view(planes, height, out_w)  # every row at once: one GEMM
+    taps = _two_taps(height, out_h)
+    if taps is None:
+        out = torch.bmm(a_h.expand(planes, -1, -1), rows)
+    else:
+        first, second, w_first, w_second = taps
+        out = rows.index_select(1, first).mul_(w_first).addcmul_(rows.index_select(1, second), w_second)
     return out.view(batch, channels, out_h, out_w)
+
+
+@functools.lru_cache(maxsize=32)
+def _two_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, ...] | None:
+    """``_resize_operator(n_in, n_out)`` as two (index, weight) columns, if no row has more
+    than two nonzero weights: output row i = w₁[i]·x[j₁[i]] + w₂[i]·x[j₂[i]]."""
+    operator = _resize_operator(n_in, n_out)
+    nonzero = [row.nonzero().flatten().tolist() for row in operator]
+    if any(len(columns) > 2 for columns in nonzero):
+        return None
+    first = [columns[0] for columns in nonzero]
+    second = [columns[-1] for columns in nonzero]
+    rows = torch.arange(n_out)
+    w_first = operator[rows, first]
+    w_second = torch.where(torch.tensor(first) == torch.tensor(second), 0.0, operator[rows, second])
+    return torch.tensor(first), torch.tensor(second), w_first.view(1, n_out, 1), w_second.view(1, n_out, 1)
 
 
 @functools.lru_cache(maxsize=32)

@@ -376,6 +376,23 @@ def test_resize_equals_interpolate(shape, size, dtype):
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("n_in", "n_out"), [(28, 32), (8, 32), (1, 5), (17, 64), (32, 28), (40, 23), (5, 5)])
+def test_two_tap_rows_rebuild_the_resize_operator(n_in, n_out):
+    from leakaudit.data import _resize_operator, _two_taps
+
+    operator = _resize_operator(n_in, n_out)
+    taps = _two_taps(n_in, n_out)
+    if n_out < n_in:  # antialiased reduction: wider filters, the matrix product path
+        assert taps is None
+        return
+    first, second, w_first, w_second = taps
+    rebuilt = torch.zeros(n_out, n_in)
+    rows = torch.arange(n_out)
+    rebuilt[rows, first] += w_first.flatten()
+    rebuilt[rows, second] += w_second.flatten()
+    torch.testing.assert_close(rebuilt, operator, rtol=0, atol=0)
+
+
 def test_resize_of_one_pixel_wide_images():
     # interpolate's antialiased bilinear mode returns wrong values for width-1 inputs
     # (torch 2.14: every output equals the first input); the matrix path must not inherit that.

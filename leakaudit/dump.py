@@ -253,15 +253,25 @@ def tune_forward(
         # A thread's torch.set_num_threads also becomes the count of threads started later;
         # the pool's must not outlive the trial.
         torch.set_num_threads(default_threads)
-    # The first configuration in order of preference (shapes as listed, then formats) within
-    # 5 % of the fastest (differences smaller than that are noise on a shared machine), or for
-    # side-by-side passes within WORKERS_MARGIN.
+    return _choose(timings, shapes, formats, module)
+
+
+def _choose(timings: dict[tuple[str, int, int], float], shapes: list[tuple[int, int]], formats: list[str],
+            module: torch.nn.Module) -> Tuning:
+    """The first shape in order of preference within 5 % of the fastest (differences smaller
+    than that are noise on a shared machine), or for side-by-side passes within
+    WORKERS_MARGIN, each shape with its own best format (the first within 5 % of its fastest).
+    The margin is between shapes only: a format more than 5 % slower than its shape's best is
+    never kept for the shape's sake."""
     fastest = min(timings.values())
-    best = next(config for count, passes in shapes for config in configs
-                if config[1:] == (count, passes)
-                and timings[config] <= fastest * (WORKERS_MARGIN if passes > 1 else 1 / 0.95))
-    module.to(memory_format=_format(best[0]))
-    return Tuning(*best)
+    for count, passes in shapes:
+        times = {fmt: timings[(fmt, count, passes)] for fmt in formats}
+        quickest = min(times.values())
+        fmt = next(f for f in formats if times[f] <= quickest / 0.95)
+        if quickest <= fastest * (WORKERS_MARGIN if passes > 1 else 1 / 0.95):
+            module.to(memory_format=_format(fmt))
+            return Tuning(fmt, count, passes)
+    raise AssertionError("the fastest shape is always within its own margin")
 
 
 class _Worker(threading.Thread):

@@ -206,6 +206,28 @@ def test_tuning_auto_times_every_configuration_and_restores_threads():
     assert len(set(per_pass.values())) == 1
 
 
+def test_trial_choice_margin_is_between_shapes_not_formats():
+    from leakaudit.dump import WORKERS_MARGIN, _choose
+
+    model = LeNet5()
+    shapes, formats = [(1, 2), (2, 1), (1, 1)], ["contiguous", "channels_last"]
+
+    def times(workers_cl, workers_c, threads_cl, threads_c, one=10.0):
+        return {("channels_last", 1, 2): workers_cl, ("contiguous", 1, 2): workers_c, ("channels_last", 2, 1): threads_cl,
+                ("contiguous", 2, 1): threads_c, ("channels_last", 1, 1): one, ("contiguous", 1, 1): one}  # fmt: skip
+
+    # Side-by-side passes within the margin of the fastest (2 threads) are kept, in their own
+    # best format: contiguous, 8 % slower than channels_last for them (but within the margin of
+    # the fastest shape), is not.
+    assert _choose(times(1.2, 1.3, 1.0, 1.3), shapes, formats, model) == Tuning("channels_last", 1, 2)
+    assert next(p for p in model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    # Within 5 %, the first format listed.
+    assert _choose(times(1.2, 1.18, 1.0, 1.3), shapes, formats, model) == Tuning("contiguous", 1, 2)
+    # Beyond the margin, the fastest shape.
+    slow = 1.0 * WORKERS_MARGIN * 1.1
+    assert _choose(times(slow, slow, 1.3, 1.0), shapes, formats, model) == Tuning("contiguous", 2, 1)
+
+
 def test_trial_times_each_pass_with_the_preprocessing_it_will_do():
     model = LeNet5().eval()
     made, fed = [], []

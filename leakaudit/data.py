@@ -479,12 +479,11 @@ def _two_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, ...] | None:
     nonzero = [row.nonzero().flatten().tolist() for row in operator]
     if any(len(columns) > 2 for columns in nonzero):
         return None
-    first = [columns[0] for columns in nonzero]
-    second = [columns[-1] for columns in nonzero]
+    first = torch.tensor([columns[0] for columns in nonzero])
+    second = torch.tensor([columns[-1] for columns in nonzero])
     rows = torch.arange(n_out)
-    w_first = operator[rows, first]
-    w_second = torch.where(torch.tensor(first) == torch.tensor(second), 0.0, operator[rows, second])
-    return torch.tensor(first), torch.tensor(second), w_first.view(1, n_out, 1), w_second.view(1, n_out, 1)
+    w_second = torch.where(first == second, 0.0, operator[rows, second])  # a one-tap row counts once
+    return first, second, operator[rows, first].view(1, n_out, 1), w_second.view(1, n_out, 1)
 
 
 @functools.lru_cache(maxsize=32)

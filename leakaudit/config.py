@@ -1,9 +1,13 @@
 """Mapping YAML/CLI values onto frozen dataclass configs, strictly.
 
 Every plugin has a frozen dataclass config. :func:`from_mapping` builds one from a
-mapping (parsed with ``yaml.safe_load`` or assembled from CLI options), rejecting
+mapping (parsed with :func:`load_yaml` or assembled from CLI options), rejecting
 unknown keys (listing the allowed ones) and values of the wrong type, with the YAML
 path in the message: ``attacks[1].epochs: expected a positive integer, got 'ten'``.
+
+YAML is read with a safe loader that also refuses a key repeated in one mapping: plain
+``yaml.safe_load`` keeps the last value silently, so a policy that tightens a threshold and
+then loosens it further down would pass on the looser one.
 """
 
 from __future__ import annotations
@@ -22,8 +26,52 @@ from leakaudit.errors import ConfigError, closest
 T = TypeVar("T")
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping repeats a key; ``line`` and ``first_line`` are 1-based."""
+
+    def __init__(self, key: Any, line: int, first_line: int, mark: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r}", mark)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that raises :class:`DuplicateKeyError` for a key given twice.
+
+    Nested mappings are checked as they are built. Merge keys (``<<: *base``) follow the
+    YAML spec: a key written in the mapping overrides the same key merged in, and earlier
+    merge sources win over later ones; only keys written twice in one mapping (two ``<<``
+    included) are errors.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Runs before a mapping's merge keys are expanded, and again for every merge source;
+        # a node is checked once, while it still holds only the keys written in it.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = key_node.value if key_node.tag == "tag:yaml.org,2002:merge" else self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # an unhashable key is refused by construct_mapping itself
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(key, line, first[key], key_node.start_mark)
+                first[key] = line
+        super().flatten_mapping(node)
+
+
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
-    """Read a YAML (or JSON) file with ``yaml.safe_load``; errors name the file and line."""
+    """Read a YAML (or JSON) file safely; errors name the file and line.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not YAML, or repeats a key in a mapping.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -32,7 +80,12 @@ def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {what} {str(path)!r}: {exc}.") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{path}: duplicate key {exc.key!r} at line {exc.line} (first at line {exc.first_line}). "
+            "YAML would silently keep only the last one; remove one of them."
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -147,9 +200,15 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
 
 
 def parse_cli_value(text: str) -> Any:
-    """Parse a ``KEY=VALUE`` option's value as YAML scalars are (``3`` → 3, ``true`` → True)."""
+    """Parse a ``KEY=VALUE`` option's value as YAML scalars are (``3`` → 3, ``true`` → True).
+
+    Raises:
+        ConfigError: the value is a YAML mapping that repeats a key.
+    """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"value {_show(text)} repeats the key {exc.key!r}; give each key once.") from None
     except yaml.YAMLError:
         return text
 

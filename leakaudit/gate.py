@@ -10,7 +10,9 @@ A policy is YAML (read with ``yaml.safe_load``)::
       public_accuracy_normalized: {min: 0.95}
 
 Each threshold has ``min``, ``max`` or both. A metric the policy names but the report lacks
-fails the gate: a missing number is never a pass.
+fails the gate: a missing number is never a pass. Nor is a value that is not a finite number:
+JSON ``true`` would compare as 1 in Python and NaN fails every comparison silently, so a
+boolean, a string, NaN or an infinity fails its check with the reason saying which it is.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class Threshold:
         return f"≤ {self.max:g}"
 
 
+MISSING = "missing from the report"
+
+
 @dataclass(frozen=True)
 class Check:
     metric: str
@@ -48,6 +53,12 @@ class Check:
     threshold: str
     passed: bool
     reason: str
+
+    def shown(self, digits: int = 4) -> str:
+        """The value as a table cell: the number, ``missing``, or ``not a number``."""
+        if self.value is not None:
+            return f"{self.value:.{digits}g}"
+        return "missing" if self.reason == MISSING else "not a number"
 
 
 @dataclass(frozen=True)
@@ -96,14 +107,28 @@ def load_policy(path: str | Path) -> list[Threshold]:
     return parse_policy(load_yaml(path, what="policy"), where=Path(path).name)
 
 
+def not_a_number(value: Any) -> str | None:
+    """Why ``value`` cannot be compared with a threshold, or ``None`` when it is a finite number."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):  # before the number test: bool is an int subclass
+        return f"a boolean ({str(value).lower()}), not a number"
+    if not isinstance(value, (int, float)):
+        kind = {str: "a string", list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
+        return f"{kind}, not a number"
+    if not math.isfinite(value):
+        return "not a finite number"
+    return None
+
+
 def evaluate(metrics: Mapping[str, Any], thresholds: list[Threshold]) -> Verdict:
-    """Check every threshold against ``metrics``; missing or non-finite values fail."""
+    """Check every threshold against ``metrics``; a value that is not a finite number fails."""
     checks = []
     for t in thresholds:
         value = metrics.get(t.metric)
-        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-            reason = "missing from the report" if value is None else "not a finite number"
-            checks.append(Check(t.metric, None, t.describe(), False, reason))
+        problem = not_a_number(value)
+        if problem is not None:
+            checks.append(Check(t.metric, None, t.describe(), False, problem))
             continue
         low_ok = t.min is None or value >= t.min
         high_ok = t.max is None or value <= t.max
@@ -121,7 +146,7 @@ def junit_xml(verdict: Verdict, name: str = "leakaudit.gate") -> str:
     for check in verdict.checks:
         case = ElementTree.SubElement(suite, "testcase", classname=name, name=f"{check.metric} {check.threshold}")
         if not check.passed:
-            value = "missing" if check.value is None else f"{check.value:.6g}"
+            value = check.shown(6)
             failure = ElementTree.SubElement(case, "failure", message=f"{check.metric} = {value}: {check.reason}")
             failure.text = f"{check.metric} = {value}, required {check.threshold}: {check.reason}"
     ElementTree.indent(suite)
@@ -136,7 +161,7 @@ def markdown_summary(verdict: Verdict, subject: Mapping[str, Any] | None = None)
         lines += [f"`{subject.get('model_spec')}` split at `{subject.get('layer')}`, data `{subject.get('data_spec')}`", ""]
     lines += ["| metric | value | threshold | verdict |", "|---|---|---|---|"]
     for c in verdict.checks:
-        value = "missing" if c.value is None else f"{c.value:.4g}"
+        value = c.shown()
         mark = "pass" if c.passed else f"**fail** ({c.reason})"
         lines.append(f"| `{c.metric}` | {value} | {c.threshold} | {mark} |")
     return "\n".join(lines) + "\n"

@@ -43,7 +43,7 @@ def gate(
         for column in ("metric", "value", "threshold", "verdict"):
             table.add_column(column)
         for c in verdict.checks:
-            value = "missing" if c.value is None else f"{c.value:.4g}"
+            value = c.shown()
             mark = "[green]pass[/green]" if c.passed else f"[red]fail[/red] ({c.reason})"
             table.add_row(c.metric, value, c.threshold, mark)
         console().print(table)

@@ -1,22 +1,32 @@
 """The ``leakaudit`` command line: one module per command, errors converted in one place.
 
 Domain code raises :class:`leakaudit.errors.LeakAuditError`; :class:`_LeakAuditGroup`
-turns it into one ``Error: …`` line on stderr and the error's exit code. Any other
-exception is a bug or an environment failure: one line too, exit code 3, and the
-traceback only with ``--debug``. Tensors and locals are never printed.
+turns it into one ``Error: …`` line on stderr and the error's exit code. An ``OSError``
+that names a file-system condition (permission denied, disk full, a file where a folder
+should be) is an ordinary condition too, reported as :class:`leakaudit.errors.FileSystemError`
+would be. Ctrl-C is one line and exit code 130. Any other exception is a bug: one line,
+exit code 3, and a request to report it. ``--debug`` prints the traceback before that line
+and changes nothing else, the exit code included. Tensors and locals are never printed.
+
+With ``--json -`` (or a ``--json`` flag) a command's JSON is all of its stdout: tables and
+"wrote …" lines go to stderr (see :func:`leakaudit.cli._common.console`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 import sys
+import traceback
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
 from leakaudit import __version__
 from leakaudit.cli._common import print_error, state
-from leakaudit.errors import EXIT_RUNTIME, LeakAuditError
+from leakaudit.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, FileSystemError, LeakAuditError
 
 # Each module defines ``register(app)``; the order is the order of `leakaudit --help`.
 COMMAND_MODULES = (
@@ -25,29 +35,91 @@ COMMAND_MODULES = (
 
 
 class _LeakAuditGroup(TyperGroup):
-    def invoke(self, ctx):  # type: ignore[override]
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _note_json_on_stdout(command)
+        return command
+
+    def invoke(self, ctx: typer.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except LeakAuditError as exc:
-            if state.debug:
-                raise
-            print_error(str(exc))
-            ctx.exit(exc.exit_code)
+            _fail(ctx, str(exc), exc.exit_code)
+        except BrokenPipeError:
+            _stdout_closed(ctx)
+        except OSError as exc:
+            error = FileSystemError.from_os_error(exc)
+            if error is None:
+                _fail(ctx, _unexpected(exc), EXIT_RUNTIME)
+            _fail(ctx, str(error), error.exit_code)
         except KeyboardInterrupt:
-            print_error("interrupted.")
-            ctx.exit(130)
+            _fail(ctx, "interrupted.", EXIT_INTERRUPTED)
         except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into a line
             # Usage errors and exits of click (or of the click that Typer vendors) are theirs to show.
-            if state.debug or type(exc).__module__.split(".")[0] in ("click", "typer"):
+            if type(exc).__module__.split(".")[0] in ("click", "typer"):
                 raise
-            print_error(
-                f"unexpected {type(exc).__name__}: {_first_line(exc)}. "
-                "Run again with --debug for the traceback, and report it if it is a bug."
-            )
-            ctx.exit(EXIT_RUNTIME)
+            _fail(ctx, _unexpected(exc), EXIT_RUNTIME)
 
     def list_commands(self, ctx) -> list[str]:
         return list(self.commands)  # keep registration order, not alphabetical
+
+
+def _fail(ctx: typer.Context, message: str, code: int) -> NoReturn:
+    """Print the traceback (with ``--debug``), then the one ``Error:`` line, and exit with ``code``.
+
+    The traceback comes first so that the ``Error:`` line stays the last thing on stderr,
+    where a user (and a CI log) looks; ``--debug`` must never change the exit code, which
+    scripts and CI act on.
+    """
+    if state.debug:
+        traceback.print_exc(file=sys.stderr)
+    print_error(message)
+    ctx.exit(code)
+
+
+def _stdout_closed(ctx: typer.Context) -> NoReturn:
+    """The reader of stdout left (``leakaudit list attacks | head -1``): no error, exit quietly.
+
+    Python would otherwise complain again when it flushes stdout at exit, so stdout is
+    pointed at the null device first.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (a test runner)
+        pass
+    ctx.exit(128 + 13 if os.name == "posix" else EXIT_RUNTIME)  # 128 + SIGPIPE, as a shell reports it
+
+
+def _unexpected(exc: BaseException) -> str:
+    return (
+        f"unexpected {type(exc).__name__}: {_first_line(exc)}. "
+        "Run again with --debug for the traceback, and report it if it is a bug."
+    )
+
+
+def _note_json_on_stdout(command: Any) -> None:
+    """Make ``command`` record whether its ``--json`` goes to stdout, before it runs.
+
+    ``--json -`` (an output option) or ``--json`` (a flag) means stdout must be JSON alone,
+    so :func:`leakaudit.cli._common.console` sends tables and notes to stderr then. Done
+    here, for every command that has ``--json``, rather than in each command.
+    """
+    names = [p.name for p in command.params if "--json" in getattr(p, "opts", ())]
+    callback = command.callback
+    if not names or callback is None or getattr(callback, "_notes_json_on_stdout", False):
+        return
+    name = names[0]
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        value = kwargs.get(name)
+        state.json_on_stdout = value is True or value == "-"
+        return callback(*args, **kwargs)
+
+    run._notes_json_on_stdout = True  # type: ignore[attr-defined]
+    command.callback = run
 
 
 def _first_line(exc: BaseException) -> str:
@@ -84,6 +156,7 @@ def _global_options(
 ) -> None:
     state.debug = debug
     state.quiet = quiet
+    state.json_on_stdout = False
 
 
 for _name in COMMAND_MODULES:

@@ -27,14 +27,20 @@ from leakaudit.errors import ConfigError, OutputExistsError
 class _State:
     debug: bool = False
     quiet: bool = False
+    json_on_stdout: bool = False  # set per command by the group, see leakaudit.cli
 
 
 state = _State()
 
 
 def console() -> Console:
-    """A console on the current stdout (looked up each time, so test runners capture it)."""
-    return Console(file=sys.stdout, soft_wrap=True)
+    """The console for results: tables and "wrote …" lines.
+
+    It is stdout, looked up each time so that test runners capture it — except while the
+    command's JSON goes to stdout (``--json -``), when stdout must hold that JSON alone and
+    these go to stderr instead.
+    """
+    return Console(file=sys.stderr if state.json_on_stdout else sys.stdout, soft_wrap=True)
 
 
 def err_console() -> Console:

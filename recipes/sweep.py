@@ -189,6 +189,8 @@ def retarget_stores(output: Path, table: Sequence[Mapping[str, Any]], stage_name
     """
     import h5py
 
+    from leakaudit.store import seal_attributes
+
     for row in table:
         path = row.get("store")
         if not path:
@@ -204,6 +206,7 @@ def retarget_stores(output: Path, table: Sequence[Mapping[str, Any]], stage_name
                 model_spec = model_spec.decode()
             if model_spec and stage_name in str(model_spec):
                 handle.attrs["model_spec"] = str(model_spec).replace(stage_name, output.name)
+            seal_attributes(handle)  # the attributes' checksum must cover the new paths
 
 
 def best_under(table: Sequence[Mapping[str, Any]], floor: float = 0.95) -> Mapping[str, Any] | None:

@@ -7,10 +7,15 @@ Sources (``--data``):
   Debian's ``dataset-fashion-mnist`` lives in ``/usr/share/datasets/fashion-mnist``).
 - ``folder:DIR`` — one sub-folder per class of image files.
 - ``npz:FILE`` / ``hdf5:FILE`` — an image array (``x``, ``images``, ``inputs`` or ``data``),
-  optional labels (``y``, ``labels`` or ``targets``) and further per-row arrays usable as tasks.
+  optional labels (``y``, ``labels`` or ``targets``), optional ``class_names`` (one string per
+  label value) and further per-row arrays usable as tasks.
 
 Tasks (``--task NAME=SOURCE``): ``label``, ``parity``, ``threshold:K`` (label ≥ K),
 ``map:FILE.yaml`` (label or class name → group), or an array name of an npz/HDF5 source.
+
+Every task has at least two classes in each role of the split (attacker-train,
+attacker-validation, test): an attack on one class scores against nothing, and the drop it
+reports would look like privacy.
 
 Images are stored and scored in [0, 1] exactly as the model sees them (after resizing and
 channel conversion); normalisation is applied only to the model's input, only when asked.
@@ -32,6 +37,7 @@ from leakaudit.errors import ConfigError, DataError, UnknownNameError
 
 IMAGE_KEYS = ("x", "X", "images", "inputs", "data")
 LABEL_KEYS = ("y", "Y", "labels", "label", "targets")
+CLASS_NAME_KEYS = ("class_names", "classes")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
@@ -243,16 +249,21 @@ def _array_source(spec: str, container: Mapping, keys: Sequence[str], where: str
     else:
         chw = shape[1:4]
     label_key = next((k for k in LABEL_KEYS if k in keys), None)
-    labels = names = None
+    names_key = next((k for k in CLASS_NAME_KEYS if k in keys), None)
+    labels = names = declared = None
+    if names_key is not None:
+        declared = _class_names(np.asarray(container[names_key]), f"{where}:{names_key}")
     arrays: dict[str, np.ndarray] = {}
     for key in keys:
-        if key == image_key:
+        if key in (image_key, names_key):
             continue
         array = np.asarray(container[key])
         if array.ndim == 1 and len(array) == len(images):
             arrays[key] = array
     if label_key is not None and label_key in arrays:
-        labels, names = _encode_labels(arrays[label_key], f"{where}:{label_key}")
+        labels, names = _encode_labels(arrays[label_key], f"{where}:{label_key}", declared)
+    elif declared is not None:
+        raise DataError(f"{where}:{names_key} names classes, but there is no label array ({', '.join(LABEL_KEYS)}) for them.")
     return DataSource(spec, tuple(int(c) for c in chw), labels, names, arrays, _images=view)
 
 
@@ -282,12 +293,37 @@ def _hdf5(spec: str, path: Path) -> DataSource:
     return _array_source(spec, handle, keys, str(path))
 
 
-def _encode_labels(values: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
-    """Map label values to 0..K-1, keeping integer labels as they are when already 0..K-1."""
-    if values.dtype.kind in "iu":
-        if len(values) and values.min() >= 0:
-            top = int(values.max())
-            return values.astype(np.int64), [str(i) for i in range(top + 1)]
+def _class_names(values: np.ndarray, where: str) -> list[str]:
+    if values.ndim != 1 or values.dtype.kind not in "USO" or len(values) == 0:
+        raise DataError(f"{where}: expected a 1-D array of class name strings, got shape {values.shape} of {values.dtype}.")
+    names = [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    if len(set(names)) != len(names):
+        raise DataError(f"{where}: class names must be distinct.")
+    return names
+
+
+def _encode_labels(
+    values: np.ndarray, where: str, class_names: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Map label values to 0..K-1, keeping integer labels as they are when already 0..K-1.
+
+    Integer labels are label values, so a negative one (or, with ``class_names``, one of K
+    or more) is an error rather than a new class: relabelling it would shift every class.
+    """
+    if values.dtype.kind in "iu" or class_names is not None:
+        if values.dtype.kind not in "iu":
+            raise DataError(f"{where}: labels beside class_names must be integers 0..{len(class_names or ()) - 1}, got {values.dtype}.")
+        top = len(class_names) - 1 if class_names is not None else int(values.max(initial=0))
+        outside = values[(values < 0) | (values > top)]
+        if len(outside):
+            bad = int(outside[0])
+            count = f" (and {len(outside) - 1} more rows)" if len(outside) > 1 else ""
+            valid = f"the valid range 0..{top} of its {top + 1} class names" if class_names is not None else "valid labels 0..K-1"
+            raise DataError(
+                f"{where}: label value {bad}{count} is outside {valid}. "
+                "Fix or drop those rows (labels are integers 0..K-1, or strings)."
+            )
+        return values.astype(np.int64), class_names or [str(i) for i in range(top + 1)]
     if values.dtype.kind == "b":
         return values.astype(np.int64), ["false", "true"]
     if values.dtype.kind in "fc":
@@ -324,7 +360,26 @@ def parse_task_option(text: str) -> tuple[str, str]:
 
 
 def resolve_task(name: str, source: str, data: DataSource) -> Task:
-    """Compute the labels of task ``name`` from ``source`` (see the module docstring)."""
+    """Compute the labels of task ``name`` from ``source`` (see the module docstring).
+
+    Raises:
+        DataError: the source has no labels, or a label lies outside the task's classes.
+        ConfigError: a malformed ``threshold:K`` or ``map:FILE.yaml``.
+        UnknownNameError: ``source`` is none of the above nor an array of the data.
+    """
+    task = _resolve_task(name, source, data)
+    labels = task.labels
+    outside = labels[(labels < 0) | (labels >= len(task.class_names))] if len(labels) else labels
+    if len(outside):
+        raise DataError(
+            f"task {name!r} ({source}): label value {int(outside[0])} is outside the valid range "
+            f"0..{len(task.class_names) - 1} of its {len(task.class_names)} classes. "
+            "Fix the labels of the data source or the task's definition."
+        )
+    return task
+
+
+def _resolve_task(name: str, source: str, data: DataSource) -> Task:
     kind, sep, argument = source.partition(":")
     if source in ("label", "parity") or kind in ("threshold", "map"):
         if data.labels is None:
@@ -358,12 +413,24 @@ def _mapped_task(name: str, source: str, path: str, labels: np.ndarray, names: l
     groups: dict[str, int] = {}
     lookup: dict[int, int] = {}
     for key, group in mapping.items():
-        if isinstance(key, int):
+        if isinstance(key, int) and not isinstance(key, bool):
+            if not 0 <= key < len(names):
+                raise DataError(
+                    f"task {name!r}: map {path!r} maps label {key}, outside the valid range 0..{len(names) - 1} "
+                    f"of the data's {len(names)} classes. Remove it or fix the label."
+                )
             label = key
         elif str(key) in names:
             label = names.index(str(key))
         else:
             raise ConfigError(f"task map {path!r}: {key!r} is neither a label nor a class name.")
+        if isinstance(group, bool) or not isinstance(group, (str, int)) or str(group).strip() == "":
+            raise ConfigError(
+                f"task {name!r}: map {path!r} maps {key!r} to {group!r}, which is not a group name. "
+                "Give every label a group name (a string or an integer)."
+            )
+        if label in lookup:
+            raise ConfigError(f"task {name!r}: map {path!r} maps label {label} ({names[label]!r}) twice; give it one group.")
         lookup[label] = groups.setdefault(str(group), len(groups))
     present = np.unique(labels)
     unmapped = [int(v) for v in present if int(v) not in lookup]
@@ -548,14 +615,52 @@ def split_roles(
     Returns:
         The role codes (0 attacker-train, 1 attacker-validation, 2 test) and what they were
         stratified by (``label``, a task name, or ``""``).
+
+    Raises:
+        DataError: a class is too rare to split, or a task has fewer than two classes in
+            some role (:func:`check_task_roles`).
     """
     if source.labels is not None:
-        return stratified_split(source.labels[:n], fractions, seed), "label"
-    if tasks:
+        roles, by = stratified_split(source.labels[:n], fractions, seed), "label"
+    elif tasks:
         finest = max(tasks, key=lambda t: len(t.class_names))
-        return stratified_split(finest.labels[:n], fractions, seed), finest.name
-    rng = np.random.default_rng(seed)
-    return rng.choice(3, size=n, p=list(fractions)).astype(np.uint8), ""
+        roles, by = stratified_split(finest.labels[:n], fractions, seed), finest.name
+    else:
+        rng = np.random.default_rng(seed)
+        roles, by = rng.choice(3, size=n, p=list(fractions)).astype(np.uint8), ""
+    for task in tasks:
+        labels = task.labels[:n]
+        check_task_roles(task.name, {role: labels[roles == code] for code, role in enumerate(ROLES)}, task.source)
+    return roles, by
+
+
+ROLES = ("attacker-train", "attacker-validation", "test")
+
+
+def check_task_roles(task: str, labels_by_role: Mapping[str, np.ndarray], source: str | None = None) -> None:
+    """Refuse a task with fewer than two classes among the rows of any role.
+
+    With one class, every prediction is that class or wrong: the attack's accuracy and the
+    drop derived from it would measure nothing, yet read like results.
+
+    Args:
+        task: the task's name, for the message.
+        labels_by_role: each role's labels (``attacker-train``, ``attacker-validation``, ``test``).
+        source: how the task was defined (``threshold:9``), for the message.
+
+    Raises:
+        DataError: naming the task, the role and its class count.
+    """
+    for role, labels in labels_by_role.items():
+        classes = len(np.unique(labels))
+        if classes < 2:
+            what = f"task {task!r}" + (f" ({source})" if source else "")
+            found = "no rows" if len(labels) == 0 else f"{classes} class"
+            raise DataError(
+                f"{what} has {found} in the {role} rows; every role needs at least 2 classes, or its "
+                "accuracy means nothing. Choose a task source that divides the rows into classes "
+                "(e.g. a smaller K in threshold:K), or dump more rows."
+            )
 
 
 def stratified_split(

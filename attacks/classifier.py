@@ -21,6 +21,11 @@ The same task is trained on raw X (a linear probe on pixels and a small CNN): th
 these is ``private_accuracy_raw``, the reference that ``private_accuracy_drop`` =
 1 − private_accuracy / private_accuracy_raw is normalised by. ``private_chance`` is the
 accuracy of always predicting the most frequent attacker-train class.
+
+An attack that scores below chance has not learnt the task (a constant guess beats it), so
+its low accuracy and high drop say nothing about privacy; the result then carries a warning
+saying so, which the command line and the HTML report show. A reference on raw X below
+chance makes the drop's denominator meaningless and is flagged the same way.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from leakaudit.attacks._training import (
     seed_for,
 )
 from leakaudit.config import positive
+from leakaudit.data import check_task_roles
 from leakaudit.errors import LeakAuditError, UnknownNameError, UsageError
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
@@ -469,6 +475,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         class_names = store.class_names(config.task)
         classes = len(class_names)
         rows = attack_rows(store)
+        check_task_roles(config.task, {role: labels_all[r] for r, role in _roles(rows)})
         check_class_rows(labels_all, rows, class_names, config.task)
         train_y = torch.from_numpy(labels_all[rows.train]).long()
         val_y = torch.from_numpy(labels_all[rows.val]).long()
@@ -520,6 +527,8 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     majority = int(np.bincount(train_y.numpy(), minlength=classes).argmax())
     raw_accuracy = raw_best.accuracy if raw_best is not None else None
     drop = 1.0 - best.accuracy / raw_accuracy if raw_accuracy else None
+    chance = float(np.mean(test_y == majority))
+    warnings_ += below_chance_warnings(config.task, best.accuracy, raw_accuracy, chance)
     return ClassifierResult(
         task=config.task,
         class_names=class_names,
@@ -530,7 +539,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         best_head=best.name,
         accuracy=best.accuracy,
         balanced_accuracy=best.balanced_accuracy,
-        chance=float(np.mean(test_y == majority)),
+        chance=chance,
         chance_balanced=1.0 / classes,
         raw_best_head=raw_best.name if raw_best is not None else None,
         private_accuracy_raw=raw_accuracy,
@@ -538,6 +547,30 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         config=dataclasses.asdict(config),
         warnings=warnings_,
     )
+
+
+def below_chance_warnings(task: str, accuracy: float, raw_accuracy: float | None, chance: float) -> list[str]:
+    """Warnings for an attack (or its raw-X reference) that scored below chance on the test rows."""
+
+    def pair(value: float) -> tuple[str, str]:
+        # Enough digits that "below" is visible: 0.499 against 0.5 must not read 0.50 < 0.50.
+        digits = next((d for d in range(2, 6) if f"{value:.{d}f}" != f"{chance:.{d}f}"), 6)
+        return f"{value:.{digits}f}", f"{chance:.{digits}f}"
+
+    warnings_ = []
+    if accuracy < chance:
+        shown, floor = pair(accuracy)
+        warnings_.append(
+            f"{task}: accuracy {shown} is below chance {floor}; the attack failed to learn, "
+            "the drop is not evidence of privacy."
+        )
+    if raw_accuracy is not None and raw_accuracy < chance:
+        shown, floor = pair(raw_accuracy)
+        warnings_.append(
+            f"{task}: the raw-X reference accuracy {shown} is below chance {floor}; it failed "
+            "to learn, so private_accuracy_drop has no meaningful reference."
+        )
+    return warnings_
 
 
 def _roles(rows: AttackRows) -> tuple[tuple[np.ndarray, str], ...]:

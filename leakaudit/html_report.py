@@ -39,6 +39,7 @@ th{background:#f0f2f5;font-weight:600} td.num{text-align:right;font-variant-nume
 .grid{display:flex;flex-wrap:wrap;gap:16px} .grid>div{flex:1 1 420px}
 img.recon{image-rendering:pixelated;max-width:100%;border:1px solid #dde1e7}
 code{background:#eef0f3;padding:1px 4px;border-radius:3px}
+.warnings{background:#fff8e6;border:1px solid #f0d58c;border-radius:8px;padding:8px 16px 8px 32px;margin:10px 0}
 """
 
 
@@ -141,8 +142,18 @@ def svg_lines(x: Sequence[float], series: Mapping[str, Sequence[float | None]], 
 # --------------------------------------------------------------------------- t-SNE
 
 
+TSNE_MIN_ROWS = 5  # fewer points than this make no picture worth drawing
+TSNE_PCA_COMPONENTS = 50
+
+
 def tsne_embedding(store_path: str | Path, *, max_points: int = 800, seed: int = 0) -> dict[str, Any] | None:
-    """2-D t-SNE of the test rows' Z, with the labels of every task; ``None`` without a store."""
+    """2-D t-SNE of the test rows' Z, with the labels of every task; ``None`` without a store.
+
+    The embedding adapts to small test splits (t-SNE's perplexity must stay below the number
+    of points, and PCA cannot keep more components than rows or features). With fewer than
+    ``TSNE_MIN_ROWS`` test rows it returns ``{"points": None, "labels": {}, "note": why}``
+    instead, so that a report or an audit still completes without the picture.
+    """
     from leakaudit.store import open_store
 
     path = Path(store_path)
@@ -153,18 +164,24 @@ def tsne_embedding(store_path: str | Path, *, max_points: int = 800, seed: int =
 
     with open_store(path) as store:
         rows = store.rows("test")
-        if len(rows) < 10:
-            return None
+        if len(rows) < TSNE_MIN_ROWS:
+            return {
+                "points": None,
+                "labels": {},
+                "note": f"t-SNE skipped: the store has {len(rows)} test rows, fewer than {TSNE_MIN_ROWS}.",
+            }
         rng = np.random.default_rng(seed)
         if len(rows) > max_points:
             rows = np.sort(rng.choice(rows, size=max_points, replace=False))
         z = store.activations(rows).reshape(len(rows), -1).astype(np.float64)
         labels = {task: (store.labels(task)[rows], store.class_names(task)) for task in store.tasks}
     z = (z - z.mean(0)) / np.where(z.std(0) > 0, z.std(0), 1.0)
-    if z.shape[1] > 50:
-        z = PCA(n_components=50, random_state=seed).fit_transform(z)
-    perplexity = float(min(30, max(5, (len(z) - 1) // 4)))
-    points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(z)
+    n, d = z.shape
+    components = min(TSNE_PCA_COMPONENTS, n, d)
+    if d > components:
+        z = PCA(n_components=components, random_state=seed).fit_transform(z)
+    perplexity = float(min(30, max(5, (n - 1) // 4), n - 1))
+    points = TSNE(n_components=2, init="pca" if z.shape[1] >= 2 else "random", perplexity=perplexity, random_state=seed).fit_transform(z)
     return {"points": points, "labels": labels}
 
 
@@ -208,6 +225,16 @@ def render(
         )
     else:
         sections.append("<h2>Verdict</h2><div class='verdict none'>No policy was applied</div>")
+
+    warnings = [
+        (key, str(message))
+        for key, result in results.items()
+        if isinstance(result, Mapping)
+        for message in (result.get("warnings") or [])
+    ]
+    if warnings:
+        items = "".join(f"<li><code>{html.escape(str(key))}</code>: {html.escape(message)}</li>" for key, message in warnings)
+        sections.append(f"<h2>Warnings</h2><ul class='warnings'>{items}</ul>")
 
     metric_rows = []
     for name in list(METRIC_NAMES) + sorted(set(metrics) - set(METRIC_NAMES)):
@@ -258,7 +285,10 @@ def render(
             block += f"<div class='card'><div class='sub'>originals (top) and reconstructions (bottom), test rows</div><img class='recon' alt='reconstruction grid' src='{uri}'/></div>"
         sections.append(block)
 
-    if embedding is not None:
+    if embedding is not None and embedding.get("points") is None:
+        note = embedding.get("note") or "t-SNE skipped."
+        sections.append(f"<h2>t-SNE of the activations (test rows)</h2><div class='sub'>{html.escape(note)}</div>")
+    elif embedding is not None:
         plots = []
         for task in ("public", "private", *[t for t in embedding["labels"] if t not in ("public", "private")]):
             if task in embedding["labels"]:

@@ -36,6 +36,8 @@ def report(
         if source and Path(source).exists():
             info("computing the t-SNE of Z …")
             embedding = tsne_embedding(source, seed=int(data.get("subject", {}).get("seed") or 0))
+            if embedding is not None and embedding.get("note"):
+                info(embedding["note"])
         else:
             info("no store found for the t-SNE; pass --store STORE.h5 to draw it")
     atomic_write_text(output, render(data, verdict=verdict, embedding=embedding))

@@ -29,15 +29,25 @@ explicitly always wins.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
+import json
+import logging
+import math
+import operator
 import pickle
+import posixpath
 import re
 import sys
+import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +217,7 @@ def _build(spec: str, kwargs: dict[str, Any], trust_checkpoint: bool) -> LoadedM
         return _build_torchvision(spec, rest, kwargs)
     path = Path(spec)
     if path.suffix == ".pt2":
-        return _load_export(spec, path, kwargs)
+        return _load_export(spec, path, kwargs, trust_checkpoint)
     if path.suffix in _ARCHIVE_SUFFIXES or (not sep and path.is_file()):
         return _load_archive(spec, path, kwargs, trust_checkpoint)
     if sep and rest:
@@ -337,17 +347,27 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], spec: str
     return module
 
 
-def _load_export(spec: str, path: Path, kwargs: dict[str, Any]) -> LoadedModel:
+def _load_export(spec: str, path: Path, kwargs: dict[str, Any], trust_checkpoint: bool) -> LoadedModel:
     if kwargs:
         raise UsageError(f"{spec!r} is an exported program; architecture options do not apply to it.")
-    if not path.is_file():
-        raise UsageError(f"model file {spec!r} does not exist.")
+    _require_file(path, "model file")
+    # The file is read once: the bytes that are checked are the bytes that are loaded.
+    data = path.read_bytes()
+    hazards = export_archive_hazards(data, spec)
+    if hazards and not trust_checkpoint:
+        more = f" (and {len(hazards) - 1} more)" if len(hazards) > 1 else ""
+        raise UntrustedCheckpointError(
+            f"{spec!r} would run code from the file when loaded: it holds {hazards[0]}{more}. "
+            "Pass --trust-checkpoint only if you trust its source, or export the model again with "
+            "torch.export.save."
+        )
     try:
-        program = torch.export.load(str(path))
+        with _torch_export_quiet():
+            program = torch.export.load(io.BytesIO(data))
     except Exception as exc:
         raise CheckpointError(
             f"cannot read exported program {spec!r} ({type(exc).__name__}); is it a corrupt or "
-            "truncated torch.export.save file?"
+            "truncated torch.export.save file, or one from an incompatible torch version?"
         ) from None
     module = torch.export.unflatten(program)
     fixed_batch = in_chans = input_size = None
@@ -366,11 +386,265 @@ def _load_export(spec: str, path: Path, kwargs: dict[str, Any]) -> LoadedModel:
         module,
         spec,
         "export",
-        checkpoint_sha256=sha256_file(path),
+        checkpoint_sha256=hashlib.sha256(data).hexdigest(),
         input_size=input_size,
         in_chans=in_chans,
         fixed_batch=fixed_batch,
     )
+
+
+@contextlib.contextmanager
+def _torch_export_quiet() -> Iterator[None]:
+    """Keep torch.export's own log records and warnings off stderr while it loads.
+
+    On a malformed archive torch logs a full traceback before raising; the command line
+    reports the failure as one line instead. The loggers are restored afterwards.
+    """
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    loggers += [
+        logger
+        for name, logger in list(manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and name.startswith(("torch.export.", "torch._export."))
+    ]
+    saved = [(logger, logger.disabled) for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, disabled in saved:
+            logger.disabled = disabled
+
+
+# --------------------------------------------------------------------------- export archive checks
+#
+# torch.export.load unpickles parts of the archive, and retries a refused weights-only load
+# with full unpickling; it also evaluates shape expressions with sympy (which calls eval),
+# resolves graph targets by attribute path under torch, imports modules named in pytree
+# specs, and loads AOTInductor shared libraries. Every one of these reads a specific part
+# of the archive, so each part is checked here, with the reader torch itself uses, before
+# torch sees the file.
+
+# Archive members torch reads with torch.load (paths inside the archive's root folder).
+_PT2_PICKLE_DIRS = ("data/sample_inputs/", "data/weights/", "data/constants/")
+# Members of the format before torch 2.8, read from the top of the zip with zipfile.
+_PT2_LEGACY_PICKLES = (
+    "serialized_state_dict.json",
+    "serialized_state_dict.pt",
+    "serialized_constants.json",
+    "serialized_constants.pt",
+    "serialized_example_inputs.pt",
+)
+_PT2_LEGACY_PROGRAM = "serialized_exported_program.json"
+
+# Names a shape expression may use besides symbols (s0, u1, …): the functions torch's
+# deserializer passes to sympy, and sympy's own relational and arithmetic functions.
+_SYMPY_FUNCTIONS = frozenset(
+    """FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv
+    LShift RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator
+    TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat Identity Max Min Eq Ne Lt Le Gt Ge
+    And Or Not Xor ITE Piecewise Abs floor ceiling sqrt Integer Rational Float oo zoo nan int_oo
+    True False true false Symbol Dummy positive negative nonnegative nonpositive integer real
+    rational finite infinite zero nonzero even odd commutative extended_real""".split()
+)
+# A quoted string may only be a symbol's name (``Symbol('s31', positive=True)``): no quoted
+# text can then carry code to a function that would evaluate it.
+_SYM_TOKEN = re.compile(
+    r"\s+|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|[A-Za-z][A-Za-z0-9_]*|'[a-z]+\d+'|\*\*|//|[-+*/%()<>=!,&|~^]"
+)
+_SYM_NAME = re.compile(r"[a-z]+\d+|OpaqueUnaryFn_[a-z0-9]+")
+
+
+def export_archive_hazards(data: bytes, source: str) -> list[str]:
+    """What in a ``torch.export.save`` archive would run code while torch loads it.
+
+    Args:
+        data: the archive's bytes.
+        source: how to name the file in messages.
+
+    Returns:
+        One phrase per hazard (``"a pickled Python object (os.system) in
+        data/sample_inputs/model.pt"``); empty when torch can load the archive without
+        unpickling anything beyond tensors, evaluating code or loading native libraries.
+
+    Raises:
+        CheckpointError: the bytes are not a readable torch.export archive.
+    """
+    if not data:
+        raise CheckpointError(f"{source!r} is empty (0 bytes), not an exported program. Export it again with torch.export.save.")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            legacy = {name: archive.read(name) for name in names if name in _PT2_LEGACY_PICKLES + (_PT2_LEGACY_PROGRAM,)}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib.error):
+        raise CheckpointError(_not_a_zip_message(source, data, "an exported program")) from None
+    hazards: list[str] = []
+    if len(set(names)) != len(names):
+        hazards.append("two members under one name, which zip readers may resolve differently")
+    for name, content in legacy.items():
+        if name == _PT2_LEGACY_PROGRAM:
+            hazards += _graph_hazards(_parse_json(content, name, source))
+        else:
+            hazards += _pickle_hazards(content, name, source)
+    if legacy:
+        return hazards
+    from torch.export.pt2_archive import PT2ArchiveReader
+
+    try:
+        with _torch_export_quiet():
+            reader = PT2ArchiveReader(io.BytesIO(data))
+            records = reader.get_file_names()
+    except Exception:
+        looks = "a torch.save or TorchScript file" if any(n.endswith("data.pkl") for n in names) else "some other zip archive"
+        raise CheckpointError(
+            f"{source!r} is not a torch.export.save archive (it looks like {looks}). Give an exported "
+            "program as a .pt2 file, a TorchScript or pickled model as .pt."
+        ) from None
+    return hazards + _pt2_record_hazards(reader, records, source)
+
+
+def _pt2_record_hazards(reader: Any, records: list[str], source: str) -> list[str]:
+    from torch.export.pt2_archive import constants as pt2
+
+    hazards: list[str] = []
+    raw: set[str] = set()
+    pickled: set[str] = set()
+    for record in records:
+        if record.startswith(pt2.AOTINDUCTOR_DIR):
+            hazards.append(f"AOTInductor-compiled native code ({record})")
+            break
+    for record in records:
+        base, _, leaf = record.rpartition("/")
+        if not (record.endswith("_config.json") and base + "/" in (pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR)):
+            continue
+        entries = _parse_json(_read_record(reader, record, source), record, source)
+        config = entries.get("config") if isinstance(entries, dict) else None
+        for entry in (config or {}).values():
+            if not isinstance(entry, dict) or not isinstance(entry.get("path_name"), str):
+                continue
+            path_name = entry["path_name"]
+            target = posixpath.normpath(posixpath.join(base, path_name))
+            if base + "/" == pt2.CONSTANTS_DIR and path_name.startswith(
+                (pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)
+            ):
+                hazards.append(f"a Python or TorchScript object that loads by running its own code ({target})")
+            elif entry.get("use_pickle"):
+                pickled.add(target)
+            else:
+                raw.add(target)
+    for record in records:
+        leaf = record.rpartition("/")[2]
+        if record.startswith(pt2.MODELS_DIR) and record.endswith(".json"):
+            hazards += _graph_hazards(_parse_json(_read_record(reader, record, source), record, source))
+        elif record in pickled or (
+            record.startswith(_PT2_PICKLE_DIRS)
+            and record not in raw
+            and not record.endswith(".json")
+            and not leaf.startswith((pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX))
+        ):
+            hazards += _pickle_hazards(_read_record(reader, record, source), record, source)
+    return hazards
+
+
+def _read_record(reader: Any, record: str, source: str) -> bytes:
+    try:
+        return reader.read_bytes(record)
+    except Exception:
+        raise CheckpointError(f"cannot read {record!r} inside {source!r}: the archive is corrupt or truncated.") from None
+
+
+def _parse_json(content: bytes, record: str, source: str) -> Any:
+    try:
+        return json.loads(content)
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{record!r} inside {source!r} is not valid JSON: the archive is corrupt.") from None
+
+
+def _pickle_hazards(content: bytes, record: str, source: str) -> list[str]:
+    try:
+        _load_weights_only(io.BytesIO(content), f"{record!r} inside {source!r}")
+    except _NeedsUnpickling as exc:
+        what = f" ({exc.name})" if exc.name else ""
+        return [f"a pickled Python object{what} in {record}, and unpickling runs arbitrary code"]
+    return []
+
+
+def _graph_hazards(program: Any) -> list[str]:
+    """Hazards in a serialized program's JSON: shape expressions, node targets, pytree specs."""
+    hazards: list[str] = []
+    stack = [program]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            expr = item.get("expr_str")
+            if isinstance(expr, str) and not _is_plain_shape_expression(expr):
+                hazards.append(f"a shape expression that is not plain arithmetic ({expr[:40]!r})")
+            target = item.get("target")
+            if isinstance(target, str) and "inputs" in item:
+                problem = _target_hazard(target)
+                if problem:
+                    hazards.append(problem)
+            if "__enum__" in item:
+                hazards.append("a pytree spec that imports a module by name (an enum)")
+            factory = item.get("default_factory_module")
+            if factory is not None and factory not in ("builtins", "collections"):
+                hazards.append(f"a pytree spec that imports the module {str(factory)[:40]!r}")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and item[:1] in ("[", "{"):
+            # Treespecs are JSON strings inside the JSON.
+            try:
+                stack.append(json.loads(item))
+            except ValueError:
+                pass
+    return hazards
+
+
+def _is_plain_shape_expression(expr: str) -> bool:
+    position = 0
+    while position < len(expr):
+        token = _SYM_TOKEN.match(expr, position)
+        if token is None:
+            return False
+        text = token.group()
+        if text[0].isalpha() and text not in _SYMPY_FUNCTIONS and not _SYM_NAME.fullmatch(text):
+            return False
+        position = token.end()
+    return True
+
+
+def _target_hazard(target: str) -> str | None:
+    """Why a graph node's target is not a tensor operator, or ``None`` when it is one.
+
+    Mirrors how torch's deserializer resolves the name (an attribute path under ``torch``,
+    ``_operator`` or ``math``); anything it leaves as a string fails there on its own.
+    """
+    from torch._export.serde.serialize import _SYM_OPS
+
+    parts = target.split(".")
+    roots = {"_operator": operator, "torch": torch, "math": math}
+    if target.startswith("#"):
+        return f"a graph node that calls the extension operator {target[:60]!r}"
+    root = next((module for prefix, module in roots.items() if target.startswith(prefix)), None)
+    if root is None:
+        return None
+    resolved: Any = root
+    for name in parts[1:]:
+        if not hasattr(resolved, name):
+            return None
+        resolved = getattr(resolved, name)
+    if isinstance(resolved, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+        return None
+    try:
+        if resolved in _SYM_OPS:
+            return None
+    except TypeError:
+        pass
+    return f"a graph node that calls {target[:60]!r}, which is not a tensor operator"
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -382,8 +656,7 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _load_archive(spec: str, path: Path, kwargs: dict[str, Any], trust_checkpoint: bool) -> LoadedModel:
-    if not path.is_file():
-        raise UsageError(f"model file {spec!r} does not exist.")
+    _require_file(path, "model file")
     if kwargs:
         raise UsageError(f"{spec!r} is a saved model; architecture options do not apply to it.")
     digest = sha256_file(path)
@@ -414,48 +687,194 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ne
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
-def _torch_load(path: Path, *, trust_checkpoint: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; full unpickling only when trusted."""
+class _NeedsUnpickling(Exception):
+    """A well-formed pickle that names Python objects outside torch's weights-only allow-list."""
+
+    def __init__(self, name: str | None) -> None:
+        super().__init__(name or "")
+        self.name = name
+
+
+# Phrases of torch's weights-only unpickler that mean "this pickle needs a Python object";
+# every other refusal (an unknown opcode, a string running past the end) means the bytes
+# are not an intact pickle at all.
+_NEEDS_UNPICKLING = (
+    "Unsupported global",
+    "unsupported GLOBAL",
+    "unrecognized function",
+    "unsupported class",
+    "Can only create new object",
+    "Can only build Tensor",
+    "must be imported to load",
+)
+
+
+def _load_weights_only(source: Path | io.BytesIO, what: str) -> Any:
+    """``torch.load(weights_only=True)``, telling a pickle that needs trust from a broken file.
+
+    Raises:
+        _NeedsUnpickling: the pickle is intact and references Python objects.
+        CheckpointError: the bytes cannot be read as a torch.save file.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc) and "Unsupported global" not in str(exc):
-            raise CheckpointError(
-                f"cannot read {str(path)!r}: it is not a valid torch.save file (corrupt or truncated?)."
-            ) from None
+        message = str(exc)
+        if any(phrase in message for phrase in _NEEDS_UNPICKLING):
+            found = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", message) or re.search(r"function ([A-Za-z_][\w.]*)", message)
+            raise _NeedsUnpickling(found.group(1) if found else None) from None
+        raise CheckpointError(f"cannot read {what}: its pickle is corrupt or truncated.") from None
+    except Exception as exc:  # torch raises many types for damaged files; none is a bug here
+        raise CheckpointError(
+            f"cannot read {what} ({type(exc).__name__}): it is corrupt or truncated, or not a torch.save file."
+        ) from None
+
+
+def _require_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a folder, not a file. Give the checkpoint file inside it.")
+    if not path.is_file():
+        raise UsageError(f"{what} {str(path)!r} does not exist.")
+
+
+def _not_a_zip_message(source: str, head: bytes, expected: str) -> str:
+    if head.startswith(b"PK"):
+        return f"{source!r} is a corrupt or truncated zip archive; it cannot be read as {expected}. Copy or save it again."
+    return f"{source!r} is {_describe_foreign(head)}, not {expected}. Check the path."
+
+
+def _describe_foreign(head: bytes) -> str:
+    """A short description of bytes in no checkpoint format leakaudit reads."""
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file"
+    sample = head[:4096]
+    for cut in (0, 1, 2, 3):  # a full sample may end inside a multi-byte character
+        try:
+            text = sample[: len(sample) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            if len(sample) < 4096:
+                break
+            continue
+        if all(c.isprintable() or c in "\n\r\t\f" for c in text):
+            return "a text file"
+        break
+    return "of unknown format (neither safetensors nor torch.save)"
+
+
+def _checkpoint_format(path: Path) -> str:
+    """``"zip"``, ``"pickle"`` or ``"safetensors"`` from a file's first bytes.
+
+    Raises:
+        CheckpointError: the file is empty, a truncated zip, or no checkpoint format.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes), not a checkpoint. Save or copy it again.")
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError):
+            raise CheckpointError(_not_a_zip_message(str(path), head, "a checkpoint")) from None
+        return "zip"
+    if _looks_like_safetensors(head, path.stat().st_size):
+        return "safetensors"
+    if head.startswith(b"\x80"):  # pickle protocol 2 and later: how torch.save writes its legacy format
+        return "pickle"
+    raise CheckpointError(
+        f"{str(path)!r} is {_describe_foreign(head)}, not a checkpoint. Expected a .safetensors or torch.save file."
+    )
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 10:
+        return False
+    header_size = int.from_bytes(head[:8], "little")
+    return 2 <= header_size <= size - 8 and head[8:9] == b"{"
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse a ``.safetensors`` name on an empty, cut-short or foreign file, saying which."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes), not a safetensors file. Save or copy it again.")
+    if _looks_like_safetensors(head, size):
+        return
+    if len(head) >= 9 and head[8:9] == b"{":
+        raise CheckpointError(
+            f"{str(path)!r} is a truncated safetensors file: its header alone needs "
+            f"{int.from_bytes(head[:8], 'little') + 8} bytes and the file has {size}. Save or copy it again."
+        )
+    raise CheckpointError(f"{str(path)!r} is {_describe_foreign(head)}, not a safetensors file. Check the path.")
+
+
+def _torch_load(path: Path, *, trust_checkpoint: bool) -> Any:
+    """``torch.load`` with ``weights_only=True``; full unpickling only when trusted.
+
+    Full unpickling is tried only for an intact pickle that the weights-only reader refused
+    for the Python objects it names, never for a damaged file: a broken pickle proves nothing
+    about what the rest of it would run.
+    """
+    kind = _checkpoint_format(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    try:
+        return _load_weights_only(path, repr(str(path)))
+    except _NeedsUnpickling as exc:
         if not trust_checkpoint:
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = f" ({found.group(1)})" if found else ""
+            what = f" ({exc.name})" if exc.name else ""
             raise UntrustedCheckpointError(
                 f"{str(path)!r} contains pickled Python objects{what}, and unpickling runs arbitrary "
                 "code from the file. Pass --trust-checkpoint only if you trust its source, or re-save "
                 "its state_dict with safetensors."
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(
-            f"cannot read {str(path)!r} ({type(exc).__name__}): corrupt or truncated checkpoint?"
-        ) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # trusted: --trust-checkpoint
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False)  # trusted: --trust-checkpoint
     except Exception as exc:
-        raise CheckpointError(f"cannot unpickle {str(path)!r}: {type(exc).__name__}: {exc}.") from None
+        raise CheckpointError(f"cannot unpickle {str(path)!r}: {type(exc).__name__}: {_first_line(exc)}.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".")[:200] if lines else "no message"
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cannot read {str(path)!r} as safetensors ({type(exc).__name__}): the file is corrupt "
+            "or truncated. Save or copy it again."
+        ) from None
 
 
 def load_state_dict(path: str | Path, *, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``torch.save`` file, unwrapping wrappers."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"weights file {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file, unwrapping wrappers.
 
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"cannot read {str(path)!r} as safetensors ({type(exc).__name__}): corrupt or truncated?"
-            ) from None
+    The format is read from the file's first bytes, so a safetensors file under another
+    suffix loads too; a ``.safetensors`` name on anything else is reported as what it is.
+
+    Raises:
+        UsageError: the path is missing or a folder.
+        UntrustedCheckpointError: the file needs unpickling and ``trust_checkpoint`` is off.
+        CheckpointError: the file is empty, truncated, corrupt or no checkpoint at all.
+    """
+    path = Path(path)
+    _require_file(path, "weights file")
+    if path.suffix == ".safetensors":
+        _check_safetensors_header(path)
+        return _load_safetensors(path)
     return unwrap_state_dict(_torch_load(path, trust_checkpoint=trust_checkpoint), str(path))
 
 

@@ -357,3 +357,28 @@ def test_a_corrupt_image_in_a_folder_is_one_line(cli, tmp_path):
     result = _dump(cli, tmp_path, "--data", f"folder:{tmp_path / 'images'}", "--task", "private=label", "--input-size", "32")
     assert result.exit_code == 2
     assert error_line(result).startswith(f"Error: cannot read image '{tmp_path / 'images' / 'dog' / '5.png'}'")
+
+
+def _idx_images(path: Path, n: int, *, truncate: int = 0) -> Path:
+    header = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 8, 8))
+    body = np.random.default_rng(0).integers(0, 256, size=n * 64, dtype=np.uint8).tobytes()
+    path.write_bytes(header + body[: len(body) - truncate])
+    return path
+
+
+def test_idx_images_without_a_labels_file_cannot_give_a_label_task(cli, tmp_path):
+    (tmp_path / "mnist").mkdir()
+    _idx_images(tmp_path / "mnist" / "train-images-idx3-ubyte", 30)
+    result = _dump(cli, tmp_path, "--data", f"idx:{tmp_path / 'mnist'}", "--task", "private=label")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: task 'private' needs labels, but data source 'idx:{tmp_path / 'mnist'}' has none."
+    )
+
+
+def test_truncated_idx_images_file(cli, tmp_path):
+    (tmp_path / "mnist").mkdir()
+    images = _idx_images(tmp_path / "mnist" / "train-images-idx3-ubyte", 30, truncate=100)
+    result = _dump(cli, tmp_path, "--data", f"idx:{tmp_path / 'mnist'}", "--task", "private=label")
+    assert result.exit_code == 2
+    assert error_line(result) == f"Error: idx file '{images}' is truncated: expected {16 + 30 * 64} bytes, got {16 + 30 * 64 - 100}."

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from leakaudit.data import open_source, preprocess_for, resolve_task, split_roles
-from leakaudit.errors import ConfigError, NonFiniteError, OutputExistsError, UsageError
-from leakaudit.layers import OUTPUT, capture, resolve_layer, truncate
+from leakaudit.errors import ConfigError, LeakAuditError, NonFiniteError, OutputExistsError, UsageError
+from leakaudit.layers import OUTPUT, capture, eval_mode, exported_split, forward_failure, resolve_layer, truncate
 from leakaudit.models import load_model
 from leakaudit.runtime import resolve_device
-from leakaudit.store import StoreWriter, journal_path, partial_path
+from leakaudit.store import StoreWriter, check_no_dump_running, journal_path, partial_path
 
 FLOAT16_MAX = 65504.0
 
@@ -39,7 +39,8 @@ class DumpSettings:
     """Everything that defines a dump. Mirrors the options of ``leakaudit dump``."""
 
     model: str
-    layer: str
+    #: The split layer; None only for a client encoder exported by ``harden`` (its output).
+    layer: str | None
     data: str
     output: Path
     weights: str | None = None
@@ -70,6 +71,10 @@ class DumpSettings:
     trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
+        if self.layer is not None and not self.layer.strip():
+            raise ConfigError(
+                f"--layer is empty ({self.layer!r}). Give a layer from `leakaudit layers MODEL`, or 'output' for the whole model."
+            )
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}.")
         if self.dtype not in ("float32", "float16"):
@@ -123,13 +128,10 @@ def _has_conv(module: torch.nn.Module) -> bool:
 
 #: Most forward passes a dump runs side by side (each holds a batch's activations).
 MAX_WORKERS = 4
-#: How much slower than the fastest shape side-by-side passes may be in the trial and still be
-#: chosen. Measured on 2 cores, 60,000 Fashion-MNIST rows, dumps alternating with bare runs:
-#: timm:resnet18 at 32×32 dumped at 7,556–9,186 rows/s with 2 workers against 6,635–8,401 with
-#: 2 threads; LeNet-5, each pass preprocessing its batch, at a median 0.93 of the bare forward
-#: with 2 workers against 0.78 with 2 threads (6 rounds), while the trial, which cannot see the
-#: writer stalling a parallel region by preempting one of its threads, timed LeNet-5's workers
-#: 1.26–1.30× slower than 2 threads in a warm process and up to 1.37× in a fresh one.
+#: How much slower than running one pass at a time side-by-side passes may be in the trial
+#: and still be chosen: inside a dump they lose much less to the reader and writer than the
+#: trial, which times the forward alone and cannot see a helper thread stalling a parallel
+#: region, would predict (benchmarks/RESULTS.md has the measurements).
 WORKERS_MARGIN = 1.5
 
 
@@ -138,21 +140,27 @@ class Tuning:
     """How the forward pass runs: memory format, torch threads per pass, passes at once.
 
     ``workers`` > 1 runs that many forward passes concurrently on separate batches, each on
-    ``threads`` threads (its share of the cores, in the trial). On a small machine this is as fast as one pass
-    over every core, and much less disturbed by the dump's reader and writer: a parallel
+    ``threads`` threads (its share of the cores). On a small machine this is as fast as one
+    pass over every core, and much less disturbed by the dump's reader and writer: a parallel
     region waits for its slowest thread, so a helper that preempts one of its threads stalls
-    them all, while a preempted single-threaded pass stalls only itself (measured for LeNet-5
-    on 2 cores with a resizing thread beside it: 2 threads fell from 55,000 to 44,000 rows/s,
-    2 workers from 55,000 to 54,700).
+    them all, while a preempted single-threaded pass stalls only itself.
+
+    The memory format and the threads per pass change the numbers (they select other
+    kernels, and other splits of a reduction), so they are fixed by rules or options, never
+    by a timing: the same settings on the same machine store the same bits. Only ``workers``,
+    which runs the same passes in other threads, is left to the timing trial. ``chosen_by``
+    records how the configuration was decided (``rule``, ``options``, ``trial``, ``resume``).
     """
 
     memory_format: str
     threads: int
     workers: int = 1
+    chosen_by: str = field(default="rule", compare=False)  # how, not what: equal tunings compute the same
 
     def state(self) -> dict[str, Any]:
         """What the resume journal, the store's attributes and the other ranks are given."""
-        return {"memory_format": self.memory_format, "threads": self.threads, "workers": self.workers}
+        return {"memory_format": self.memory_format, "threads": self.threads, "workers": self.workers,
+                "tuning_chosen_by": self.chosen_by}  # fmt: skip
 
     def describe(self) -> str:
         threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}"
@@ -161,6 +169,44 @@ class Tuning:
 
 def _format(name: str) -> torch.memory_format:
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def memory_format_rule(module: torch.nn.Module, example: torch.Tensor) -> str:
+    """The memory format of ``--memory-format auto``: a rule, so that it never depends on a timing.
+
+    ``channels_last`` for models with 2-D convolutions fed 4-D batches, where oneDNN's and
+    cuDNN's channels-last kernels are the fast ones (the timing trial this rule replaced
+    picked it for LeNet-5 and resnet18 alike); ``contiguous`` otherwise, and for TorchScript
+    archives, whose compiled graphs were not traced in it.
+    """
+    if example.dim() == 4 and _has_conv(module) and not isinstance(module, torch.jit.ScriptModule):
+        return "channels_last"
+    return "contiguous"
+
+
+def forward_shapes(
+    module: torch.nn.Module, example: torch.Tensor, requested: str, threads: int | None, workers: int | None,
+    parallel: bool,
+) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
+    """The memory format and the candidate (threads per pass, passes at once), preferred first.
+
+    Every candidate runs each batch with the same format and the same threads per pass, so
+    they all compute the same bits; the trial only picks which runs fastest here.
+    """
+    fmt = memory_format_rule(module, example) if requested == "auto" else requested
+    default_threads = torch.get_num_threads()
+    if workers is not None:
+        return fmt, [(threads or max(1, default_threads // workers), workers)]
+    if threads is not None:
+        return fmt, [(threads, 1)]
+    if requested == "auto" and example.device.type == "cpu" and default_threads > 1 and parallel:
+        # At most 4 passes, each on its share of the cores, to bound the memory of batches in
+        # flight; one pass with the same share of threads is the alternative for a machine
+        # whose other processes leave no room for several.
+        passes = min(default_threads, MAX_WORKERS)
+        share = default_threads // passes
+        return fmt, [(share, passes), (share, 1)]
+    return fmt, [(default_threads, 1)]
 
 
 def tune_forward(
@@ -173,105 +219,79 @@ def tune_forward(
     parallel: bool = True,
     prepare: Callable[[], torch.Tensor] | None = None,
 ) -> Tuning:
-    """Pick the memory format, thread count and workers as a careful user would: by timing them.
+    """Fix the memory format and threads per pass, and time how many passes to run at once.
 
-    Measured on a 2-core CPU, ``channels_last`` runs timm's resnet18 at 32×32 1.8× faster
-    while it slows tiny convolutions down, and when other processes share the cores one
-    thread can beat two several times over. So with ``requested == "auto"`` each memory
-    format (for convolutional models) is timed on ``example`` with torch's default thread
-    count, with 1 thread, and (where ``parallel``: the forward may run in several threads at
-    once) as up to ``MAX_WORKERS`` passes side by side sharing the cores, in interleaved
-    rounds, and the fastest is kept (side-by-side passes within ``WORKERS_MARGIN`` of it). An explicit format skips the trial (the results then do not depend on
-    timings); ``threads`` and ``workers`` fix those. ``prepare``, where given, makes each
-    pass's input from raw rows and is timed with it: what a dump's pass does on a CPU.
+    The memory format is ``requested``, or :func:`memory_format_rule`'s for ``"auto"``;
+    ``threads`` and ``workers`` fix those. Otherwise, on a CPU with several cores and where
+    ``parallel`` (the forward may run in several threads at once), up to ``MAX_WORKERS``
+    passes side by side are timed against one pass with the same threads, in interleaved
+    rounds; the side-by-side passes are kept unless one pass is more than ``WORKERS_MARGIN``
+    faster. ``prepare``, where given, makes each pass's input from raw rows and is timed with
+    it: what a dump's pass does on a CPU. The module is left in the chosen memory format.
     """
+    fmt, shapes = forward_shapes(module, example, requested, threads, workers, parallel)
+    module.to(memory_format=_format(fmt))
+    chosen_by = "options" if requested != "auto" or threads is not None or workers is not None else "rule"
+    if len(shapes) == 1:
+        return Tuning(fmt, *shapes[0], chosen_by=chosen_by)
     default_threads = torch.get_num_threads()
-    formats = ["contiguous"]
-    if requested != "auto":
-        formats = [requested]
-    elif example.dim() == 4 and _has_conv(module) and not isinstance(module, torch.jit.ScriptModule):
-        formats = ["contiguous", "channels_last"]
-    if workers is not None:
-        shapes = [(threads or max(1, default_threads // workers), workers)]
-    elif threads is not None:
-        shapes = [(threads, 1)]
-    elif requested == "auto" and example.device.type == "cpu" and default_threads > 1:
-        # Side-by-side passes (at most 4, each on its share of the cores, to bound the memory
-        # of batches in flight) come first, and are kept unless another shape is more than
-        # WORKERS_MARGIN faster in the trial: inside a dump they lose much less to the reader
-        # and writer than the trial, which times the forward alone, can see.
-        passes = min(default_threads, MAX_WORKERS)
-        shapes = ([(default_threads // passes, passes)] if parallel else []) + [(default_threads, 1), (1, 1)]
-    else:
-        shapes = [(default_threads, 1)]
-    configs = [(fmt, count, passes) for fmt in formats for count, passes in shapes]
-    if len(configs) == 1:
-        module.to(memory_format=_format(formats[0]))
-        return Tuning(*configs[0])
-    inputs = {fmt: example.contiguous(memory_format=_format(fmt)) for fmt in formats}
-    timings: dict[tuple[str, int, int], float] = {}
+    example = example.contiguous(memory_format=_format(fmt))
+    timings: dict[tuple[int, int], float] = {}
 
-    def forward(fmt: str, repeat: int) -> None:
+    def forward(repeat: int) -> None:
         with torch.inference_mode():
             for _ in range(repeat):
-                encoder(inputs[fmt] if prepare is None else prepare().contiguous(memory_format=_format(fmt)))
+                encoder(example if prepare is None else prepare().contiguous(memory_format=_format(fmt)))
 
     # Side-by-side passes run in threads that live for the whole trial, as the dump's workers
     # do: a fresh thread's first forward pass is slow (torch sets up its per-thread state),
     # which made them look slower than they run.
     pool = ThreadPoolExecutor(max(passes for _, passes in shapes), thread_name_prefix="leakaudit-trial")
 
-    def pooled(fmt: str, count: int, repeat: int) -> None:
+    def pooled(count: int, repeat: int) -> None:
         if torch.get_num_threads() != count:  # set, not restored: the pool's threads are ours
             torch.set_num_threads(count)
-        forward(fmt, repeat)
+        forward(repeat)
 
-    def run(fmt: str, count: int, passes: int, repeat: int = 1) -> float:
+    def run(count: int, passes: int, repeat: int = 1) -> float:
         """Seconds per batch: ``repeat`` passes in a row, in this thread or in each of ``passes``
         pool threads side by side."""
-        module.to(memory_format=_format(fmt))
         start = time.perf_counter()
         if passes == 1:
             with _torch_threads(count):
-                forward(fmt, repeat)
+                forward(repeat)
         else:
-            for future in [pool.submit(pooled, fmt, count, repeat) for _ in range(passes)]:
+            for future in [pool.submit(pooled, count, repeat) for _ in range(passes)]:
                 future.result()
         return (time.perf_counter() - start) / (repeat * passes)
 
     # Rounds interleave the configurations and keep each one's best time, so that a burst of
     # load from other processes cannot single one out (the minimum is the robust statistic).
     try:
-        warm = max(run(*config) for config in configs)  # allocator, kernel selection, threads
+        warm = max(run(*shape) for shape in shapes)  # allocator, kernel selection, threads
         rounds = 5 if warm < 0.1 else 3 if warm < 0.5 else 1  # keep the trial short for big models
         repeat = 3 if warm < 0.1 else 1
         for _ in range(rounds):
-            for config in configs:
-                elapsed = run(*config, repeat)
-                timings[config] = min(elapsed, timings.get(config, elapsed))
+            for shape in shapes:
+                elapsed = run(*shape, repeat)
+                timings[shape] = min(elapsed, timings.get(shape, elapsed))
     finally:
         pool.shutdown()
         # A thread's torch.set_num_threads also becomes the count of threads started later;
         # the pool's must not outlive the trial.
         torch.set_num_threads(default_threads)
-    return _choose(timings, shapes, formats, module)
+    count, passes = _choose(timings, shapes)
+    return Tuning(fmt, count, passes, chosen_by="trial")
 
 
-def _choose(timings: dict[tuple[str, int, int], float], shapes: list[tuple[int, int]], formats: list[str],
-            module: torch.nn.Module) -> Tuning:
-    """The first shape in order of preference within 5 % of the fastest (differences smaller
-    than that are noise on a shared machine), or for side-by-side passes within
-    WORKERS_MARGIN, each shape with its own best format (the first within 5 % of its fastest).
-    The margin is between shapes only: a format more than 5 % slower than its shape's best is
-    never kept for the shape's sake."""
+def _choose(timings: dict[tuple[int, int], float], shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The first shape in order of preference within its margin of the fastest: WORKERS_MARGIN
+    for side-by-side passes, 5 % otherwise (differences smaller than that are noise on a
+    shared machine)."""
     fastest = min(timings.values())
     for count, passes in shapes:
-        times = {fmt: timings[(fmt, count, passes)] for fmt in formats}
-        quickest = min(times.values())
-        fmt = next(f for f in formats if times[f] <= quickest / 0.95)
-        if quickest <= fastest * (WORKERS_MARGIN if passes > 1 else 1 / 0.95):
-            module.to(memory_format=_format(fmt))
-            return Tuning(fmt, count, passes)
+        if timings[(count, passes)] <= fastest * (WORKERS_MARGIN if passes > 1 else 1 / 0.95):
+            return count, passes
     raise AssertionError("the fastest shape is always within its own margin")
 
 
@@ -331,10 +351,53 @@ def check_finite(z: np.ndarray, layer: str, start: int) -> None:
     )
 
 
+class _ModelGuard:
+    """Puts a model in eval mode for a dump and, on :meth:`restore`, back as it was.
+
+    The dump moves the model to its device and memory format and runs it in eval mode; a
+    model passed in by the caller (a factory may return one it keeps) must come back with
+    every submodule's mode, and every parameter's and buffer's device and memory format, as
+    they were. Values are never written: eval mode updates no statistics.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._modes = eval_mode(module)
+        self._modes.__enter__()
+        self._layout = {name: (t.device, _layout(t)) for name, t in _tensors(module)}
+
+    def restore(self) -> None:
+        for name, tensor in _tensors(self.module):
+            if name not in self._layout:
+                continue
+            device, layout = self._layout[name]
+            if tensor.device == device and _layout(tensor) == layout:
+                continue
+            moved = tensor.data.to(device)
+            if layout in ("contiguous", "channels_last"):
+                moved = moved.contiguous(memory_format=_format(layout))
+            tensor.data = moved
+        self._modes.__exit__(None, None, None)
+
+
+def _tensors(module: torch.nn.Module):
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _layout(tensor: torch.Tensor) -> str:
+    if tensor.is_contiguous():
+        return "contiguous"
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided"
+
+
 @dataclass
 class _Plan:
     """Everything decided before the first row is written."""
 
+    guard: _ModelGuard
     loaded: Any
     layer: str
     source: Any
@@ -360,7 +423,21 @@ def _check_paths(settings: DumpSettings, output: Path) -> None:
         raise UsageError(f"{str(output)!r} is a directory; give a file name such as acts.h5.")
 
 
+def _split_layer(settings: DumpSettings) -> tuple[str, str | None]:
+    """The layer to dump, and the split an exported client encoder was cut at (if it is one)."""
+    split = exported_split(settings.model)
+    if settings.layer is None:
+        if split is None:
+            raise UsageError(
+                "--layer is missing: name the split layer (see `leakaudit layers MODEL`), or 'output' for the whole model."
+            )
+        return OUTPUT, split
+    # The encoder's output is its split layer's: the name it was cut at means that output.
+    return (OUTPUT if split is not None and settings.layer == split else settings.layer), split
+
+
 def _plan(settings: DumpSettings) -> _Plan:
+    """Load the model and data and run one batch; on failure, the model is left as it was."""
     device = resolve_device(settings.device)
     # Seed before building the model: a randomly initialised model must be the same on resume.
     torch.manual_seed(settings.seed)
@@ -372,8 +449,20 @@ def _plan(settings: DumpSettings) -> _Plan:
         model_args=settings.model_args,
         trust_checkpoint=settings.trust_checkpoint,
     )
+    requested, split = _split_layer(settings)
+    guard = _ModelGuard(loaded.module)
+    try:
+        return _plan_loaded(settings, loaded, guard, requested, split, device)
+    except BaseException:
+        guard.restore()
+        raise
+
+
+def _plan_loaded(
+    settings: DumpSettings, loaded: Any, guard: _ModelGuard, requested: str, split: str | None, device: torch.device
+) -> _Plan:
     module = loaded.module
-    layer = resolve_layer(module, settings.layer)
+    layer = resolve_layer(module, requested)
     source = open_source(settings.data)
     n = len(source) if settings.limit is None else min(settings.limit, len(source))
     if len(set(name for name, _ in settings.tasks)) != len(settings.tasks):
@@ -394,10 +483,15 @@ def _plan(settings: DumpSettings) -> _Plan:
     module.to(device)
     example = prep.model_input(prep.images(source.read(0, min(n, batch_size)))).to(device)
     example = _pad(example, loaded.fixed_batch)
-    truncation = truncate(module, layer, example)
-    with torch.inference_mode():
-        z_example = truncation.encoder(example)
-        output_shape = tuple(module(example).shape[1:]) if settings.with_outputs else None
+    try:
+        truncation = truncate(module, layer, example)
+        with torch.inference_mode():
+            z_example = truncation.encoder(example)
+            output_shape = tuple(module(example).shape[1:]) if settings.with_outputs else None
+    except LeakAuditError:
+        raise
+    except Exception as exc:
+        raise forward_failure(exc, tuple(example.shape[1:]), size_option="--input-size", channels_hint=_CHANNELS_HINT) from None
     if z_example.shape[0] != example.shape[0]:
         raise UsageError(
             f"layer {layer!r} output has {z_example.shape[0]} rows for a batch of {example.shape[0]}; "
@@ -441,11 +535,21 @@ def _plan(settings: DumpSettings) -> _Plan:
         "dtype": settings.dtype,
         "batch_size": batch_size,
         "device": str(device),
+        "eval_mode": True,
     }
+    if split is not None:
+        attrs["encoder_split_layer"] = split
     return _Plan(
-        loaded, layer, source, tasks, prep, n, roles, stratified_by, batch_size, device, truncation, example,
+        guard, loaded, layer, source, tasks, prep, n, roles, stratified_by, batch_size, device, truncation, example,
         tuple(z_example.shape[1:]), output_shape, fingerprint, attrs,
     )  # fmt: skip
+
+
+_CHANNELS_HINT = (
+    "Inputs are converted to the channels a model declares: declare them on the model (input_size = "
+    "({expected}, H, W)), build it for {got}-channel input with --in-chans {got} where its factory takes in_chans, "
+    "or use {expected}-channel data."
+)
 
 
 def _open_writer(
@@ -484,6 +588,7 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
     _check_paths(settings, output)
     ctx = distributed.current(resolve_device(settings.device))
     if ctx is None:
+        check_no_dump_running(output)  # a running dump's .partial is not an interrupted one
         partial = partial_path(output)
         if partial.exists() and not settings.resume and not settings.force:
             raise OutputExistsError(
@@ -496,13 +601,16 @@ def dump(settings: DumpSettings, on_progress: Callable[[int, int], None] | None 
                 + _shard_hint(output)
             )
         plan = _plan(settings)
-        resuming = settings.resume
-        tuning = _apply_tuning(plan, settings, _journal_state(output) if resuming else {})
-        writer = _open_writer(
-            settings, plan, output, 0, plan.n, resume=resuming, tuning=tuning,
-            fingerprint=plan.fingerprint, attrs=plan.attrs,
-        )  # fmt: skip
-        return _write_rows(settings, plan, writer, 0, plan.n, tuning, on_progress)
+        try:
+            resuming = settings.resume
+            tuning = _apply_tuning(plan, settings, _journal_state(output) if resuming else {})
+            writer = _open_writer(
+                settings, plan, output, 0, plan.n, resume=resuming, tuning=tuning,
+                fingerprint=plan.fingerprint, attrs=plan.attrs,
+            )  # fmt: skip
+            return _write_rows(settings, plan, writer, 0, plan.n, tuning, on_progress)
+        finally:
+            plan.guard.restore()
     return _dump_distributed(settings, output, ctx, on_progress)
 
 
@@ -510,17 +618,19 @@ def _apply_tuning(plan: _Plan, settings: DumpSettings, state: dict[str, Any]) ->
     """The tuning of an interrupted dump (same kernels, same bits on resume), else a new trial."""
     if "memory_format" in state:
         tuning = Tuning(str(state["memory_format"]), int(state.get("threads") or torch.get_num_threads()),
-                        int(state.get("workers") or 1))  # fmt: skip
+                        int(state.get("workers") or 1), str(state.get("tuning_chosen_by") or "resume"))  # fmt: skip
         plan.loaded.module.to(memory_format=_format(tuning.memory_format))
         return tuning
     serial = _serial_reason(plan, settings)
     if settings.workers is not None and settings.workers > 1 and serial is not None:
         raise ConfigError(f"--workers {settings.workers}: this forward pass cannot run in several threads at once ({serial}).")
     if plan.n <= 4 * plan.batch_size and settings.memory_format == "auto":
-        # A trial would cost about as much as the dump itself: keep torch's defaults.
-        plan.loaded.module.to(memory_format=torch.contiguous_format)
-        workers = settings.workers or 1
-        return Tuning("contiguous", settings.threads or max(1, torch.get_num_threads() // workers), workers)
+        # A trial would cost about as much as the dump itself: the preferred shape, whose
+        # numbers are the same as any other candidate's.
+        fmt, shapes = forward_shapes(plan.loaded.module, plan.example, settings.memory_format, settings.threads,
+                                     settings.workers, serial is None)  # fmt: skip
+        plan.loaded.module.to(memory_format=_format(fmt))
+        return Tuning(fmt, *shapes[0], chosen_by="rule" if settings.threads is None and settings.workers is None else "options")
     prepare = None
     if _preprocess_in_forward(plan):  # each pass also makes its input, as in the dump
         prep, fixed_batch, block = plan.prep, plan.loaded.fixed_batch, plan.source.read(0, min(plan.n, plan.batch_size))
@@ -593,6 +703,7 @@ def _dump_distributed(settings: DumpSettings, output: Path, ctx, on_progress) ->
     mine = shard_path(output, ctx.rank, ctx.world_size)
     error: BaseException | None = None
     report = None
+    plan: _Plan | None = None
     try:
         if settings.resume:
             if not partial_path(mine).exists() and not mine.exists():
@@ -637,6 +748,9 @@ def _dump_distributed(settings: DumpSettings, output: Path, ctx, on_progress) ->
             report = _write_rows(settings, plan, writer, lo, hi, tuning, on_progress if ctx.is_main else None)
     except BaseException as exc:
         error = exc
+    finally:
+        if plan is not None:
+            plan.guard.restore()
     distributed.agree(error)
     if ctx.is_main:
         try:

@@ -8,12 +8,19 @@ model traces (``layer1.0.add``), or as ``output`` for the whole model.
 it: an FX graph cut at the layer where the model traces (checked once against a hook
 capture on a real batch), otherwise a forward hook that stops the forward pass as soon
 as the layer has produced its output — so models with data-dependent control flow work.
+
+Everything here runs the model in eval mode — BatchNorm on its running statistics, Dropout
+off — whatever mode it was given in, and leaves every submodule's mode as it found it
+(:func:`eval_mode`): what is measured must be what the deployed model computes, and the
+caller's model must come back untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +50,30 @@ class _StopForward(Exception):
         self.output = output
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run the block with every submodule of ``modules`` in eval mode, then restore each one's mode.
+
+    ``Module.eval()`` is not enough on either side: it cannot be undone by ``train(was_training)``
+    when submodules had modes of their own (a frozen BatchNorm inside a training model), and
+    tracers such as torch.fx's feature extraction switch a model to training mode and leave it
+    there when tracing fails. The flags are set directly rather than through ``train()``, which
+    exported programs refuse and user modules may override. Every flag is put back, also those
+    that code inside the block changed; a flag is written only where it differs, so a block on
+    a model already in eval mode writes nothing and may run in several threads at once.
+    """
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for m, training in saved:
+        if training:
+            m.training = False
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            if m.training != training:
+                m.training = training
+
+
 def module_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_modules() if name]
 
@@ -51,11 +82,16 @@ def _is_script(module: nn.Module) -> bool:
     return isinstance(module, torch.jit.ScriptModule)
 
 
-def list_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
+def list_layers(module: nn.Module, example: torch.Tensor, *, channels_hint: str = "") -> list[LayerInfo]:
     """Run ``example`` once through ``module`` and record every submodule's output shape.
 
     Shapes of submodules inside TorchScript archives cannot be observed (TorchScript runs
-    no Python hooks); they are reported as ``None``.
+    no Python hooks); they are reported as ``None``. ``channels_hint`` is how the caller's
+    interface changes the input channels (see :func:`forward_failure`).
+
+    Raises:
+        UsageError: the model fails on ``example`` (the message says why: channels, a too
+            small input, …, and that ``--input-shape`` sets it).
     """
     shapes: dict[str, tuple[int, ...] | None] = {}
     calls: dict[str, int] = {}
@@ -73,12 +109,13 @@ def list_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
                         shapes[name] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
 
                 handles.append(sub.register_forward_hook(hook))
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(module):
             out = module(example)
+    except LeakAuditError:
+        raise
     except Exception as exc:
-        raise UsageError(
-            f"the model failed on an input of shape {tuple(example.shape[1:])}: {type(exc).__name__}: "
-            f"{_first_line(exc)}. Pass the shape it expects with --input-shape C,H,W."
+        raise forward_failure(
+            exc, tuple(example.shape[1:]), size_option="--input-shape C,H,W", channels_hint=channels_hint
         ) from None
     finally:
         for handle in handles:
@@ -106,7 +143,8 @@ def graph_node_names(module: nn.Module) -> list[str]:
     try:
         from torchvision.models.feature_extraction import get_graph_node_names
 
-        with warnings.catch_warnings():
+        # It traces in training mode too, and leaves that mode behind when tracing fails.
+        with warnings.catch_warnings(), eval_mode(module):
             warnings.simplefilter("ignore")
             _, names = get_graph_node_names(module)
         return list(names[1:])  # the first node is the input placeholder
@@ -115,7 +153,16 @@ def graph_node_names(module: nn.Module) -> list[str]:
 
 
 def resolve_layer(module: nn.Module, layer: str) -> str:
-    """Check that ``layer`` names a module or graph node; unknown names list the closest."""
+    """Check that ``layer`` names a module or graph node; unknown names list the closest.
+
+    Raises:
+        UsageError: ``layer`` is empty (which ``named_modules()`` would resolve to the whole
+            model, silently), or names nothing in the model.
+    """
+    if not layer.strip():
+        raise UsageError(
+            f"the layer name is empty ({layer!r}). Give a layer from `leakaudit layers MODEL`, or 'output' for the whole model."
+        )
     if layer == OUTPUT or layer in dict(module.named_modules()):
         return layer
     nodes = graph_node_names(module)
@@ -127,6 +174,49 @@ def resolve_layer(module: nn.Module, layer: str) -> str:
         module_names(module) + nodes + [OUTPUT],
         hint="List them all with `leakaudit layers MODEL`.",
     )
+
+
+#: The record ``harden`` stores inside the programs it exports (``torch.export`` extra files).
+PROGRAM_RECORD = "leakaudit.json"
+PROGRAM_SCHEMA = "leakaudit.program"
+
+
+def exported_split(spec: str) -> str | None:
+    """The split layer a client encoder exported by ``harden`` was cut at, or None for other models.
+
+    The name comes from the record inside the archive, or for encoders exported before it
+    was written, from the ``model.json`` of the output folder ``encoder.pt2`` sits in. Both
+    are JSON read from the zip file: nothing is unpickled.
+    """
+    import json
+    import zipfile
+    from pathlib import Path
+
+    path = Path(spec)
+    if path.suffix != ".pt2" or not path.is_file():
+        return None
+    record = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [i for i in archive.infolist() if i.filename.split("/")[1:] == ["extra", PROGRAM_RECORD]]
+            if members and members[0].file_size < 1 << 20:
+                record = json.loads(archive.read(members[0]).decode("utf-8"))
+    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError):
+        record = None
+    if isinstance(record, dict) and record.get("schema") == PROGRAM_SCHEMA:
+        layer = record.get("split_layer")
+        return layer if record.get("role") == "encoder" and isinstance(layer, str) and layer.strip() else None
+    side = path.with_name("model.json")
+    if path.name != "encoder.pt2" or not side.is_file():
+        return None
+    try:
+        folder_record = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(folder_record, dict) or folder_record.get("schema") != "leakaudit.model":
+        return None
+    layer = folder_record.get("layer")
+    return layer if isinstance(layer, str) and layer.strip() else None
 
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -141,9 +231,10 @@ class Truncation:
 
 
 def capture(module: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``layer`` for input ``x``, by a hook that stops the forward there."""
+    """The output of ``layer`` for input ``x`` in eval mode, by a hook that stops the forward there."""
     if layer == OUTPUT:
-        return _as_tensor(module(x), layer)
+        with eval_mode(module):
+            return _as_tensor(module(x), layer)
     target = dict(module.named_modules()).get(layer)
     if target is None:
         raise UsageError(f"layer {layer!r} is a graph node, not a module; only FX truncation can reach it.")
@@ -153,12 +244,16 @@ def capture(module: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
 
     handle = target.register_forward_hook(hook)
     try:
-        module(x)
+        with eval_mode(module):
+            module(x)
     except _StopForward as stop:
         return _as_tensor(stop.output, layer)
     finally:
         handle.remove()
-    raise LeakAuditError(f"layer {layer!r} was not called during the forward pass, so it produced no output.")
+    raise UsageError(
+        f"layer {layer!r} was not called during the forward pass, so it produced no output. "
+        "Choose a layer that `leakaudit layers MODEL` shows with an output shape."
+    )
 
 
 def _as_tensor(out: object, layer: str) -> torch.Tensor:
@@ -174,39 +269,52 @@ def truncate(module: nn.Module, layer: str, example: torch.Tensor) -> Truncation
 
     FX truncation is tried first and verified on ``example`` against a hook capture; where
     the model does not trace (data-dependent control flow, TorchScript), a stopping hook is
-    used instead.
+    used instead. The encoder runs the model in eval mode (:func:`eval_mode`) at every call.
     """
-    layer = resolve_layer(module, layer)
-    if layer == OUTPUT:
-        return Truncation(lambda x: _as_tensor(module(x), layer), "full")
-    if _is_script(module):
-        return Truncation(_script_prefix(module, layer), "sequential")
-    extractor = _fx_extractor(module, layer)
-    is_module = layer in dict(module.named_modules())
-    if extractor is not None:
-        if not is_module:
-            return Truncation(extractor, "fx")
-        with torch.inference_mode():
-            expected = capture(module, layer, example)
-            got = extractor(example)
-        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-            return Truncation(extractor, "fx")
+    with eval_mode(module):
+        layer = resolve_layer(module, layer)
+        if layer == OUTPUT:
+            return Truncation(_in_eval(module, lambda x: _as_tensor(module(x), layer)), "full")
+        if _is_script(module):
+            return Truncation(_in_eval(module, _script_prefix(module, layer)), "sequential")
+        extractor = _fx_extractor(module, layer)
+        is_module = layer in dict(module.named_modules())
+        if extractor is not None:
+            if not is_module:
+                return Truncation(extractor, "fx")
+            with torch.inference_mode():
+                expected = capture(module, layer, example)
+                got = extractor(example)
+            if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                return Truncation(extractor, "fx")
     return Truncation(lambda x: capture(module, layer, x), "hook")
 
 
-def _fx_extractor(module: nn.Module, layer: str) -> Encoder | None:
-    try:
-        from timm.models import create_feature_extractor
+def _in_eval(module: nn.Module, encoder: Encoder) -> Encoder:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with eval_mode(module):
+            return encoder(x)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    return run
+
+
+def _fx_extractor(module: nn.Module, layer: str) -> Encoder | None:
+    from timm.models import create_feature_extractor
+
+    # It traces in training mode too, and leaves that mode behind when tracing fails.
+    with warnings.catch_warnings(), eval_mode(module):
+        warnings.simplefilter("ignore")
+        try:
             graph_module = create_feature_extractor(module, return_nodes={layer: "z"})
-    except Exception:
-        return None
-    graph_module.eval()
+        except Exception:
+            return None
+        # Through train(): it is what selects the eval graph. Its submodules are the model's,
+        # whose modes the block restores.
+        graph_module.eval()
 
     def encoder(x: torch.Tensor) -> torch.Tensor:
-        return _as_tensor(graph_module(x)["z"], layer)
+        with eval_mode(module, graph_module):
+            return _as_tensor(graph_module(x)["z"], layer)
 
     encoder.graph_module = graph_module  # type: ignore[attr-defined]
     return encoder
@@ -263,6 +371,54 @@ def _script_prefix(module: nn.Module, layer: str) -> Encoder:
         return _as_tensor(parent(x), layer)
 
     return encoder
+
+
+_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+_TOO_SMALL = (
+    "Kernel size can't be greater than actual input size",
+    "Output size is too small",
+    "smaller than kernel",
+    "padding should be at most half of effective kernel size",
+)
+_FC_MISMATCH = re.compile(r"mat1 and mat2 shapes cannot be multiplied")
+
+
+def forward_failure(
+    exc: BaseException, input_shape: tuple[int, ...], *, size_option: str, channels_hint: str = ""
+) -> LeakAuditError:
+    """The error to report for a forward pass that failed on an input of ``input_shape`` (C, H, W).
+
+    A model fed the wrong number of channels or an input too small for its kernels fails
+    deep inside torch; those are the user's settings, not bugs, so each gets its own message
+    naming the option that fixes it (``size_option``; ``channels_hint`` says how to change
+    the channels for this command). Any other failure is reported as the model's own
+    (exit code 3) with torch's first line.
+    """
+    text = _first_line(exc)
+    shape = "×".join(map(str, input_shape))
+    channels = _CHANNELS.search(str(exc))
+    if channels:
+        expected, got = channels.groups()
+        hint = channels_hint.format(expected=expected, got=got) if channels_hint else (
+            f"Pass {size_option} with {expected} channels."
+        )
+        return UsageError(
+            f"the model expects {expected} input channels but its input ({shape}) has {got}. {hint}"
+        )
+    if any(marker in str(exc) for marker in _TOO_SMALL):
+        return UsageError(
+            f"the input ({shape}) is too small for the model: it shrinks below the size of a kernel "
+            f"inside the network ({text}). Pass a larger {size_option}, such as the size the model was built for."
+        )
+    if _FC_MISMATCH.search(str(exc)):
+        return UsageError(
+            f"the input ({shape}) does not fit the model's fully connected layers ({text}). "
+            f"Pass the {size_option} the model was built for."
+        )
+    return LeakAuditError(
+        f"the model's forward pass failed on an input of shape {shape}: {type(exc).__name__}: {text}. "
+        f"Check {size_option} and the channels; run with --debug for the traceback."
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -323,11 +479,19 @@ def _cut(module: nn.Module, layer: str, last_node: str):
 def split_model(module: nn.Module, layer: str) -> Split:
     """Cut ``module`` at ``layer`` into an encoder (input → Z) and a head (Z → output).
 
+    The model is traced in eval mode and left in the modes it came in; the two graph
+    modules are in eval mode, and their submodules are the model's (modes included).
+
     Raises:
         UsageError: the model does not trace, or a value computed before the split is used
             after it (a skip connection crossing the cut); the message lists layers that can
             be split.
     """
+    with eval_mode(module):
+        return _split_model(module, layer)
+
+
+def _split_model(module: nn.Module, layer: str) -> Split:
     from torch import fx
 
     layer = resolve_layer(module, layer)
@@ -361,7 +525,8 @@ def split_model(module: nn.Module, layer: str) -> Split:
         encoder_graph.output(env[z_node])
         encoder = fx.GraphModule(both, encoder_graph, class_name="Encoder")
         head = fx.GraphModule(both, head_graph, class_name="Head")
-        return Split(encoder.eval(), head.eval(), layer)
+        encoder.training = head.training = False  # their own flags; the submodules keep the model's
+        return Split(encoder, head, layer)
     candidates = splittable_layers(module) if nodes else []
     hint = f" Layers that can be split: {', '.join(candidates[:12])}." if candidates else ""
     raise UsageError(f"cannot split the model at {layer!r}: {reason}.{hint}")
@@ -384,11 +549,12 @@ def splittable_layers(module: nn.Module) -> list[str]:
     if not nodes:
         return []
     names = []
-    for name in module_names(module):
-        try:
-            _, z_node, y_node, _, _, crossing = _cut(module, name, nodes[-1])
-        except Exception:
-            continue
-        if crossing is None and z_node is not y_node:
-            names.append(name)
+    with eval_mode(module):
+        for name in module_names(module):
+            try:
+                _, z_node, y_node, _, _, crossing = _cut(module, name, nodes[-1])
+            except Exception:
+                continue
+            if crossing is None and z_node is not y_node:
+                names.append(name)
     return names

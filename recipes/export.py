@@ -14,7 +14,9 @@ A hardening run leaves in its output folder:
 ==================  ==============================================================
 
 Both programs load with ``torch.export.load(path).module()`` in plain torch, and with
-``leakaudit dump encoder.pt2 --layer output --data …``. Inputs are what the model sees
+``leakaudit dump encoder.pt2 --data …`` (its output; ``--layer output`` or the split's name
+say the same). Each program holds a record of its role and split layer (extra file
+``leakaudit.json``). Inputs are what the model sees
 after ``--normalize`` (when the model was trained with it, pass the same to ``dump``).
 """
 
@@ -34,7 +36,7 @@ from torch import nn
 from leakaudit import __version__
 from leakaudit._io import atomic_write_text, sha256_file
 from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
-from leakaudit.layers import split_model
+from leakaudit.layers import PROGRAM_RECORD, PROGRAM_SCHEMA, split_model
 from leakaudit.models import LoadedModel, load_model
 
 MODEL_SCHEMA = "leakaudit.model"
@@ -222,6 +224,10 @@ def export_split(
             )
     files = {}
     for name, program in (("encoder.pt2", encoder_program), ("classifier.pt2", classifier_program)):
-        torch.export.save(program, str(folder / name))
+        # Inside the archive, so that the encoder names its split wherever it is copied:
+        # `leakaudit dump encoder.pt2` then needs no --layer and accepts this one.
+        record = {"schema": PROGRAM_SCHEMA, "schema_version": 1, "tool_version": __version__,
+                  "role": name.removesuffix(".pt2"), "split_layer": layer, "layer_shape": list(z.shape[1:])}  # fmt: skip
+        torch.export.save(program, str(folder / name), extra_files={PROGRAM_RECORD: json.dumps(record)})
         files[name] = sha256_file(folder / name)
     return {"files": files, "layer_shape": list(z.shape[1:])}

@@ -39,9 +39,9 @@ def _parse_split(text: str) -> tuple[float, float, float]:
 
 def dump(
     model: ModelArg,
-    layer: Annotated[str, typer.Option("--layer", "-l", help="Split layer (see `leakaudit layers MODEL`), or 'output'.", show_default=False)],
     data: Annotated[str, typer.Option("--data", "-d", help="Data: digits, idx:DIR[:train|:test], folder:DIR, npz:FILE, hdf5:FILE.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Store to write (HDF5).", show_default=False)],
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Split layer (see `leakaudit layers MODEL`), or 'output'. Not needed for an encoder.pt2 exported by `leakaudit harden`: its output is the split.", show_default=False)] = None,
     weights: WeightsOpt = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task NAME=SOURCE (label, parity, threshold:K, map:FILE.yaml, array name); repeatable.")] = None,
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="Resize inputs to H[,W] (default: what the model declares, else the data's size).")] = None,
@@ -55,9 +55,9 @@ def dump(
     device: DeviceOpt = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Dump only the first N rows of the source.")] = None,
     compression: Annotated[Optional[str], typer.Option("--compression", help="gzip or lzf (chunked storage; slower to read shuffled).")] = None,
-    memory_format: Annotated[str, typer.Option("--memory-format", help="auto (time both), contiguous or channels_last.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads for the forward pass (default: timed with --memory-format auto, else torch's setting).", show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Forward passes at once on separate batches, each with --threads threads (default: timed with --memory-format auto, else 1).", show_default=False)] = None,
+    memory_format: Annotated[str, typer.Option("--memory-format", help="auto (channels_last for convolutional models, else contiguous: a rule, not a timing, so that a dump repeats bit for bit), contiguous or channels_last.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads per forward pass (default: each pass's share of the cores with --memory-format auto, else torch's setting).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Forward passes at once on separate batches, each with --threads threads (default: timed with --memory-format auto, which gives the same numbers either way; else 1).", show_default=False)] = None,
     num_classes: NumClassesOpt = None,
     in_chans: InChansOpt = None,
     model_arg: ModelArgOpt = None,
@@ -104,7 +104,7 @@ def dump(
         trust_checkpoint=trust_checkpoint,
     )
     with LazyProgress() as bar:
-        report = run_dump(settings, bar.callback(f"dump {layer}"))
+        report = run_dump(settings, bar.callback(f"dump {layer or 'output'}"))
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 speaks for the group
     if report.resumed_from:

@@ -34,7 +34,7 @@ def layers(
     """List every addressable layer (dotted module names) with output shape and parameters."""
     import torch
 
-    from leakaudit.layers import graph_node_names, list_layers
+    from leakaudit.layers import exported_split, graph_node_names, list_layers
 
     loaded = load_model_from_options(model, weights, num_classes, in_chans, model_arg, trust_checkpoint)
     shape = parse_shape(input_shape, "--input-shape", (3,))
@@ -43,9 +43,10 @@ def layers(
             raise UsageError(f"model {model!r} declares no input shape; pass --input-shape C,H,W.")
         shape = (loaded.in_chans, *loaded.input_size)
     batch = loaded.fixed_batch or 1
-    rows = list_layers(loaded.module, torch.zeros(batch, *shape))
+    rows = list_layers(loaded.module, torch.zeros(batch, *shape), channels_hint=_CHANNELS_HINT)
     module_set = {r.name for r in rows}
     nodes = [n for n in graph_node_names(loaded.module) if n not in module_set]
+    split = exported_split(model) if loaded.kind == "export" else None
     if as_json:
         write_json(
             {
@@ -56,6 +57,7 @@ def layers(
                     for r in rows
                 ],
                 "graph_nodes": nodes,
+                "encoder_split_layer": split,
             },
             None,
         )
@@ -74,8 +76,20 @@ def layers(
         table.add_row(r.name, r.type, shape_text, f"{r.params:,}")
     out = console()
     out.print(table)
+    if split is not None:
+        out.print(
+            f"This is a client encoder exported at {split!r}: its output is {split}'s activations. "
+            f"Dump it without --layer (or with --layer output or --layer {split}).",
+            highlight=False,
+        )
     if nodes:
         out.print(f"FX graph nodes also usable as --layer: {', '.join(nodes[:40])}" + (" …" if len(nodes) > 40 else ""), highlight=False)
+
+
+_CHANNELS_HINT = (
+    "Pass --input-shape {expected},H,W, or build the model for {got}-channel input with --in-chans {got} "
+    "where its factory takes in_chans."
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -97,7 +97,8 @@ _OS_ERRORS: dict[int, tuple[int, str]] = {
     errno.ENOENT: (_PATH_AS_GIVEN, "Check the path."),
     errno.ENOTDIR: (_PATH_AS_GIVEN, "A part of the path is a file where a folder is needed: choose another path."),
     errno.EISDIR: (_PATH_AS_GIVEN, "The path is a folder: give a file path."),
-    errno.EEXIST: (_PATH_AS_GIVEN, "Something of that name is in the way: choose another path."),
+    # What os.makedirs(exist_ok=True) raises when a file stands where a folder is needed.
+    errno.EEXIST: (_PATH_AS_GIVEN, "It is in the way of a folder that must be made there: choose another path."),
     errno.ENAMETOOLONG: (_PATH_AS_GIVEN, "Choose a shorter path."),
     errno.ELOOP: (_PATH_AS_GIVEN, "The path has a symbolic-link loop: choose another path."),
     errno.EACCES: (EXIT_RUNTIME, "Check its permissions, or choose another location."),

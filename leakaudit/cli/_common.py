@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,11 +42,18 @@ def console() -> Console:
     command's JSON goes to stdout (``--json -``), when stdout must hold that JSON alone and
     these go to stderr instead.
     """
-    return Console(file=sys.stderr if state.json_on_stdout else sys.stdout, soft_wrap=True)
+    return _Console(file=sys.stderr if state.json_on_stdout else sys.stdout, soft_wrap=True)
 
 
 def err_console() -> Console:
-    return Console(file=sys.stderr, soft_wrap=True)
+    return _Console(file=sys.stderr, soft_wrap=True)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1, the gate-failed code; the group ends a closed pipe the same
+        # way for every writer (see leakaudit.cli).
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 def print_error(message: str) -> None:
@@ -144,8 +153,11 @@ def parse_shape(text: str | None, option: str, length: Iterable[int] = (3,)) -> 
 
 
 def check_output(path: Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless ``--force`` was given."""
-    if path.exists() and not force:
+    """Refuse to overwrite an existing output unless ``--force`` was given.
+
+    A device or pipe (``/dev/stdout``) is written into, not replaced, so it needs no ``--force``.
+    """
+    if not force and (path.is_file() or path.is_dir()):
         raise OutputExistsError(f"{str(path)!r} exists. Pass --force to overwrite it.")
 
 

@@ -474,7 +474,7 @@ def export_archive_hazards(data: bytes, source: str) -> list[str]:
         CheckpointError: the bytes are not a readable torch.export archive.
     """
     if not data:
-        raise CheckpointError(f"{source!r} is empty (0 bytes), not an exported program. Export it again with torch.export.save.")
+        raise CheckpointError(f"cannot read {source!r}: it is empty (0 bytes), not an exported program. Export it again with torch.export.save.")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
@@ -500,7 +500,7 @@ def export_archive_hazards(data: bytes, source: str) -> list[str]:
     except Exception:
         looks = "a torch.save or TorchScript file" if any(n.endswith("data.pkl") for n in names) else "some other zip archive"
         raise CheckpointError(
-            f"{source!r} is not a torch.export.save archive (it looks like {looks}). Give an exported "
+            f"cannot read {source!r}: it is not a torch.export.save archive (it looks like {looks}). Give an exported "
             "program as a .pt2 file, a TorchScript or pickled model as .pt."
         ) from None
     return hazards + _pt2_record_hazards(reader, records, source)
@@ -741,8 +741,8 @@ def _require_file(path: Path, what: str) -> None:
 
 def _not_a_zip_message(source: str, head: bytes, expected: str) -> str:
     if head.startswith(b"PK"):
-        return f"{source!r} is a corrupt or truncated zip archive; it cannot be read as {expected}. Copy or save it again."
-    return f"{source!r} is {_describe_foreign(head)}, not {expected}. Check the path."
+        return f"cannot read {source!r}: it is a corrupt or truncated zip archive, not {expected}. Copy or save it again."
+    return f"cannot read {source!r}: it is {_describe_foreign(head)}, not {expected}. Check the path."
 
 
 def _describe_foreign(head: bytes) -> str:
@@ -772,7 +772,7 @@ def _checkpoint_format(path: Path) -> str:
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if not head:
-        raise CheckpointError(f"{str(path)!r} is empty (0 bytes), not a checkpoint. Save or copy it again.")
+        raise CheckpointError(f"cannot read {str(path)!r}: it is empty (0 bytes), not a checkpoint. Save or copy it again.")
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -785,7 +785,7 @@ def _checkpoint_format(path: Path) -> str:
     if head.startswith(b"\x80"):  # pickle protocol 2 and later: how torch.save writes its legacy format
         return "pickle"
     raise CheckpointError(
-        f"{str(path)!r} is {_describe_foreign(head)}, not a checkpoint. Expected a .safetensors or torch.save file."
+        f"cannot read {str(path)!r}: it is {_describe_foreign(head)}, not a checkpoint. Expected a .safetensors or torch.save file."
     )
 
 
@@ -802,15 +802,15 @@ def _check_safetensors_header(path: Path) -> None:
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if not head:
-        raise CheckpointError(f"{str(path)!r} is empty (0 bytes), not a safetensors file. Save or copy it again.")
+        raise CheckpointError(f"cannot read {str(path)!r}: it is empty (0 bytes), not a safetensors file. Save or copy it again.")
     if _looks_like_safetensors(head, size):
         return
     if len(head) >= 9 and head[8:9] == b"{":
         raise CheckpointError(
-            f"{str(path)!r} is a truncated safetensors file: its header alone needs "
+            f"cannot read {str(path)!r}: it is a truncated safetensors file; its header alone needs "
             f"{int.from_bytes(head[:8], 'little') + 8} bytes and the file has {size}. Save or copy it again."
         )
-    raise CheckpointError(f"{str(path)!r} is {_describe_foreign(head)}, not a safetensors file. Check the path.")
+    raise CheckpointError(f"cannot read {str(path)!r}: it is {_describe_foreign(head)}, not a safetensors file. Check the path.")
 
 
 def _torch_load(path: Path, *, trust_checkpoint: bool) -> Any:

@@ -11,14 +11,20 @@ spec                                      meaning
 ``path/file.py:Factory``                  user code building the module
 ``pkg.module:Factory``                    the same, from an importable module
 ``model.ts`` / ``model.pt`` (TorchScript)  loaded with :func:`torch.jit.load`
-``model.pt2``                             a :func:`torch.export.save` program
+``model.pt2``                             a :func:`torch.export.save` program (checked first)
 ``model.pt`` (a pickled ``nn.Module``)     only with ``trust_checkpoint=True``
 ========================================  =============================================
 
 Weights come from ``.safetensors`` or from ``torch.save`` files read with
 ``weights_only=True``; the wrappers real training code produces are unwrapped. Nothing
 is ever unpickled unless the caller passed ``trust_checkpoint=True``: unpickling runs
-arbitrary code from the file.
+arbitrary code from the file. A damaged file is reported as damaged and never unpickled,
+trusted or not: only an intact pickle that names Python objects is one to trust.
+
+``torch.export.load`` unpickles parts of a ``.pt2`` archive (falling back to full
+unpickling when the safe load refuses), evaluates its shape expressions with sympy, and
+loads AOTInductor libraries; :func:`export_archive_hazards` checks every such part first,
+so an archive that would run code loads only with ``trust_checkpoint=True``.
 
 Weights written by ``leakaudit train`` and ``leakaudit harden`` come with a model record
 beside them (``W.safetensors`` → ``W.json``, schema ``leakaudit.model``) that holds the
@@ -189,8 +195,6 @@ def recorded_options(weights: str | Path) -> dict[str, Any]:
     unrelated JSON file, a malformed one) gives no defaults: the weights then load with the
     options given, and a mismatch is reported by the shapes.
     """
-    import json
-
     record_path = Path(weights).with_suffix(".json")
     if Path(weights).suffix == ".json" or not record_path.is_file():
         return {}
@@ -474,11 +478,15 @@ def export_archive_hazards(data: bytes, source: str) -> list[str]:
         CheckpointError: the bytes are not a readable torch.export archive.
     """
     if not data:
-        raise CheckpointError(f"cannot read {source!r}: it is empty (0 bytes), not an exported program. Export it again with torch.export.save.")
+        raise CheckpointError(
+            f"cannot read {source!r}: it is empty (0 bytes), not an exported program. "
+            "Export it again with torch.export.save."
+        )
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
-            legacy = {name: archive.read(name) for name in names if name in _PT2_LEGACY_PICKLES + (_PT2_LEGACY_PROGRAM,)}
+            legacy_names = (*_PT2_LEGACY_PICKLES, _PT2_LEGACY_PROGRAM)
+            legacy = {name: archive.read(name) for name in names if name in legacy_names}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib.error):
         raise CheckpointError(_not_a_zip_message(source, data, "an exported program")) from None
     hazards: list[str] = []
@@ -498,7 +506,8 @@ def export_archive_hazards(data: bytes, source: str) -> list[str]:
             reader = PT2ArchiveReader(io.BytesIO(data))
             records = reader.get_file_names()
     except Exception:
-        looks = "a torch.save or TorchScript file" if any(n.endswith("data.pkl") for n in names) else "some other zip archive"
+        pickled = any(n.endswith("data.pkl") for n in names)
+        looks = "a torch.save or TorchScript file" if pickled else "some other zip archive"
         raise CheckpointError(
             f"cannot read {source!r}: it is not a torch.export.save archive (it looks like {looks}). Give an exported "
             "program as a .pt2 file, a TorchScript or pickled model as .pt."
@@ -785,7 +794,8 @@ def _checkpoint_format(path: Path) -> str:
     if head.startswith(b"\x80"):  # pickle protocol 2 and later: how torch.save writes its legacy format
         return "pickle"
     raise CheckpointError(
-        f"cannot read {str(path)!r}: it is {_describe_foreign(head)}, not a checkpoint. Expected a .safetensors or torch.save file."
+        f"cannot read {str(path)!r}: it is {_describe_foreign(head)}, not a checkpoint. "
+        "Expected a .safetensors or torch.save file."
     )
 
 

@@ -60,12 +60,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def check_folders_possible(path: Path) -> None:
+    """Refuse, before any work, an output whose folders cannot exist: a file is in the way.
+
+    Creates nothing, so it suits file and folder outputs alike.
+
+    Raises:
+        NotADirectoryError: a part of ``path`` is an existing file; it names ``path``, as the
+            user wrote it.
+    """
+    for parent in reversed(Path(path).parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+
+
 def _make_parents(path: Path) -> None:
     """Create ``path``'s missing folders; a file in the way is ENOTDIR naming that file."""
     try:
-        for parent in reversed(path.parents):
-            if parent.exists() and not parent.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+        check_folders_possible(path)
         path.parent.mkdir(parents=True, exist_ok=True)
     except NotADirectoryError:
         raise

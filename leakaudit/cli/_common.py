@@ -156,7 +156,11 @@ def check_output(path: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless ``--force`` was given.
 
     A device or pipe (``/dev/stdout``) is written into, not replaced, so it needs no ``--force``.
+    A file in the way of the output's folders is refused here too, before any work.
     """
+    from leakaudit._io import check_folders_possible
+
+    check_folders_possible(path)
     if not force and (path.is_file() or path.is_dir()):
         raise OutputExistsError(f"{str(path)!r} exists. Pass --force to overwrite it.")
 

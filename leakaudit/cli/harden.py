@@ -39,6 +39,7 @@ from leakaudit.cli.train import (
     NormalizeOpt,
     PatienceOpt,
     SplitOpt,
+    check_outputs_before_training,
     epoch_line,
     input_size_option,
 )
@@ -142,6 +143,7 @@ def harden(
         patience=patience,
         force=force,
     )
+    check_outputs_before_training(output, json_out, force)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the group
     with LazyProgress() as bar:
         result = run_harden(

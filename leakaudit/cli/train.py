@@ -21,6 +21,7 @@ from leakaudit.cli._common import (
     SeedOpt,
     TrustOpt,
     WeightsOpt,
+    check_output,
     console,
     info,
     parse_key_values,
@@ -47,6 +48,20 @@ def input_size_option(text: str | None) -> tuple[int, int] | None:
     if size is not None and len(size) == 1:
         size = (size[0], size[0])
     return size  # type: ignore[return-value]
+
+
+def check_outputs_before_training(output: Path, json_out: str | None, force: bool) -> None:
+    """Refuse outputs that could not be written now, rather than after the training.
+
+    Raises:
+        OutputExistsError: the ``--json`` file exists and ``--force`` was not given.
+        NotADirectoryError: a file is in the way of an output's folders.
+    """
+    from leakaudit._io import check_folders_possible
+
+    check_folders_possible(output)
+    if json_out not in (None, "-"):
+        check_output(Path(json_out), force)
 
 
 def epoch_line(stats: Any, prefix: str = "") -> str:
@@ -118,6 +133,7 @@ def train(
         patience=patience,
         force=force,
     )
+    check_outputs_before_training(output, json_out, force)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the group
     with LazyProgress() as bar:
         result = run_train(

@@ -362,3 +362,39 @@ def test_a_missing_output_folder_is_created(cli, tmp_path, work):
     assert result.exit_code in (0, 1), result.stderr
     assert out.read_text().strip()
     assert _entries(out.parent) == {"summary.md"}
+
+
+def _long_command(name: str, work: Path, out: Path) -> list[str]:
+    train = ["lenet5", "--data", "digits", "--task", "public=parity", "--limit", "120", "--epochs", "1"]
+    if name == "train -o":
+        return ["train", *train, "-o", f"{out}.safetensors"]
+    if name == "train --json":
+        return ["train", *train, "-o", str(out.parent.parent / "m.safetensors"), "--json", str(out)]
+    if name == "harden -o":
+        return ["harden", *train, "--num-classes", "2", "--layer", "conv3", "--method", "nopeek", "-o", str(out)]
+    if name == "attack --json":
+        return ["attack", str(work / "store.h5"), "--classifier", "--epochs", "1", "--json", str(out)]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("command", ["train -o", "train --json", "harden -o", "attack --json"])
+def test_a_file_in_the_way_of_an_output_is_refused_before_any_work(cli, tmp_path, work, command):
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    out = tmp_path / "notes.txt" / "out"
+    args = _long_command(command, work, out)
+    out = Path(args[-1])  # the output as the command names it
+    result = cli(*args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.splitlines() == [error_line(result)]  # no epoch lines or progress: nothing ran
+    assert "Not a directory" in error_line(result) and repr(str(out)) in error_line(result)
+    assert _entries(tmp_path) == {"notes.txt"} and (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+
+def test_train_refuses_an_existing_json_output_before_training(cli, tmp_path):
+    existing = tmp_path / "result.json"
+    existing.write_text("{}\n")
+    result = cli("train", "lenet5", "--data", "digits", "--task", "public=parity", "--limit", "120", "--epochs", "1",
+                 "-o", tmp_path / "m.safetensors", "--json", existing)  # fmt: skip
+    assert result.exit_code == 2, result.stderr
+    assert error_line(result) == f"Error: {str(existing)!r} exists. Pass --force to overwrite it."
+    assert existing.read_text() == "{}\n" and _entries(tmp_path) == {"result.json"}

@@ -29,18 +29,39 @@ Atomicity. A dump writes ``STORE.h5.partial`` and renames it to ``STORE.h5`` onc
 row is written and ``complete`` is set. After each flush it records the rows written in
 ``STORE.h5.partial.json`` (atomically replaced), together with a fingerprint of the
 settings; ``--resume`` continues from there only if the fingerprint matches.
+
+One dump at a time. A writer holds an exclusive ``flock`` on ``STORE.h5.partial.lock``
+from before it touches the ``.partial`` file until the rename (resumed dumps too); a
+second dump to the same path is refused with :class:`DumpInProgressError`. The kernel
+drops the lock when its process dies, even by SIGKILL, so a lock is never stale and a
+killed dump can always be resumed. Before the rename the writer checks that the
+``.partial`` file is still the one it created, and that no other dump completed the store
+meanwhile, so nothing is marked complete that is not one dump's data.
+
+Integrity. When a store is complete, every dataset gets a ``sha256`` attribute: the
+SHA-256 of its elements' stored bytes in C order (the raw bytes on disk for contiguous
+datasets, the decompressed ones for chunked datasets, the stitched rows for virtual
+ones). The root attribute ``store_sha256`` hashes the other root attributes and every
+object's name, shape, dtype and attributes (the datasets' checksums included), so it
+changes whenever anything in the store does: reports use it to tell stores apart.
+:func:`open_store` checks all of them before a reader sees any data (a streaming hash,
+a small cost beside any attack or metric); ``leakaudit info`` checks the attributes and
+the small datasets, ``info --verify`` everything. Stores written before checksums carry
+none of these attributes: they open, reported as not verified.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -61,6 +82,10 @@ def partial_path(path: Path) -> Path:
 
 def journal_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial.json")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial.lock")
 
 
 def _json_attr(value: Any) -> str:
@@ -117,13 +142,32 @@ class StoreWriter:
         self._datasets: dict[str, h5py.Dataset] | None = None
         self._layout: dict[str, tuple[int | None, np.dtype, tuple[int, ...]]] = {}
         self._direct: _DirectWriter | None | bool = None  # None: not tried yet; False: unavailable
-        if resume and self.partial.exists():
-            self.rows_done = self._reopen()
-            return
-        self.partial.unlink(missing_ok=True)
-        self.journal.unlink(missing_ok=True)
+        self._identity: int | None = None  # an open descriptor of the .partial file this writer made
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(h5py.h5f.create(os.fsencode(self.partial), h5py.h5f.ACC_TRUNC, fapl=_writer_fapl()))
+        self._lock = DumpLock(self.path)  # before anything is touched: the loser changes nothing
+        # A store that appears while this dump runs was completed by another dump: see finish.
+        self._replaces = self.path.exists()
+        if resume and self.partial.exists():
+            try:
+                self.rows_done = self._reopen()
+                self._identity = os.open(self.partial, os.O_RDONLY)
+            except BaseException:
+                if getattr(self, "file", None) is not None and self.file.id.valid:
+                    self.file.close()
+                self._lock.release()
+                raise
+            return
+        try:
+            self.partial.unlink(missing_ok=True)
+            self.journal.unlink(missing_ok=True)
+            self.file = h5py.File(h5py.h5f.create(os.fsencode(self.partial), h5py.h5f.ACC_TRUNC, fapl=_writer_fapl()))
+            self._identity = os.open(self.partial, os.O_RDONLY)
+        except BaseException:
+            if getattr(self, "file", None) is not None:
+                self.file.close()
+                self.partial.unlink(missing_ok=True)
+            self._lock.release()
+            raise
         try:
             self._create(
                 input_shape, layer_shape, dtype, labels, index, split, attrs, output_shape, compression, store_inputs
@@ -285,15 +329,38 @@ class StoreWriter:
         self._write_journal()
 
     def finish(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
-        """Mark the store complete and move it into place (replacing an existing store)."""
+        """Record the checksums, mark the store complete and move it into place.
+
+        An existing store is replaced only if it existed when this writer started (the
+        caller's ``--force``); one that another dump completed meanwhile is kept.
+
+        Raises:
+            StoreError: the ``.partial`` file is no longer the one this writer created.
+            DumpInProgressError: another dump completed the store while this one ran.
+        """
         self._close_direct()
         for key, value in (extra_attrs or {}).items():
             self.file.attrs[key] = value
         self.file.attrs["complete"] = True
         self.file.flush()
+        # Read back from the file, not hashed on the way in: the checksums vouch for what
+        # reached the disk, however it was written (direct pages, HDF5 conversion, resume).
+        _record_checksums(self.file, self._identity)
+        self.file.flush()
         self.file.close()
+        if not self._owns_partial():
+            raise StoreError(
+                f"{str(self.partial)!r} was replaced by another process while this dump wrote it; "
+                f"nothing was marked complete. Dump again when no other dump writes {str(self.path)!r}."
+            )
+        if not self._replaces and self.path.exists():
+            raise DumpInProgressError(
+                f"another dump completed {str(self.path)!r} while this one was running; it was kept and "
+                "this dump discarded. Pass --force to replace it."
+            )
         os.replace(self.partial, self.path)
         self.journal.unlink(missing_ok=True)
+        self._release()
         return self.path
 
     def close(self) -> None:
@@ -302,6 +369,7 @@ class StoreWriter:
         if self.file.id.valid:
             self.file.flush()
             self.file.close()
+        self._release()
 
     def abort(self) -> None:
         """Close and delete the ``.partial`` file: nothing is left that looks like a result."""
@@ -310,8 +378,27 @@ class StoreWriter:
             if self.file.id.valid:
                 self.file.close()
         finally:
-            self.partial.unlink(missing_ok=True)
-            self.journal.unlink(missing_ok=True)
+            if self._owns_partial():  # never another process's files
+                self.partial.unlink(missing_ok=True)
+                self.journal.unlink(missing_ok=True)
+            self._release()
+
+    def _owns_partial(self) -> bool:
+        """Whether ``.partial`` is still the file this writer created (same device and inode)."""
+        if self._identity is None:
+            return False
+        try:
+            found = os.stat(self.partial)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._identity)
+        return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _release(self) -> None:
+        if self._identity is not None:
+            os.close(self._identity)
+            self._identity = None
+        self._lock.release()
 
 
 #: Page size for direct writes: raw data of the big datasets starts on such a boundary.
@@ -413,6 +500,222 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+class DumpInProgressError(StoreError):
+    """Another dump is writing (or has just completed) the same store."""
+
+
+class StoreCorruptError(StoreError):
+    """Something in a store does not match the checksum recorded when it was dumped.
+
+    Args:
+        path: the store.
+        part: what failed, e.g. ``/activations`` or ``its attributes``.
+        detail: the rest of the sentence after "is corrupt: PART".
+    """
+
+    def __init__(self, path: Path, part: str, detail: str) -> None:
+        self.path = path
+        self.part = part
+        super().__init__(f"{str(path)!r} is corrupt: {part} {detail}")
+
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock; the checks before the rename still hold
+    fcntl = None  # type: ignore[assignment]
+
+
+class DumpLock:
+    """An exclusive ``flock`` on ``STORE.h5.partial.lock``, held while a dump writes ``STORE.h5``.
+
+    ``flock`` rather than an ``O_EXCL`` marker file: the kernel releases it when the holder
+    dies, however it dies, so there is never a stale lock to clear by hand before a resume.
+    The file is removed on release; whoever opened it just before then finds, after locking,
+    that the path names another file (or none) and starts over.
+
+    Args:
+        store: the store path the dump writes.
+        wait: block until the lock is free instead of refusing at once.
+
+    Raises:
+        DumpInProgressError: another process holds the lock (and ``wait`` is off).
+    """
+
+    def __init__(self, store: Path, *, wait: bool = False) -> None:
+        self.store = Path(store)
+        self.path = lock_path(self.store)
+        self.fd: int | None = None
+        if fcntl is None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                raise DumpInProgressError(
+                    f"another dump is writing {str(self.store)!r} right now (it holds {str(self.path)!r}). "
+                    "Wait for it to finish, or write to another path; the lock ends with that process, "
+                    "so there is nothing to remove by hand."
+                ) from None
+            except OSError:
+                os.close(fd)  # a file system without locks: the checks before the rename remain
+                return
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            locked = os.fstat(fd)
+            if (current.st_dev, current.st_ino) != (locked.st_dev, locked.st_ino):
+                os.close(fd)
+                continue
+            self.fd = fd
+            return
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_no_dump_running(store: Path) -> None:
+    """Raise :class:`DumpInProgressError` if a dump is writing ``store`` now."""
+    DumpLock(Path(store)).release()
+
+
+def wait_for_dump(store: Path) -> None:
+    """Return once no dump is writing ``store``."""
+    DumpLock(Path(store), wait=True).release()
+
+
+# --------------------------------------------------------------------------- checksums
+
+#: Datasets plain ``leakaudit info`` does not read; it checks every other one.
+LARGE_DATASETS = ("inputs", "activations")
+_HASH_BLOCK = 8 << 20
+NOT_VERIFIED = "not verified (written before checksums)"
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return [_canonical(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def attributes_digest(file: h5py.File) -> str:
+    """SHA-256 of the root attributes (but ``store_sha256``) and every object's name, shape, dtype, attributes."""
+    objects: dict[str, Any] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        entry: dict[str, Any] = {"attrs": {k: _canonical(v) for k, v in obj.attrs.items()}}
+        if isinstance(obj, h5py.Dataset):
+            entry.update(shape=list(obj.shape), dtype=obj.dtype.str)
+        objects[name] = entry
+
+    file.visititems(visit)
+    root = {k: _canonical(v) for k, v in file.attrs.items() if k != "store_sha256"}
+    text = json.dumps({"attrs": root, "objects": objects}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _datasets(file: h5py.File) -> dict[str, h5py.Dataset]:
+    found: dict[str, h5py.Dataset] = {}
+    file.visititems(lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def _raw_extent(dataset: h5py.Dataset) -> tuple[int, int] | None:
+    """(offset, size) of a dataset stored as one contiguous run of raw bytes in its file, else None."""
+    if dataset.chunks is not None or dataset.is_virtual or dataset.shape is None:
+        return None
+    size = dataset.size * dataset.dtype.itemsize
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.id.get_storage_size() != size:
+        return None
+    return offset, size
+
+
+def _blocks(dataset: h5py.Dataset, fd: int | None, *, what: str) -> Iterator[Any]:
+    """The dataset's stored bytes in order, in blocks of about :data:`_HASH_BLOCK` bytes."""
+    extent = _raw_extent(dataset) if fd is not None else None
+    if extent is not None:
+        offset, size = extent
+        if hasattr(os, "posix_fadvise") and size:
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_SEQUENTIAL)
+        # Two buffers: one is filled while the caller hashes the other.
+        buffers = [bytearray(min(size, _HASH_BLOCK)) for _ in range(2)] if size else []
+        done = turn = 0
+        while done < size:
+            view = memoryview(buffers[turn % 2])[: min(_HASH_BLOCK, size - done)]
+            got = os.preadv(fd, [view], offset + done)
+            if got <= 0:
+                raise StoreError(f"{what} is truncated: /{dataset.name.lstrip('/')} ends early. Dump it again.")
+            yield view[:got]
+            done, turn = done + got, turn + 1
+        return
+    if dataset.shape == ():
+        yield np.ascontiguousarray(dataset[()])
+        return
+    row_bytes = max(1, math.prod(dataset.shape[1:]) * dataset.dtype.itemsize)
+    step = max(1, _HASH_BLOCK // row_bytes)
+    for start in range(0, len(dataset), step):
+        yield np.ascontiguousarray(dataset[start : start + step])
+
+
+def _digest(blocks: Iterator[Any]) -> str:
+    """SHA-256 of the blocks, the next one read while this one is hashed (both release the GIL)."""
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, blocks, None)
+        while (block := pending.result()) is not None:
+            pending = pool.submit(next, blocks, None)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_digest(dataset: h5py.Dataset, fd: int | None = None, *, what: str = "the store") -> str:
+    """SHA-256 of a dataset's elements' stored bytes in C order (raw file bytes read from ``fd`` when contiguous)."""
+    return _digest(_blocks(dataset, fd, what=what))
+
+
+def _record_checksums(file: h5py.File, fd: int | None, precomputed: Mapping[str, str] | None = None) -> None:
+    for name, dataset in _datasets(file).items():
+        digest = (precomputed or {}).get(name)
+        dataset.attrs["sha256"] = digest if digest is not None else dataset_digest(dataset, fd)
+    file.attrs["store_sha256"] = attributes_digest(file)
+
+
+def record_checksums(path: str | Path) -> str:
+    """Compute and record the checksums of the store at ``path``, as a dump does when it completes.
+
+    For a store edited on purpose (tests build defective stores this way); it vouches for
+    whatever the file holds now. Returns ``store_sha256``.
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with h5py.File(path, "r+") as file:
+            _record_checksums(file, fd)
+            return str(file.attrs["store_sha256"])
+    finally:
+        os.close(fd)
+
+
+def seal_attributes(file: h5py.File) -> None:
+    """Record ``store_sha256`` again after a deliberate change of attributes (never of data)."""
+    file.attrs["store_sha256"] = attributes_digest(file)
+
+
 SHARDED = ("inputs", "activations", "outputs")
 
 
@@ -426,6 +729,7 @@ def write_virtual_store(path: Path, shards: Sequence[Path], fingerprint: Mapping
     path = Path(path)
     expected = json.loads(_json_attr(dict(fingerprint)))
     handles = []
+    lock: DumpLock | None = None
     try:
         for shard in shards:
             if not shard.exists():
@@ -445,6 +749,7 @@ def write_virtual_store(path: Path, shards: Sequence[Path], fingerprint: Mapping
         n = int(expected["rows"])
         if bounds[0][0] != 0 or bounds[-1][1] != n or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
             raise StoreError(f"cannot stitch {str(path)!r}: the shards do not cover rows 0–{n} in order ({bounds}).")
+        lock = DumpLock(path)
         partial = partial_path(path)
         partial.unlink(missing_ok=True)
         with h5py.File(partial, "w") as out:
@@ -475,22 +780,58 @@ def write_virtual_store(path: Path, shards: Sequence[Path], fingerprint: Mapping
                     ds.attrs[key] = value
             out.attrs["dump_seconds"] = max(float(h.attrs.get("dump_seconds", 0.0)) for h in handles)
             out.attrs["complete"] = True
+            stitched = {name: _stitched_digest(path, name, shards, handles) for name in SHARDED if name in first}
+            _record_checksums(out, None, stitched)
         os.replace(partial, path)
         return path
+    except BaseException:
+        if lock is not None:
+            partial_path(path).unlink(missing_ok=True)  # ours: the lock was held since before it existed
+        raise
     finally:
         for handle in handles:
             handle.close()
+        if lock is not None:
+            lock.release()
+
+
+def _stitched_digest(path: Path, name: str, shards: Sequence[Path], handles: Sequence[h5py.File]) -> str:
+    """The checksum of virtual dataset ``name`` (its shards' rows in order), checking each shard's own on the way."""
+    whole = hashlib.sha256()
+    for shard, handle in zip(shards, handles):
+        part = hashlib.sha256()
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            for block in _blocks(handle[name], fd, what=repr(str(shard))):
+                part.update(block)
+                whole.update(block)
+        finally:
+            os.close(fd)
+        expected = handle[name].attrs.get("sha256")
+        if expected is not None and _canonical(expected) != part.hexdigest():
+            raise StoreError(
+                f"cannot stitch {str(path)!r}: /{name} of shard {shard.name!r} does not match the checksum recorded "
+                "when it was written. Dump again with --force."
+            )
+    return whole.hexdigest()
 
 
 class ActivationStore:
     """Read access to a complete, valid store; every reader goes through this class.
 
+    Args:
+        path: the store.
+        verify: ``"all"`` checks every dataset against its checksum before any is read;
+            ``"attributes"`` checks the attributes and every dataset but ``/inputs`` and
+            ``/activations`` (what plain ``leakaudit info`` reads).
+
     Raises:
         StoreError: the file is missing, not HDF5, of another schema or newer version,
-            incomplete, or its datasets disagree in length.
+            incomplete, its datasets disagree in length, or something it holds does not
+            match the checksum recorded when it was dumped.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, verify: Literal["all", "attributes"] = "all") -> None:
         self.path = Path(path)
         where = str(self.path)
         if not self.path.exists():
@@ -503,6 +844,8 @@ class ActivationStore:
             raise StoreError(f"{where!r} is not a readable HDF5 file (corrupt or truncated?).") from None
         try:
             self._validate()
+            #: What was checked: ``status`` and, per dataset, ``verified``, ``not read`` or ``no checksum``.
+            self.integrity = self._verify(verify)
         except BaseException:
             self.file.close()
             raise
@@ -546,6 +889,41 @@ class ActivationStore:
                     shard = self.path.parent / source.file_name
                     if not shard.exists():
                         raise StoreError(f"{where!r} is missing its shard {str(shard)!r} (/{name} reads from it).")
+
+    def _verify(self, level: str) -> dict[str, Any]:
+        where = str(self.path)
+        datasets = _datasets(self.file)
+        recorded = self.file.attrs.get("store_sha256")
+        if recorded is None:
+            if any("sha256" in d.attrs for d in datasets.values()):
+                raise StoreCorruptError(
+                    self.path, "its attributes", "lack the checksum (store_sha256) its datasets' checksums need. Dump it again."
+                )
+            # Written before checksums: no evidence either way, so it opens, reported as such.
+            return {"status": NOT_VERIFIED, "store_sha256": None, "datasets": {n: "no checksum" for n in datasets}}
+        recorded = _canonical(recorded)
+        if attributes_digest(self.file) != recorded:
+            raise StoreCorruptError(
+                self.path, "its attributes", "do not match the checksum recorded when it was dumped. Dump it again."
+            )
+        found: dict[str, str] = {}
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for name, dataset in datasets.items():
+                if level != "all" and name in LARGE_DATASETS:
+                    found[name] = "not read"
+                    continue
+                expected = dataset.attrs.get("sha256")
+                if expected is None or dataset_digest(dataset, fd, what=repr(where)) != _canonical(expected):
+                    raise StoreCorruptError(
+                        self.path, f"/{name}", "does not match the checksum recorded when it was dumped. "
+                        "Dump it again (or restore the file from a copy you trust).",
+                    )
+                found[name] = "verified"
+        finally:
+            os.close(fd)
+        complete = all(v == "verified" for v in found.values())
+        return {"status": "verified" if complete else "partly verified", "store_sha256": recorded, "datasets": found}
 
     # -- context manager
 
@@ -698,10 +1076,11 @@ class ActivationStore:
             "datasets": datasets,
             "tasks": tasks,
             "split": self.split_sizes(),
+            "integrity": self.integrity,
             "provenance": self.attrs,
         }
 
 
-def open_store(path: str | Path) -> ActivationStore:
-    """Open and validate a store (see :class:`ActivationStore`)."""
-    return ActivationStore(path)
+def open_store(path: str | Path, *, verify: Literal["all", "attributes"] = "all") -> ActivationStore:
+    """Open and validate a store, checking it against its checksums (see :class:`ActivationStore`)."""
+    return ActivationStore(path, verify=verify)

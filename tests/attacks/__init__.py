@@ -126,6 +126,9 @@ def noise_store(tmp_path_factory, trained_digits_store) -> Path:
         with h5py.File(path, "r+") as f:
             z = f["activations"]
             z[...] = np.random.default_rng(123).standard_normal(z.shape).astype(z.dtype)
+        from leakaudit.store import record_checksums
+
+        record_checksums(path)  # a deliberate edit: the store vouches for the noise
         return path
 
     return _build("noise", make)

@@ -12,7 +12,7 @@ from leakaudit.dump import DumpSettings, dump
 from leakaudit.metrics.dcor import distance_correlation_stats
 from leakaudit.metrics.distance import intra_class_distance
 from leakaudit.metrics.mi import mutual_information_gaussian
-from leakaudit.store import open_store
+from leakaudit.store import open_store, record_checksums
 from tests.conftest import error_line
 
 
@@ -88,6 +88,7 @@ def test_bad_metric_names_settings_and_stores(cli, tmp_path, store_copy):
     constant.write_bytes(store_copy.read_bytes())
     with h5py.File(constant, "r+") as f:
         f["activations"][...] = 1.0
+    record_checksums(constant)  # a deliberate edit, not corruption
     result = cli("metrics", constant, "--only", "dcor")
     assert result.exit_code == 2
     assert "Z is constant" in error_line(result)

@@ -12,12 +12,17 @@ from leakaudit.cli._common import console, write_json
 
 def info(
     store: Annotated[Path, typer.Argument(metavar="STORE", help="Activation store (HDF5).", show_default=False)],
+    verify: Annotated[bool, typer.Option("--verify", help="Also check /inputs and /activations against their checksums (reads the whole store).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Validate STORE and show its shapes, tasks, split sizes and provenance."""
-    from leakaudit.store import open_store
+    """Validate STORE and show its shapes, tasks, split sizes and provenance.
 
-    with open_store(store) as handle:
+    Checks the attributes and every dataset but /inputs and /activations against the
+    checksums recorded when STORE was dumped; --verify checks those two as well.
+    """
+    from leakaudit.store import LARGE_DATASETS, NOT_VERIFIED, open_store
+
+    with open_store(store, verify="all" if verify else "attributes") as handle:
         summary = handle.summary()
     if as_json:
         write_json(summary, None)
@@ -31,13 +36,24 @@ def info(
         f"{prov.get('model_spec')!s}, data {prov.get('data_spec')!s}",
         highlight=False,
     )
+    checks = summary["integrity"]["datasets"]
     datasets = Table(title="datasets")
     datasets.add_column("name")
     datasets.add_column("shape")
     datasets.add_column("dtype")
+    datasets.add_column("checksum")
     for name, meta in summary["datasets"].items():
-        datasets.add_row(f"/{name}", "×".join(map(str, meta["shape"])), meta["dtype"])
+        datasets.add_row(f"/{name}", "×".join(map(str, meta["shape"])), meta["dtype"], checks.get(name, ""))
     out.print(datasets)
+    status = summary["integrity"]["status"]
+    if status == NOT_VERIFIED:
+        line = f"integrity: {NOT_VERIFIED}"
+    elif status == "verified":
+        line = "integrity: verified (attributes and every dataset match the checksums recorded at dump time)"
+    else:
+        unread = ", ".join(f"/{n}" for n in LARGE_DATASETS if checks.get(n) == "not read")
+        line = f"integrity: attributes and small datasets verified; {unread} not read (run with --verify to check them)"
+    out.print(line, highlight=False)
     tasks = Table(title="tasks")
     for column in ("task", "source", "classes", "rows per class"):
         tasks.add_column(column)

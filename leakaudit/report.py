@@ -18,6 +18,7 @@ Every command that produces numbers merges them in with :func:`update_report`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from leakaudit import __version__
 from leakaudit._io import atomic_write_text
-from leakaudit.errors import ConfigError
+from leakaudit.errors import ConfigError, UsageError
 
 REPORT_SCHEMA = "leakaudit.report"
 REPORT_SCHEMA_VERSION = 1
@@ -94,7 +95,44 @@ def subject_of(store: Any) -> dict[str, Any]:
         "data_spec": attrs.get("data_spec"),
         "rows": len(store),
         "seed": attrs.get("seed"),
+        # Hashes every attribute and dataset checksum: the same value means the same store content.
+        "store_sha256": attrs.get("store_sha256"),
     }
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and os.path.realpath(str(a)) == os.path.realpath(str(b))
+
+
+def check_mergeable(path: str | Path, subject: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The report at ``path`` that results about ``subject`` may be merged into, or ``None`` to start anew.
+
+    A report belongs to one store. The store is recognised by ``store_sha256`` (so a copy or
+    another spelling of its path is the same store); a report about a store once at the same
+    path but since dumped again is stale and replaced. Stores written before checksums are
+    recognised by path alone.
+
+    Raises:
+        UsageError: the report holds results of another store.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        report = load_report(path)
+    except ConfigError:
+        return None  # unreadable: rewritten whole, as before
+    theirs = report.get("subject", {})
+    mine_id, their_id = subject.get("store_sha256"), theirs.get("store_sha256")
+    if mine_id and their_id and mine_id == their_id:
+        return report
+    if _same_path(theirs.get("store"), subject.get("store")):
+        return report if mine_id == their_id else None  # both written before checksums, or a stale report
+    raise UsageError(
+        f"report {str(path)!r} holds results of store {theirs.get('store')!r}, not of {subject.get('store')!r}; "
+        "results of different stores are never merged. Give this store its own report with --report, "
+        "or delete the report to start over."
+    )
 
 
 def new_report(subject: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,17 +158,10 @@ def update_report(
 ) -> dict[str, Any]:
     """Merge one plugin's ``result`` and its headline ``metrics`` into the report at ``path``.
 
-    A report about another store (different subject) is replaced, not mixed.
+    Results are never mixed: see :func:`check_mergeable`, whose error this raises.
     """
     path = Path(path)
-    report = None
-    if path.exists():
-        try:
-            report = load_report(path)
-        except ConfigError:
-            report = None
-        if report is not None and report.get("subject", {}).get("store") != subject.get("store"):
-            report = None
+    report = check_mergeable(path, subject)
     if report is None:
         report = new_report(subject)
     report["subject"] = dict(subject)

@@ -138,6 +138,10 @@ def attack(
                 for path in outputs:
                     check_output(path, force)
             handle = stack.enter_context(open_store(store))
+            if is_main:  # refused before training, not after it
+                from leakaudit.report import check_mergeable, default_report_path, subject_of
+
+                check_mergeable(report if report is not None else default_report_path(handle.path), subject_of(handle))
         with LazyProgress() as bar:
             result = plugin.target(handle, config, progress=bar.update if is_main else None)
         # Reached by every rank only when every rank finished its training; rank 0 then writes,

@@ -30,7 +30,7 @@ def metrics(
 
     from leakaudit.metrics_run import baseline_metrics, check_comparable, parse_settings, record, run_metrics
     from leakaudit.registry import METRICS
-    from leakaudit.report import METRIC_NAMES, default_report_path
+    from leakaudit.report import METRIC_NAMES, check_mergeable, default_report_path, subject_of
     from leakaudit.store import open_store
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
@@ -42,6 +42,8 @@ def metrics(
         check_output(Path(json_out), force)
     report_path = report_path or default_report_path(store)
     with open_store(store) as handle, LazyProgress() as bar:
+        if is_main:
+            check_mergeable(report_path, subject_of(handle))  # before the work, not after it
         callback = bar.callback if is_main else (lambda name: None)
         run = run_metrics(handle, names, settings, callback)
         if baseline is not None:

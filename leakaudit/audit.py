@@ -17,11 +17,19 @@ an optional baseline and hardening, and the policy::
     harden: {method: center-loss, lambda: 0.9}  # optional: harden, then audit the result
     policy: policy.yaml                    # or an inline {thresholds: ...}
 
+A checkpoint that needs unpickling (a pickled module, or weights saved with pickled
+objects) is refused unless the audit file allows it with ``model: {spec: ..., trust_checkpoint:
+true}``: unpickling runs code from the file.
+
 Relative paths are relative to the audit file. Dumps are cached in ``cache`` (default
 ``$LEAKAUDIT_CACHE`` or ``~/.cache/leakaudit``) under a key made of everything that
 decides their content — the checkpoint's SHA-256, the model code's, the layer, the data
 (and its files' fingerprint), the preprocessing, the dump settings and the tool version —
-so a cached dump is reused only when all of it matches.
+so a cached dump is reused only when all of it matches, and only after every dataset
+matched the checksum recorded when it was dumped. An entry that fails that check (or was
+written before checksums) is dumped again with a warning rather than refused: it is derived
+data the audit can rebuild from its own inputs, and the cache outlives any one run (CI
+restores it between runs), so a damaged entry must neither decide a verdict nor block one.
 """
 
 from __future__ import annotations
@@ -31,24 +39,31 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from leakaudit import __version__
 from leakaudit.config import from_mapping, load_yaml, positive
-from leakaudit.errors import ConfigError, StoreError
+from leakaudit.errors import ConfigError, StoreError, UntrustedCheckpointError
 from leakaudit.registry import ATTACKS
 
 Progress = Callable[[str, float, "float | None"], None]
+Warn = Callable[[str], None]
 
 # ----------------------------------------------------------------------------- configuration
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    """The model to audit: a spec and optional weights and architecture options."""
+    """The model to audit: a spec and optional weights and architecture options.
+
+    ``trust_checkpoint: true`` allows unpickling the checkpoint (a pickled module, or
+    weights holding pickled objects), which runs code from the file: set it only for
+    files from a source you trust. It is what ``--trust-checkpoint`` is to the other commands.
+    """
 
     spec: str
     weights: str | None = None
@@ -324,14 +339,19 @@ def model_fingerprint(spec: str, weights: str | None) -> dict[str, Any]:
     return found
 
 
-def cached_dump(settings_kwargs: Mapping[str, Any], cache: Path, on_progress=None) -> tuple[Path, bool]:
-    """Dump with ``settings_kwargs`` into the cache, or reuse an identical earlier dump.
+def cached_dump(
+    settings_kwargs: Mapping[str, Any], cache: Path, on_progress=None, on_warning: Warn | None = None
+) -> tuple[Path, bool]:
+    """Dump with ``settings_kwargs`` into the cache, or reuse an identical, verified earlier dump.
+
+    An entry that fails its checksums (or has none) is dumped again, saying so through
+    ``on_warning``. Another process dumping the same entry is waited for, and its result reused.
 
     Returns:
         The store path and whether it was reused.
     """
     from leakaudit.dump import DumpSettings, dump
-    from leakaudit.store import open_store
+    from leakaudit.store import DumpInProgressError, wait_for_dump
 
     tasks = settings_kwargs.get("tasks", ())
     task_files = {src: _file_digest(Path(src[4:])) for _, src in tasks if src.startswith("map:") and Path(src[4:]).is_file()}
@@ -344,18 +364,56 @@ def cached_dump(settings_kwargs: Mapping[str, Any], cache: Path, on_progress=Non
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
     path = cache / f"{key[:32]}.h5"
-    if path.exists():
-        try:
-            with open_store(path) as store:
-                sha = store.attrs.get("checkpoint_sha256") or None
-            if sha == material["model"]["weights"] or material["model"]["weights"] is None:
+    for _ in range(3):  # a concurrent audit may take the entry between our wait and our dump
+        if path.exists():
+            wait_for_dump(path)  # one that is being rewritten: wait for the result
+            if _reusable(path, material["model"]["weights"], on_warning):
                 return path, True
-        except StoreError:
-            pass  # an unreadable cache entry is recomputed
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / f"{key[:32]}.json").write_text(json.dumps(material, indent=2, sort_keys=True, default=str) + "\n")
-    dump(DumpSettings(output=path, force=True, **settings_kwargs), on_progress)
-    return path, False
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"{key[:32]}.json").write_text(json.dumps(material, indent=2, sort_keys=True, default=str) + "\n")
+        try:
+            dump(DumpSettings(output=path, force=True, **settings_kwargs), on_progress)
+        except DumpInProgressError:
+            wait_for_dump(path)
+            continue
+        return path, False
+    raise DumpInProgressError(f"other processes keep rewriting the cached dump {str(path)!r}; run the audit again.")
+
+
+def _reusable(path: Path, weights_sha256: str | None, on_warning: Warn | None) -> bool:
+    """Whether the cache entry at ``path`` passes every checksum and holds these weights' dump."""
+    from leakaudit.store import NOT_VERIFIED, StoreCorruptError, open_store
+
+    try:
+        with open_store(path) as store:  # checks every dataset against its checksum
+            status = store.integrity["status"]
+            sha = store.attrs.get("checkpoint_sha256") or None
+    except StoreCorruptError as exc:
+        reason = f"{exc.part} failed its checksum"
+    except StoreError as exc:
+        reason = str(exc).rstrip(".")
+    else:
+        if status != NOT_VERIFIED:
+            return sha == weights_sha256 or weights_sha256 is None
+        reason = f"it is {NOT_VERIFIED}"
+    if on_warning is not None:
+        on_warning(f"the cached dump {str(path)!r} is not reused ({reason}); dumping it again.")
+    return False
+
+
+@contextmanager
+def _trust_in_audit_terms() -> Iterator[None]:
+    """Say how an audit file allows unpickling: the audit command has no --trust-checkpoint."""
+    try:
+        yield
+    except UntrustedCheckpointError as exc:
+        message = str(exc)
+        cut = message.find("Pass --trust-checkpoint")
+        why = message[:cut].rstrip() if cut >= 0 else message
+        raise UntrustedCheckpointError(
+            f"{why} Set `trust_checkpoint: true` under `model:` in the audit file (model: {{spec: ..., "
+            "trust_checkpoint: true}) only if you trust its source, or re-save its state_dict with safetensors."
+        ) from None
 
 
 # ----------------------------------------------------------------------------- running
@@ -431,8 +489,18 @@ def audit_store(
     return report
 
 
-def run_audit(config: AuditConfig, output: Path, *, force: bool = False, progress: Progress | None = None) -> AuditResult:
-    """Run the audit ``config`` into the folder ``output`` (see the module docstring)."""
+def run_audit(
+    config: AuditConfig,
+    output: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_warning: Warn | None = None,
+) -> AuditResult:
+    """Run the audit ``config`` into the folder ``output`` (see the module docstring).
+
+    ``on_warning`` hears of cached dumps that failed their checks and were dumped again.
+    """
     from leakaudit._io import atomic_write_text
     from leakaudit.errors import OutputExistsError
     from leakaudit.gate import evaluate, load_policy, parse_policy
@@ -455,9 +523,13 @@ def run_audit(config: AuditConfig, output: Path, *, force: bool = False, progres
         subject_layer = config.layer
         harden_record = None
         if config.harden is not None:
-            subject_model, subject_layer, harden_record = _harden(config, staging / "hardened", progress)
+            with _trust_in_audit_terms():
+                subject_model, subject_layer, harden_record = _harden(config, staging / "hardened", progress)
         on_dump = (lambda done, total: progress("dump", done, total)) if progress else None
-        subject_store, reused["subject"] = cached_dump(_dump_kwargs(config, subject_model, subject_layer), cache, on_dump)
+        with _trust_in_audit_terms():
+            subject_store, reused["subject"] = cached_dump(
+                _dump_kwargs(config, subject_model, subject_layer), cache, on_dump, on_warning
+            )
         report_path = staging / "report.json"
         report = audit_store(subject_store, config, report_path, staging / "reconstructions.png", progress)
         baseline = config.baseline
@@ -472,7 +544,10 @@ def run_audit(config: AuditConfig, output: Path, *, force: bool = False, progres
                 base_model = dataclasses.replace(
                     config.model, spec=baseline.model or config.model.spec, weights=baseline.weights or (None if baseline.model else config.model.weights)
                 )
-                base_store, reused["baseline"] = cached_dump(_dump_kwargs(config, base_model, config.layer), cache, on_dump)
+                with _trust_in_audit_terms():
+                    base_store, reused["baseline"] = cached_dump(
+                        _dump_kwargs(config, base_model, config.layer), cache, on_dump, on_warning
+                    )
                 (staging / "baseline").mkdir()
                 other = audit_store(base_store, config, staging / "baseline" / "report.json", staging / "baseline" / "reconstructions.png", progress)
                 baseline_info = {"subject": other["subject"], "metrics": other["metrics"]}

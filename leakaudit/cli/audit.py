@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from leakaudit.cli._common import ForceOpt, LazyProgress, console
+from leakaudit.cli._common import ForceOpt, LazyProgress, console, warn
 from leakaudit.errors import EXIT_GATE_FAILED
 
 
@@ -28,7 +28,7 @@ def audit(
     config = load_audit(audit_file)
     output = output or Path(f"{audit_file.stem}-out")
     with LazyProgress() as bar:
-        result = run_audit(config, output, force=force, progress=bar.update)
+        result = run_audit(config, output, force=force, progress=bar.update, on_warning=warn)
     table = Table(title=f"leakaudit audit — {config.model.spec} at {config.layer}")
     for column in ("metric", "value", "baseline", "meaning"):
         table.add_column(column)

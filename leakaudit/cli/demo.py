@@ -18,8 +18,10 @@ def demo(
     """LeNet-5 on digits (public: parity, private: the digit): baseline vs Shredder, Scrunch and NoPeek."""
     from rich.table import Table
 
+    from leakaudit._io import check_folders_possible
     from leakaudit.demo import COLUMNS, run_demo
 
+    check_folders_possible(output)  # a file in the way is refused now, not after minutes of training
     with LazyProgress() as bar:
         result = run_demo(output, force=force, progress=bar.update, epochs=epochs)
     table = Table(title="LeNet-5 on digits, split at conv3 (public: parity; private: the digit)")

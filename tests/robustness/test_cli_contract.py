@@ -374,10 +374,12 @@ def _long_command(name: str, work: Path, out: Path) -> list[str]:
         return ["harden", *train, "--num-classes", "2", "--layer", "conv3", "--method", "nopeek", "-o", str(out)]
     if name == "attack --json":
         return ["attack", str(work / "store.h5"), "--classifier", "--epochs", "1", "--json", str(out)]
+    if name == "demo -o":
+        return ["demo", "--epochs", "1", "-o", str(out)]
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("command", ["train -o", "train --json", "harden -o", "attack --json"])
+@pytest.mark.parametrize("command", ["train -o", "train --json", "harden -o", "attack --json", "demo -o"])
 def test_a_file_in_the_way_of_an_output_is_refused_before_any_work(cli, tmp_path, work, command):
     (tmp_path / "notes.txt").write_text("keep me\n")
     out = tmp_path / "notes.txt" / "out"

@@ -52,7 +52,10 @@ def describe_plugin(plugin: Any) -> dict[str, Any]:
             if not field.init:
                 continue
             # A trailing underscore dodges a Python keyword (`lambda_`); the CLI spells `lambda`.
-            option: dict[str, Any] = {"name": field.name.rstrip("_").replace("_", "-"), "type": _type_name(hints.get(field.name, field.type))}
+            option: dict[str, Any] = {
+                "name": field.name.rstrip("_").replace("_", "-"),
+                "type": _type_name(hints.get(field.name, field.type)),
+            }
             if field.default is not dataclasses.MISSING:
                 default: Any = field.default
             elif field.default_factory is not dataclasses.MISSING:

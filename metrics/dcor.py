@@ -31,15 +31,25 @@ Precision (``precision=``):
 * ``"float64"`` (default): tiles in float64; agrees with the ``dcor`` package to ~1e-12 on
   random data. On 2 cores this ran n = 60,000 with d = 784, k = 400 in about a minute.
 * ``"float32"``: tiles in float32 (about twice the matrix-multiply rate), every sum still
-  accumulated in float64 and the data centred first (dCor is translation invariant) so that
-  the Gram trick loses little. Measured relative error of dCor against float64 is of order
-  1e-6 (benchmarks/RESULTS-metrics.md): more than enough for a reported number, not for
-  1e-9 reference tests.
+  accumulated in float64. Each variable is centred (dCor is translation invariant) and
+  scaled by a power of two (it is scale invariant too) *before* the cast, in float64 where
+  float32 does not hold the input exactly, so that offsets (data around 1e4 … 1e8) and
+  extreme magnitudes cost nothing. Measured against ``dcor`` (tests/metrics/
+  test_dcor_reference_suite.py): within 1e-8 on random data with offsets up to 1e8, and
+  within 1e-7 on one-hot labels, repeated rows and dead-ReLU rows; about 1e-6 relative on
+  large activation stores (benchmarks/RESULTS-metrics.md).
 
 Either way the Gram trick, ``|x_i|² + |x_j|² − 2 x_i·x_j``, is inexact for (near-)duplicate
-rows: their distance comes out as about ``sqrt(eps) · |x|`` instead of 0 (negative squares
-are clamped to 0 and the diagonal is set to exactly 0). With float64 that perturbs dCor far
-below 1e-9 unless a large share of the rows are duplicates.
+rows: it leaves a few ε of ``|x_i|² + |x_j|²`` where the true square is 0, and its square
+root, ``sqrt(ε) · |x|``, would count duplicates as distinct (in float32 that moved dCor by
+1e-5 on one-hot labels). Squared distances below 16 ε of ``|x_i| |x_j|`` are therefore set
+to 0 (negative ones included, and the diagonal exactly); only pairs closer than about
+``4 sqrt(ε)`` of their norms, whose distances rounding dominates anyway, are affected.
+
+Constant data: a variable whose rows are all equal has distance variance 0, and dCor (and
+``dcor_u2``) is then 0 by definition (Székely, Rizzo & Bakirov 2007), with p-value 1; the
+``dcor`` package and :func:`distance_correlation_torch` agree. ``constant="error"`` refuses
+such data instead (what an audit wants: there it means a wrong store or a collapsed layer).
 
 Inputs are ``[n, ...]`` NumPy arrays, torch tensors, or any object with ``.shape`` and row
 slicing (an ``h5py.Dataset``), read block by block so an activation store bigger than
@@ -79,6 +89,7 @@ __all__ = [
 ]
 
 Precision = Literal["float64", "float32"]
+Constant = Literal["zero", "error"]
 PvalueMethod = Literal["auto", "t-test", "permutation", "none"]
 Progress = Callable[[int, int], None]
 
@@ -182,19 +193,42 @@ class _Rows:
 def _numpy_to_torch(array: np.ndarray, name: str) -> torch.Tensor:
     if array.dtype.kind not in "biuf":
         raise DataError(f"{name} must hold numbers; got an array of dtype {array.dtype}.")
-    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
-        array = array.astype(np.int64)  # torch lacks arithmetic on uint16/32/64
+    if array.dtype == np.uint64:
+        # Values from 2⁶³ up would wrap to negative int64; the pass works in float64 anyway.
+        array = array.astype(np.float64)
+    elif array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        array = array.astype(np.int64)  # torch lacks arithmetic on uint16/32
+    if not array.dtype.isnative or any(stride < 0 for stride in array.strides):
+        # torch can view neither reversed slices (x[::-1], BGR → RGB) nor foreign byte order.
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
     with warnings.catch_warnings():
         # Read-only arrays (memory maps) are only ever read here.
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
 
 
-def _scan(rows: _Rows, block: int) -> tuple[torch.Tensor, bool]:
-    """One pass: refuse non-finite values, column means (float64), whether all rows are equal."""
+@dataclass(frozen=True)
+class _Scan:
+    """What one read of a variable tells before the pass.
+
+    Attributes:
+        mean: Column means (float64).
+        scale: A power of two that brings the largest deviation from the first row into
+            [0.5, 1); exact in binary, so scaling changes no digit, and dCor does not
+            depend on it. 1 for constant data.
+        constant: Whether all rows are equal.
+    """
+
+    mean: torch.Tensor
+    scale: float
+    constant: bool
+
+
+def _scan(rows: _Rows, block: int) -> _Scan:
+    """One pass: refuse non-finite values, column means and the scale (float64), constancy."""
     colsum = torch.zeros(rows.dim, dtype=torch.float64)
-    first = rows.block(0, 1).to("cpu")
-    varies = False
+    first = rows.block(0, 1).to(device="cpu", dtype=torch.float64)
+    spread = 0.0
     bad_values = bad_rows = 0
     first_bad: int | None = None
     for start in range(0, rows.n, block):
@@ -212,15 +246,20 @@ def _scan(rows: _Rows, block: int) -> tuple[torch.Tensor, bool]:
         if bad_values:
             continue
         colsum += chunk.sum(dim=0, dtype=torch.float64)
-        if not varies:
-            varies = bool((chunk != first).any())
+        # In the stored dtype where it is floating (a difference of floats is 0 only between
+        # equal values); float64 where that overflows, and for integers, which could wrap.
+        deviation = float((chunk - first.to(chunk.dtype)).abs().max()) if chunk.is_floating_point() else math.inf
+        if not math.isfinite(deviation):
+            deviation = float((chunk.to(torch.float64) - first).abs().max())
+        spread = max(spread, deviation)
     if bad_values:
         raise NonFiniteError(
             f"{rows.name} contains {bad_values:,} non-finite values (NaN or ±inf) in {bad_rows:,} of "
             f"{rows.n:,} rows (first in row {first_bad:,}). Distance correlation needs finite numbers; "
             "check the data or the dump that produced it."
         )
-    return colsum / rows.n, not varies
+    scale = math.ldexp(1.0, -math.frexp(spread)[1]) if spread > 0 else 1.0
+    return _Scan(colsum / rows.n, scale, spread == 0.0)
 
 
 def _check_pair(x: RowData, z: RowData, min_n: int, what: str) -> tuple[_Rows, _Rows]:
@@ -232,12 +271,21 @@ def _check_pair(x: RowData, z: RowData, min_n: int, what: str) -> tuple[_Rows, _
     return xr, zr
 
 
-def _constant_error(name: str, n: int) -> DataError:
-    return DataError(
-        f"distance correlation is undefined: {name} is constant (all {n:,} rows equal), so its "
-        "distance variance is 0 and dCor would divide by it. Check that the right data was passed "
-        "and that the layer's activations have not collapsed (e.g. a dead ReLU layer)."
-    )
+def _check_constant_mode(constant: str) -> None:
+    if constant not in ("zero", "error"):
+        raise ConfigError(f"constant must be 'zero' or 'error'; got {constant!r}.")
+
+
+def _any_constant(scan_x: _Scan, scan_z: _Scan, n: int, constant: str) -> bool:
+    """Whether X or Z is constant; raises instead when ``constant="error"``."""
+    for name, scan in (("X", scan_x), ("Z", scan_z)):
+        if scan.constant and constant == "error":
+            raise DataError(
+                f"distance correlation is degenerate: {name} is constant (all {n:,} rows equal), so its "
+                "distance variance is 0 and dCor is 0 by definition. Check that the right data was passed "
+                "and that the layer's activations have not collapsed (e.g. a dead ReLU layer)."
+            )
+    return scan_x.constant or scan_z.constant
 
 
 def _resolve(
@@ -268,27 +316,69 @@ class _Sums:
     row_b: torch.Tensor
 
 
+#: A squared distance below this many ε of ``|g_i| |g_j|`` is set to 0. Where the true value
+#: is 0 the Gram trick's rounding leaves about 1–5 ε of ``|g_i|² + |g_j|²`` (measured, float32
+#: and float64 alike), whose square root, ~sqrt(ε) · |g|, would count duplicate rows (one-hot
+#: labels, dead ReLU rows) as distinct; only pairs closer than ~4 sqrt(ε) of their norms, whose
+#: distances are rounding-dominated anyway, lose them.
+_TIE_EPS = 16.0
+
+
 def _distances(gi: torch.Tensor, ni: torch.Tensor, gj: torch.Tensor, nj: torch.Tensor, same: bool) -> torch.Tensor:
     """Euclidean distances between the rows of two centred blocks, by the Gram trick."""
     d2 = torch.addmm(ni[:, None], gi, gj.T, alpha=-2.0)
     d2.add_(nj[None, :])
-    # Rounding can push a squared distance of near-identical rows below 0 and leave the
-    # diagonal slightly off 0; both would turn into spurious distances.
-    d2.clamp_(min=0.0)
+    # Compared relative to |g_i| |g_j| by scaling rows and columns in place: a scalar
+    # threshold is one fast pass, where a per-pair bound matrix and a mask cost several.
+    inv_i = ni.clamp_min(torch.finfo(ni.dtype).tiny).rsqrt()
+    inv_j = nj.clamp_min(torch.finfo(nj.dtype).tiny).rsqrt()
+    d2.mul_(inv_i[:, None]).mul_(inv_j[None, :])
+    # Also zeroes what rounding pushed below 0.
+    torch.nn.functional.threshold_(d2, _TIE_EPS * torch.finfo(d2.dtype).eps, 0.0)
     if same:
         d2.fill_diagonal_(0.0)
-    return d2.sqrt_()
+    return d2.sqrt_().mul_(inv_i.rsqrt()[:, None]).mul_(inv_j.rsqrt()[None, :])
 
 
 def _centred(
-    rows: _Rows, start: int, stop: int, mean: torch.Tensor, dtype: torch.dtype, device: torch.device
+    rows: _Rows,
+    start: int,
+    stop: int,
+    mean: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``start:stop`` minus the column means, and their squared norms."""
-    block = rows.block(start, stop).to(device=device, dtype=dtype, non_blocking=True)
-    block = block - mean
+    """Rows ``start:stop`` minus the column means (``mean``: float64) times ``scale``, and their squared norms.
+
+    Data that ``dtype`` does not hold exactly (float64 or wide integers in float32 tiles) is
+    centred in float64 before the cast: a cast first would round an offset's digits into the
+    differences (data around 1e8 would come out constant). Data it holds exactly is centred
+    in ``dtype``, which loses nothing more: the rounded mean only shifts every row alike.
+    """
+    block = rows.block(start, stop).to(device=device, non_blocking=True)
+    if _holds_exactly(dtype, block.dtype):
+        block = block.to(dtype) - mean.to(dtype)
+    else:
+        block = (block.to(torch.float64) - mean).to(dtype)
+    block.mul_(scale)  # a power of two: exact
     # Squared norms summed in float64: a float32 BLAS dot (einsum) was measured 1.5e-6 off,
     # which biased float32 dCor by 1e-5; an accurate norm leaves only the Gram rounding.
     return block, (block * block).sum(dim=1, dtype=torch.float64).to(dtype)
+
+
+#: Significand bits of the floating dtypes, for :func:`_holds_exactly`.
+_SIGNIFICAND = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of ``narrow`` is a value of the floating dtype ``wide``."""
+    if narrow == torch.bool:
+        return True
+    if narrow.is_floating_point:
+        nested = {torch.float16, torch.bfloat16} != {wide, narrow}
+        return nested and _SIGNIFICAND.get(narrow, 64) <= _SIGNIFICAND[wide]
+    return torch.iinfo(narrow).bits <= _SIGNIFICAND[wide]
 
 
 def _pass(
@@ -300,16 +390,16 @@ def _pass(
     device: str | torch.device | None,
     progress: Progress | None,
     group: Context | None = None,
-) -> _Sums:
+    constant: str = "zero",
+) -> _Sums | None:
+    """The sums of one blockwise pass, or None when X or Z is constant (dCor = 0)."""
     dtype, block, dev = _resolve(precision, block_size, device, xr)
-    mean_x, const_x = _scan(xr, block)
-    mean_z, const_z = _scan(zr, block)
-    if const_x:
-        raise _constant_error("X", xr.n)
-    if const_z:
-        raise _constant_error("Z", zr.n)
-    mean_x = mean_x.to(device=dev, dtype=dtype)
-    mean_z = mean_z.to(device=dev, dtype=dtype)
+    _check_constant_mode(constant)
+    scan_x, scan_z = _scan(xr, block), _scan(zr, block)
+    if _any_constant(scan_x, scan_z, xr.n, constant):
+        return None
+    mean_x, scale_x = scan_x.mean.to(dev), scan_x.scale
+    mean_z, scale_z = scan_z.mean.to(dev), scan_z.scale
 
     n = xr.n
     starts = list(range(0, n, block))
@@ -330,8 +420,8 @@ def _pass(
             if world > 1 and not any((tile + 1 + t) % world == rank for t in range(min(world, len(starts) - bi))):
                 tile += len(starts) - bi  # none of this row's tiles is ours: skip reading it
                 continue
-            xi, nxi = _centred(xr, i0, i1, mean_x, dtype, dev)
-            zi, nzi = _centred(zr, i0, i1, mean_z, dtype, dev)
+            xi, nxi = _centred(xr, i0, i1, mean_x, scale_x, dtype, dev)
+            zi, nzi = _centred(zr, i0, i1, mean_z, scale_z, dtype, dev)
             for j0 in starts[bi:]:
                 tile += 1
                 if world > 1 and tile % world != rank:
@@ -341,8 +431,8 @@ def _pass(
                 if same:
                     xj, nxj, zj, nzj = xi, nxi, zi, nzi
                 else:
-                    xj, nxj = _centred(xr, j0, j1, mean_x, dtype, dev)
-                    zj, nzj = _centred(zr, j0, j1, mean_z, dtype, dev)
+                    xj, nxj = _centred(xr, j0, j1, mean_x, scale_x, dtype, dev)
+                    zj, nzj = _centred(zr, j0, j1, mean_z, scale_z, dtype, dev)
                 # float32 tiles are widened before any sum: dCov² is a small difference of
                 # large sums (of relative size ~1/d for concentrated distances), so float32
                 # accumulation measured 1e-5 relative error in dCor even with short sums.
@@ -389,15 +479,20 @@ def _u_stat(s_ab: float, row_a: torch.Tensor, row_b: torch.Tensor, n: int) -> fl
 
 
 def _correlation(cov: float, var_x: float, var_z: float) -> float:
-    denom = math.sqrt(var_x * var_z) if var_x > 0 and var_z > 0 else 0.0
-    if denom == 0.0:
-        # Non-constant data has positive distance variances; only a constant variable gives 0,
-        # and _scan refuses those before we get here.
-        raise DataError("distance correlation is undefined: a distance variance is 0 (constant data).")
-    return cov / denom
+    """``cov / sqrt(var_x var_z)`` clipped to [−1, 1]; 0 where a variance is not positive.
+
+    0 is the definition of Székely, Rizzo & Bakirov (2007) when a distance variance
+    vanishes, and what ``dcor`` returns. The clip removes rounding beyond a bound that holds
+    exactly (Cauchy–Schwarz), e.g. 1 + 1e-7 for an affine Z in float32.
+    """
+    if not (var_x > 0 and var_z > 0):
+        return 0.0
+    return min(max(cov / math.sqrt(var_x * var_z), -1.0), 1.0)
 
 
-def _dcor_from_sums(s: _Sums) -> float:
+def _dcor_from_sums(s: _Sums | None) -> float:
+    if s is None:
+        return 0.0
     cov = _v_stat(s.s_ab, s.row_a, s.row_b, s.n)
     var_x = _v_stat(s.s_aa, s.row_a, s.row_a, s.n)
     var_z = _v_stat(s.s_bb, s.row_b, s.row_b, s.n)
@@ -405,7 +500,9 @@ def _dcor_from_sums(s: _Sums) -> float:
     return math.sqrt(max(_correlation(cov, var_x, var_z), 0.0))
 
 
-def _dcor_u2_from_sums(s: _Sums) -> float:
+def _dcor_u2_from_sums(s: _Sums | None) -> float:
+    if s is None:
+        return 0.0
     cov = _u_stat(s.s_ab, s.row_a, s.row_b, s.n)
     var_x = _u_stat(s.s_aa, s.row_a, s.row_a, s.n)
     var_z = _u_stat(s.s_bb, s.row_b, s.row_b, s.n)
@@ -420,6 +517,7 @@ def distance_correlation(
     device: str | torch.device | None = None,
     precision: Precision = "float64",
     progress: Progress | None = None,
+    constant: Constant = "zero",
 ) -> float:
     """Distance correlation dCor(X, Z), the V-statistic with exponent 1.
 
@@ -434,20 +532,24 @@ def distance_correlation(
         block_size: Tile side in rows; memory grows with its square. Default 1,024.
         device: Torch device for the tiles (e.g. ``"cuda"``); default: where ``x`` lives.
         precision: ``"float64"`` (exact to ~1e-12) or ``"float32"`` (about 2× faster on CPU,
-            ~1e-6 relative error).
+            within 1e-7 on the inputs the module docstring lists).
         progress: Called as ``progress(done, total)`` with tile counts.
+        constant: ``"zero"``: a constant X or Z gives 0 (the definition); ``"error"``: raise.
 
     Returns:
         dCor in [0, 1].
 
     Raises:
         UsageError: Fewer than 2 rows.
-        DataError: Different numbers of rows, non-numeric data, or X or Z constant.
+        DataError: Different numbers of rows, non-numeric data, or (``constant="error"``)
+            X or Z constant.
         NonFiniteError: NaN or infinite values.
-        ConfigError: Invalid ``precision`` or ``block_size``.
+        ConfigError: Invalid ``precision``, ``block_size`` or ``constant``.
     """
     xr, zr = _check_pair(x, z, 2, "distance correlation")
-    sums = _pass(xr, zr, precision=precision, block_size=block_size, device=device, progress=progress)
+    sums = _pass(
+        xr, zr, precision=precision, block_size=block_size, device=device, progress=progress, constant=constant
+    )
     return _dcor_from_sums(sums)
 
 
@@ -459,6 +561,7 @@ def distance_correlation_u2(
     device: str | torch.device | None = None,
     precision: Precision = "float64",
     progress: Progress | None = None,
+    constant: Constant = "zero",
 ) -> float:
     """Bias-corrected squared distance correlation (U-centred, Székely & Rizzo 2014).
 
@@ -474,17 +577,20 @@ def distance_correlation_u2(
         device: Torch device for the tiles.
         precision: ``"float64"`` or ``"float32"``.
         progress: Called as ``progress(done, total)``.
+        constant: ``"zero"``: a constant X or Z gives 0; ``"error"``: raise.
 
     Returns:
         The bias-corrected dCor², in [-1, 1].
 
     Raises:
         UsageError: Fewer than 4 rows (the U-statistic divides by n − 3).
-        DataError: Different numbers of rows, or X or Z constant.
+        DataError: Different numbers of rows, or (``constant="error"``) X or Z constant.
         NonFiniteError: NaN or infinite values.
     """
     xr, zr = _check_pair(x, z, 4, "bias-corrected distance correlation")
-    sums = _pass(xr, zr, precision=precision, block_size=block_size, device=device, progress=progress)
+    sums = _pass(
+        xr, zr, precision=precision, block_size=block_size, device=device, progress=progress, constant=constant
+    )
     return _dcor_u2_from_sums(sums)
 
 
@@ -500,6 +606,7 @@ def distance_correlation_stats(
     precision: Precision = "float64",
     progress: Progress | None = None,
     group: Context | None = None,
+    constant: Constant = "zero",
 ) -> DcorStats:
     """dCor, bias-corrected dCor² and a p-value of independence from one pass.
 
@@ -532,13 +639,15 @@ def distance_correlation_stats(
             across ranks and every rank returns the same statistics (see the module
             docstring); every rank must call with the same arguments. The permutation test,
             if any, runs whole on every rank. ``None``: one process does everything.
+        constant: ``"zero"``: a constant X or Z gives dcor = dcor_u2 = 0 and p = 1 without a
+            pass; ``"error"``: raise.
 
     Returns:
         The statistics; ``method="exact"``.
 
     Raises:
         UsageError: Fewer than 4 rows, or a permutation test asked for above 10,000 rows.
-        DataError: Different numbers of rows, or X or Z constant.
+        DataError: Different numbers of rows, or (``constant="error"``) X or Z constant.
         NonFiniteError: NaN or infinite values.
         ConfigError: Invalid ``pvalue``, ``num_permutations``, ``precision`` or ``block_size``.
     """
@@ -555,9 +664,26 @@ def distance_correlation_stats(
             f"a permutation test keeps two n × n matrices in memory and is limited to "
             f"{PERMUTATION_MAX_N:,} rows; got {n:,}. Use pvalue='t-test'."
         )
-    sums = _pass(xr, zr, precision=precision, block_size=block_size, device=device, progress=progress, group=group)
+    sums = _pass(
+        xr,
+        zr,
+        precision=precision,
+        block_size=block_size,
+        device=device,
+        progress=progress,
+        group=group,
+        constant=constant,
+    )
     dcor_v = _dcor_from_sums(sums)
     dcor_u2 = _dcor_u2_from_sums(sums)
+    if sums is None:
+        # A constant variable is independent of everything: every permutation ties with the
+        # observed statistic, so p = 1 by either test.
+        method = "none" if pvalue == "none" else pvalue
+        p = None if pvalue == "none" else 1.0
+        stat = None if pvalue == "none" else 0.0
+        perms = num_permutations if pvalue == "permutation" else None
+        return DcorStats(0.0, 0.0, p, method, n, "exact", precision, stat, perms)
     if pvalue == "t-test":
         t, p = _t_test(dcor_u2, n)
         return DcorStats(dcor_v, dcor_u2, p, "t-test", n, "exact", precision, t)
@@ -576,8 +702,8 @@ def _t_test(r: float, n: int) -> tuple[float, float]:
 
 
 def _u_centred(rows: _Rows, device: torch.device) -> torch.Tensor:
-    mean, _ = _scan(rows, rows.n)
-    g, norms = _centred(rows, 0, rows.n, mean.to(device), torch.float64, device)
+    # Unscaled: the permutation statistic is a distance covariance, in the data's units.
+    g, norms = _centred(rows, 0, rows.n, _scan(rows, rows.n).mean.to(device), 1.0, torch.float64, device)
     a = _distances(g, norms, g, norms, True)
     n = rows.n
     row = a.sum(dim=1)
@@ -697,6 +823,7 @@ def distance_correlation_projection(
     seed: int = 0,
     block_size: int | None = None,
     progress: Progress | None = None,
+    constant: Constant = "zero",
 ) -> DcorStats:
     """Random-projection estimate of dCor and bias-corrected dCor² (Huang & Huo 2017).
 
@@ -720,13 +847,15 @@ def distance_correlation_projection(
         seed: Seed of the projection directions.
         block_size: Rows read per block while projecting.
         progress: Called as ``progress(done, total)``.
+        constant: ``"zero"``: a constant X or Z gives 0; ``"error"``: raise.
 
     Returns:
         The statistics with ``method="projection"``, ``pvalue=None``.
 
     Raises:
         UsageError: Fewer than 4 rows.
-        DataError: Different numbers of rows, or X or Z constant.
+        DataError: Different numbers of rows, (``constant="error"``) X or Z constant, or a
+            projected distance variance that is not positive.
         NonFiniteError: NaN or infinite values.
         ConfigError: Invalid ``num_projections`` or ``block_size``.
     """
@@ -736,12 +865,11 @@ def distance_correlation_projection(
     _, block, _ = _resolve("float64", block_size, None, xr)
     block = max(block, 4_096)  # only rows × directions are held, so read bigger blocks
     block = min(block, xr.n)
-    mean_x, const_x = _scan(xr, block)
-    mean_z, const_z = _scan(zr, block)
-    if const_x:
-        raise _constant_error("X", xr.n)
-    if const_z:
-        raise _constant_error("Z", zr.n)
+    _check_constant_mode(constant)
+    scan_x, scan_z = _scan(xr, block), _scan(zr, block)
+    if _any_constant(scan_x, scan_z, xr.n, constant):
+        return DcorStats(0.0, 0.0, None, "none", xr.n, "projection", "float64", num_projections=num_projections)
+    mean_x, mean_z = scan_x.mean, scan_z.mean
     n, k = xr.n, num_projections
     generator = np.random.default_rng(seed)
     dirs_x = _sphere(generator, xr.dim, 2 * k)
@@ -828,7 +956,7 @@ def distance_correlation_torch(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor
     (the NoPeek loss). Memory is O(batch²): meant for minibatches. Square roots are taken
     with a zero subgradient at 0 (pairwise distances on the diagonal and between duplicate
     rows, and dCor itself), and a constant X or Z in the batch gives dCor = 0 with zero
-    gradient, instead of the NaN that plain ``torch.sqrt`` produces there and that a strong
+    gradient (the definition, as :func:`distance_correlation` returns), instead of the NaN that plain ``torch.sqrt`` produces there and that a strong
     NoPeek weight otherwise runs into.
 
     Args:

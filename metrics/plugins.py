@@ -106,6 +106,7 @@ def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress |
         precision=config.precision,
         progress=progress,
         group=group,
+        constant="error",  # in an audit a constant X or Z means a wrong store or a collapsed layer
     )
     return MetricResult(
         "dcor",

@@ -240,15 +240,24 @@ def test_too_few_rows() -> None:
 
 
 @pytest.mark.parametrize("which", ["X", "Z"])
-def test_constant_input_is_refused(which: str) -> None:
+def test_constant_input_gives_zero_or_is_refused_on_request(which: str) -> None:
+    # One behaviour for every kernel: dCor = 0 by definition, as dcor and the NoPeek loss give.
     rng = np.random.default_rng(15)
     varying = rng.standard_normal((50, 4))
     constant = np.full((50, 4), 0.3)
     x, z = (constant, varying) if which == "X" else (varying, constant)
-    with pytest.raises(DataError, match=rf"undefined: {which} is constant \(all 50 rows equal\)"):
-        distance_correlation(x, z)
+    assert distance_correlation(x, z) == 0.0
+    assert distance_correlation_u2(x, z) == 0.0
+    assert float(distance_correlation_torch(torch.from_numpy(x), torch.from_numpy(z))) == 0.0
+    stats = distance_correlation_stats(x, z, pvalue="t-test")
+    assert (stats.dcor, stats.dcor_u2, stats.pvalue) == (0.0, 0.0, 1.0)
+    assert distance_correlation_projection(x, z).dcor == 0.0
+    with pytest.raises(DataError, match=rf"degenerate: {which} is constant \(all 50 rows equal\)"):
+        distance_correlation(x, z, constant="error")
     with pytest.raises(DataError, match="constant"):
-        distance_correlation_projection(x, z)
+        distance_correlation_projection(x, z, constant="error")
+    with pytest.raises(ConfigError, match="constant must be 'zero' or 'error'; got 'raise'"):
+        distance_correlation(x, z, constant="raise")  # type: ignore[arg-type]
 
 
 def test_non_finite_input_is_refused() -> None:

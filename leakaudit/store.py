@@ -688,10 +688,19 @@ def dataset_digest(dataset: h5py.Dataset, fd: int | None = None, *, what: str = 
     return _digest(_blocks(dataset, fd, what=what))
 
 
+def _digests(datasets: Mapping[str, h5py.Dataset], fd: int | None, what: str) -> dict[str, str]:
+    """Checksums of ``datasets``, two at a time: hashing, not reading, is what bounds them on a warm cache."""
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        futures = {name: pool.submit(dataset_digest, dataset, fd, what=what) for name, dataset in datasets.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def _record_checksums(file: h5py.File, fd: int | None, precomputed: Mapping[str, str] | None = None) -> None:
-    for name, dataset in _datasets(file).items():
-        digest = (precomputed or {}).get(name)
-        dataset.attrs["sha256"] = digest if digest is not None else dataset_digest(dataset, fd)
+    datasets = _datasets(file)
+    known = dict(precomputed or {})
+    known.update(_digests({n: d for n, d in datasets.items() if n not in known}, fd, repr(file.filename)))
+    for name, dataset in datasets.items():
+        dataset.attrs["sha256"] = known[name]
     file.attrs["store_sha256"] = attributes_digest(file)
 
 
@@ -906,22 +915,21 @@ class ActivationStore:
             raise StoreCorruptError(
                 self.path, "its attributes", "do not match the checksum recorded when it was dumped. Dump it again."
             )
-        found: dict[str, str] = {}
+        found = {name: "not read" for name in datasets if level != "all" and name in LARGE_DATASETS}
+        checked = {name: d for name, d in datasets.items() if name not in found}
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for name, dataset in datasets.items():
-                if level != "all" and name in LARGE_DATASETS:
-                    found[name] = "not read"
-                    continue
-                expected = dataset.attrs.get("sha256")
-                if expected is None or dataset_digest(dataset, fd, what=repr(where)) != _canonical(expected):
-                    raise StoreCorruptError(
-                        self.path, f"/{name}", "does not match the checksum recorded when it was dumped. "
-                        "Dump it again (or restore the file from a copy you trust).",
-                    )
-                found[name] = "verified"
+            actual = _digests(checked, fd, repr(where))
         finally:
             os.close(fd)
+        for name, dataset in checked.items():
+            expected = dataset.attrs.get("sha256")
+            if expected is None or actual[name] != _canonical(expected):
+                raise StoreCorruptError(
+                    self.path, f"/{name}", "does not match the checksum recorded when it was dumped. "
+                    "Dump it again (or restore the file from a copy you trust).",
+                )
+            found[name] = "verified"
         complete = all(v == "verified" for v in found.values())
         return {"status": "verified" if complete else "partly verified", "store_sha256": recorded, "datasets": found}
 

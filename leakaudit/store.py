@@ -70,6 +70,11 @@ from leakaudit import __version__
 from leakaudit._io import atomic_write_text
 from leakaudit.errors import StoreError, UnknownNameError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock; the checks before the rename still hold
+    fcntl = None  # type: ignore[assignment]
+
 SCHEMA = "leakaudit.activations"
 SCHEMA_VERSION = 1
 ROLES = ("attacker-train", "attacker-validation", "test")
@@ -517,12 +522,6 @@ class StoreCorruptError(StoreError):
         self.path = path
         self.part = part
         super().__init__(f"{str(path)!r} is corrupt: {part} {detail}")
-
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock; the checks before the rename still hold
-    fcntl = None  # type: ignore[assignment]
 
 
 class DumpLock:

@@ -437,9 +437,9 @@ def test_two_dumps_started_at_once_leave_one_dumps_data(tmp_path, force):
 
 def test_sigkill_leaves_a_partial_that_only_resume_continues_bit_for_bit(cli, tmp_path):
     # The slow model sleeps 0.1 s in each forward pass and the journal advances about once a
-    # second: 40 batches give the test time to kill the dump after its first entries.
+    # second: 20 batches give the test time to kill the dump after its first entries.
     args = ["dump", "tests.models_for_tests:slow", "--layer", "blocks.b", "--data", "digits", "--limit", "640",
-            "--batch-size", "16", "--memory-format", "contiguous", "--threads", "1", "--workers", "1",
+            "--batch-size", "32", "--memory-format", "contiguous", "--threads", "1", "--workers", "1",
             "--task", "label=label"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed.h5"

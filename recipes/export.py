@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from leakaudit import __version__
-from leakaudit._io import atomic_write_text, sha256_file
-from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
+from leakaudit._io import atomic_write_bytes, atomic_write_text, sha256_file
+from leakaudit.errors import FileSystemError, LeakAuditError, OutputExistsError, UsageError
 from leakaudit.layers import PROGRAM_RECORD, PROGRAM_SCHEMA, split_model
 from leakaudit.models import LoadedModel, load_model
 
@@ -66,7 +66,11 @@ def staged_dir(path: Path, force: bool) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        # The staging name is ours; the user gave ``path``, so the message names that.
+        raise FileSystemError(path, exc, action="create") from exc
     try:
         yield staging
     except BaseException:
@@ -83,21 +87,14 @@ def staged_dir(path: Path, force: bool) -> Iterator[Path]:
 
 def save_weights(module: nn.Module | Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
     """Save a state dict as safetensors atomically (tied tensors are stored as copies)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = module.state_dict() if isinstance(module, nn.Module) else module
     # Clones: safetensors refuses tensors that share memory (tied weights), and the
     # loader restores every key strictly anyway.
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Serialised in memory, then written by the one atomic writer, whose errors name ``path``.
+    atomic_write_bytes(Path(path), save(tensors, metadata=dict(metadata or {})))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -572,6 +572,7 @@ def _open_writer(
         store_inputs=settings.store_inputs,
         resume=resume,
         state=tuning.state(),
+        replace=settings.force or settings.resume or path != Path(settings.output),  # shards: as before
     )
 
 

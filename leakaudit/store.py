@@ -116,6 +116,9 @@ class StoreWriter:
         store_inputs: write ``/inputs`` (decoders need them; leave them out to keep raw data out of the store).
         resume: continue an existing ``.partial`` file instead of starting a new one.
         state: choices a resumed dump must repeat (e.g. the memory format), kept in the journal.
+        replace: whether :meth:`finish` may replace a store at ``path`` (the caller's
+            ``--force``); ``None``: only one that existed when this writer started. A store
+            that another dump completed meanwhile is never replaced without it.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class StoreWriter:
         store_inputs: bool = True,
         resume: bool = False,
         state: Mapping[str, Any] | None = None,
+        replace: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
@@ -151,7 +155,7 @@ class StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = DumpLock(self.path)  # before anything is touched: the loser changes nothing
         # A store that appears while this dump runs was completed by another dump: see finish.
-        self._replaces = self.path.exists()
+        self._replaces = self.path.exists() if replace is None else replace
         if resume and self.partial.exists():
             try:
                 self.rows_done = self._reopen()
@@ -336,8 +340,8 @@ class StoreWriter:
     def finish(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
         """Record the checksums, mark the store complete and move it into place.
 
-        An existing store is replaced only if it existed when this writer started (the
-        caller's ``--force``); one that another dump completed meanwhile is kept.
+        An existing store is replaced only as ``replace`` allows; one that another dump
+        completed meanwhile is kept.
 
         Raises:
             StoreError: the ``.partial`` file is no longer the one this writer created.

@@ -462,8 +462,13 @@ def audit_store(
     report_path: Path,
     grid_path: Path | None,
     progress: Progress | None = None,
+    on_warning: Warn | None = None,
 ) -> dict[str, Any]:
-    """Run the configured attacks and metrics on one store, merging them into ``report_path``."""
+    """Run the configured attacks and metrics on one store, merging them into ``report_path``.
+
+    ``on_warning`` hears each attack result's warnings (a head skipped, an accuracy below
+    chance), which are also kept in the report.
+    """
     from leakaudit.metrics_run import record, run_metrics
     from leakaudit.report import subject_of, update_report
     from leakaudit.store import open_store
@@ -477,6 +482,9 @@ def audit_store(
             plugin = ATTACKS.get(name)
             result = plugin.target(store, attack_config, progress)
             data = result.to_dict()
+            if on_warning is not None:
+                for message in getattr(result, "warnings", None) or ():
+                    on_warning(f"{store_path.name}, attack {name}: {message}")
             if name == "decoder" and grid_path is not None:
                 from leakaudit.attacks.decoders import save_grid
 
@@ -499,7 +507,8 @@ def run_audit(
 ) -> AuditResult:
     """Run the audit ``config`` into the folder ``output`` (see the module docstring).
 
-    ``on_warning`` hears of cached dumps that failed their checks and were dumped again.
+    ``on_warning`` hears of cached dumps that failed their checks and were dumped again, and
+    of the attacks' warnings.
     """
     from leakaudit._io import atomic_write_text
     from leakaudit.errors import OutputExistsError
@@ -531,7 +540,7 @@ def run_audit(
                 _dump_kwargs(config, subject_model, subject_layer), cache, on_dump, on_warning
             )
         report_path = staging / "report.json"
-        report = audit_store(subject_store, config, report_path, staging / "reconstructions.png", progress)
+        report = audit_store(subject_store, config, report_path, staging / "reconstructions.png", progress, on_warning)
         baseline = config.baseline
         if baseline is None and config.harden is not None:
             baseline = BaselineSection(model=config.model.spec, weights=config.model.weights)
@@ -549,7 +558,7 @@ def run_audit(
                         _dump_kwargs(config, base_model, config.layer), cache, on_dump, on_warning
                     )
                 (staging / "baseline").mkdir()
-                other = audit_store(base_store, config, staging / "baseline" / "report.json", staging / "baseline" / "reconstructions.png", progress)
+                other = audit_store(base_store, config, staging / "baseline" / "report.json", staging / "baseline" / "reconstructions.png", progress, on_warning)
                 baseline_info = {"subject": other["subject"], "metrics": other["metrics"]}
             baseline_metrics = baseline_info["metrics"]
             report["baseline"] = baseline_info

@@ -199,6 +199,25 @@ def test_an_attack_below_chance_carries_a_warning(cli, tmp_path):
     assert "<h2>Warnings</h2>" in page and "is below chance 0.50; the attack failed to learn" in page
 
 
+def test_an_audit_passes_the_attacks_warnings_on(tmp_path):
+    from leakaudit.attacks.classifier import ClassifierConfig
+    from leakaudit.audit import AuditConfig, ModelSection, audit_store
+
+    labels = np.repeat([0, 1], 100)
+    split = balanced_split(labels)
+    z = labels.astype(np.float32).copy()
+    z[split == 2] = 1 - z[split == 2]
+    z = (z + 0.05 * np.random.default_rng(0).standard_normal(200)).astype(np.float32)[:, None]
+    store = synthetic_store(tmp_path / "acts.h5", z=z, labels={"private": labels}, split=split)
+    attack = ClassifierConfig(task="private", head="linear", epochs=30, patience=5)
+    config = AuditConfig(model=ModelSection(spec="lenet5"), layer="conv3", data="digits", tasks={}, attacks=(("classifier", attack),), metrics=())
+    heard: list[str] = []
+    report = audit_store(store, config, tmp_path / "report.json", None, on_warning=heard.append)
+    kept = report["results"]["attack:classifier"]["warnings"]
+    assert any("is below chance 0.50" in w for w in kept)
+    assert heard == [f"acts.h5, attack classifier: {w}" for w in kept]
+
+
 def test_below_chance_warnings_cover_the_attack_and_its_raw_reference():
     assert below_chance_warnings("private", 0.5, 0.9, 0.5) == []  # at chance is not below it
     attack, = below_chance_warnings("private", 0.42, 0.9, 0.5)

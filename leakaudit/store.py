@@ -68,7 +68,7 @@ import numpy as np
 
 from leakaudit import __version__
 from leakaudit._io import atomic_write_text
-from leakaudit.errors import StoreError, UnknownNameError
+from leakaudit.errors import FileSystemError, StoreError, UnknownNameError
 
 try:
     import fcntl
@@ -551,7 +551,11 @@ class DumpLock:
         if fcntl is None:
             return
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                # The lock file is ours; the user named the store, so the message names that.
+                raise FileSystemError(self.store, exc, action="write") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:

@@ -352,6 +352,7 @@ def test_a_store_output_the_system_refuses_is_one_line(cli, tmp_path, condition)
     assert result.exit_code == code, result.stderr
     line = error_line(result)
     assert reason in line and "unexpected" not in line
+    assert f"{str(out)!r}" in line and ".partial" not in line  # the path the user gave, not ours
     assert not out.exists() and not Path(f"{out}.partial").exists()
     assert _entries(tmp_path) == before
 

@@ -167,7 +167,7 @@ def test_non_finite_activations_exit_3(cli, tmp_path):
 
 
 def test_thin_class_exit_2(cli, tmp_path):
-    labels = np.repeat([0, 1], 30)
+    labels = np.repeat([0, 1, 2], 20)  # three classes: the test rows still hold two without class 1
     split = np.tile(np.array([0, 1, 2], dtype=np.uint8), 20)
     split[(labels == 1) & (split == 2)] = 0  # class 1 has no test rows
     z = np.random.default_rng(0).standard_normal((60, 4)).astype(np.float32)

@@ -59,11 +59,33 @@ def default_report_path(store: str | Path) -> Path:
     return store.with_name(store.stem + ".report.json")
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook that refuses a key given twice in one object."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read and validate a report; older or foreign schemas are configuration errors."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        # json keeps the last of two equal keys silently: a gate would read whichever came last.
+        raise ConfigError(
+            f"report {str(path)!r} gives the key {exc.key!r} twice in one object; a report that leakaudit "
+            "wrote never does. Regenerate it rather than edit it."
+        ) from None
     except FileNotFoundError:
         raise ConfigError(f"report {str(path)!r} does not exist.") from None
     except (OSError, UnicodeDecodeError) as exc:

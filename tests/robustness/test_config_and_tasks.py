@@ -147,6 +147,23 @@ def test_a_value_that_is_not_a_finite_number_fails_the_gate(cli, tmp_path, value
     assert "not a number" in result.stdout
 
 
+def test_a_report_giving_a_metric_twice_is_refused(cli, tmp_path):
+    report = _report(tmp_path / "report.json", {"private_accuracy_drop": 0.01})
+    # The second value would pass the policy; json.loads keeps the last one silently.
+    text = report.read_text().replace('"private_accuracy_drop": 0.01', '"private_accuracy_drop": 0.01, "private_accuracy_drop": 0.5')
+    report.write_text(text)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("thresholds:\n  private_accuracy_drop: {min: 0.15}\n")
+    before = _files(tmp_path)
+    result = cli("gate", report, "--policy", policy, "--junit", tmp_path / "gate.xml")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: report '{report}' gives the key 'private_accuracy_drop' twice in one object; a report that "
+        "leakaudit wrote never does. Regenerate it rather than edit it."
+    )
+    assert _files(tmp_path) == before  # no gate.xml
+
+
 # ----------------------------------------------------------------------- degenerate tasks
 
 

@@ -80,7 +80,7 @@ def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {what} {str(path)!r}: {exc}.") from None
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  # trusted: UniqueKeyLoader is a SafeLoader subclass
     except DuplicateKeyError as exc:
         raise ConfigError(
             f"{path}: duplicate key {exc.key!r} at line {exc.line} (first at line {exc.first_line}). "
@@ -206,7 +206,7 @@ def parse_cli_value(text: str) -> Any:
         ConfigError: the value is a YAML mapping that repeats a key.
     """
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  # trusted: UniqueKeyLoader is a SafeLoader subclass
     except DuplicateKeyError as exc:
         raise ConfigError(f"value {_show(text)} repeats the key {exc.key!r}; give each key once.") from None
     except yaml.YAMLError:

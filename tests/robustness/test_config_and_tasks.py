@@ -190,15 +190,19 @@ def test_a_store_with_a_one_class_task_is_not_attacked(cli, tmp_path):
     assert _files(tmp_path) == before  # no result.json, no acts.report.json
 
 
-def test_an_attack_below_chance_carries_a_warning(cli, tmp_path):
-    # Z carries the label in attacker-train/validation rows and its opposite in test rows: the
-    # head learns perfectly, selects on validation, and then scores 0 against chance 0.5.
+def _below_chance_store(tmp_path: Path) -> Path:
+    """Z carries the label in attacker-train/validation rows and its opposite in test rows."""
     labels = np.repeat([0, 1], 100)
     split = balanced_split(labels)
     z = labels.astype(np.float32).copy()
     z[split == 2] = 1 - z[split == 2]
     z = (z + 0.05 * np.random.default_rng(0).standard_normal(200)).astype(np.float32)[:, None]
-    store = synthetic_store(tmp_path / "acts.h5", z=z, labels={"private": labels}, split=split)
+    return synthetic_store(tmp_path / "acts.h5", z=z, labels={"private": labels}, split=split)
+
+
+def test_an_attack_below_chance_carries_a_warning(cli, tmp_path):
+    # The head learns perfectly, selects on validation, and then scores 0 against chance 0.5.
+    store = _below_chance_store(tmp_path)
     out = tmp_path / "result.json"
     result = cli("attack", store, "--classifier", "--head", "linear", "--epochs", "30", "--patience", "5", "--json", out)
     assert result.exit_code == 0, result.stderr
@@ -220,12 +224,7 @@ def test_an_audit_passes_the_attacks_warnings_on(tmp_path):
     from leakaudit.attacks.classifier import ClassifierConfig
     from leakaudit.audit import AuditConfig, ModelSection, audit_store
 
-    labels = np.repeat([0, 1], 100)
-    split = balanced_split(labels)
-    z = labels.astype(np.float32).copy()
-    z[split == 2] = 1 - z[split == 2]
-    z = (z + 0.05 * np.random.default_rng(0).standard_normal(200)).astype(np.float32)[:, None]
-    store = synthetic_store(tmp_path / "acts.h5", z=z, labels={"private": labels}, split=split)
+    store = _below_chance_store(tmp_path)
     attack = ClassifierConfig(task="private", head="linear", epochs=30, patience=5)
     config = AuditConfig(model=ModelSection(spec="lenet5"), layer="conv3", data="digits", tasks={}, attacks=(("classifier", attack),), metrics=())
     heard: list[str] = []

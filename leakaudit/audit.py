@@ -601,7 +601,7 @@ def _rebase_paths(value: Any, staging: Path, output: Path) -> Any:
 
 def _harden(config: AuditConfig, folder: Path, progress: Progress | None) -> tuple[ModelSection, str, dict[str, Any]]:
     """Harden the configured model; return the hardened model to audit and a summary."""
-    from leakaudit.recipes.harden import HardenSettings, harden
+    from leakaudit.harden import HardenSettings, harden
 
     options = {k: v for k, v in config.harden.items() if k not in ("method", "epochs", "lr", "patience", "batch_size")}
     extra = {k: config.harden[k] for k in ("epochs", "lr", "patience", "batch_size") if k in config.harden}

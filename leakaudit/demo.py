@@ -79,7 +79,7 @@ def run_demo(output: Path, *, force: bool = False, progress: Progress | None = N
     from leakaudit.audit import AuditConfig, BaselineSection, ModelSection, run_audit
     from leakaudit.gate import evaluate, parse_policy
     from leakaudit.html_report import render, tsne_embedding
-    from leakaudit.recipes import TrainSettings, train
+    from leakaudit.train import TrainSettings, train
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:

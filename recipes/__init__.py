@@ -6,9 +6,9 @@ Importing this package registers them in :data:`leakaudit.registry.RECIPES`:
 * ``nopeek`` — NoPeek: distance correlation between the input (or an attribute) and Z.
 * ``shredder`` — Shredder: learned additive noise at the split of a frozen model.
 
-:func:`harden` runs a recipe (or a sweep of one of its settings) from any pre-trained
-checkpoint and exports the hardened model, the client encoder and the server classifier;
-:func:`train` is the plain cross-entropy baseline they start from.
+:func:`leakaudit.harden.harden` (a workflow of the core, not of this package) runs a recipe,
+or a sweep of one of its settings, from any pre-trained checkpoint and exports the hardened
+model, the client encoder and the server classifier. Recipes never import the workflows.
 
 A recipe is a factory registered with ``@RECIPES.register(name, config=FrozenConfig)`` and
 called as ``factory(config, context)`` with a :class:`RecipeContext`
@@ -22,30 +22,19 @@ from __future__ import annotations
 
 from leakaudit.recipes._training import Batch, EpochStats, Objective, RecipeContext
 from leakaudit.recipes.center_loss import CenterLoss, CenterLossConfig
-from leakaudit.recipes.export import load_hardened
-from leakaudit.recipes.harden import HardenResult, HardenSettings, RunResult, harden
 from leakaudit.recipes.nopeek import NoPeek, NoPeekConfig
 from leakaudit.recipes.shredder import LaplaceNoise, Shredder, ShredderConfig
-from leakaudit.recipes.train import TrainResult, TrainSettings, train
 
 __all__ = [
     "Batch",
     "CenterLoss",
     "CenterLossConfig",
     "EpochStats",
-    "HardenResult",
-    "HardenSettings",
     "LaplaceNoise",
     "NoPeek",
     "NoPeekConfig",
     "Objective",
     "RecipeContext",
-    "RunResult",
     "Shredder",
     "ShredderConfig",
-    "TrainResult",
-    "TrainSettings",
-    "harden",
-    "load_hardened",
-    "train",
 ]

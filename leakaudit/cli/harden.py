@@ -1,6 +1,6 @@
 """``leakaudit harden``: fine-tune a pre-trained split model with center-loss, nopeek or shredder.
 
-Under ``torchrun`` every rank trains (see :mod:`leakaudit.recipes.harden`); rank 0 alone
+Under ``torchrun`` every rank trains (see :mod:`leakaudit.harden`); rank 0 alone
 draws the progress bar, prints the epochs and the result, and writes ``--json``.
 """
 
@@ -103,8 +103,8 @@ def harden(
     from rich.markup import escape
 
     from leakaudit.data import parse_task_option
-    from leakaudit.recipes.harden import HardenSettings
-    from leakaudit.recipes.harden import harden as run_harden
+    from leakaudit.harden import HardenSettings
+    from leakaudit.harden import harden as run_harden
 
     options: dict[str, Any] = parse_key_values(option, "--option")
     for name, value in (("lambda", lambda_), ("center_alpha", center_alpha), ("center_dim", center_dim),

@@ -106,8 +106,8 @@ def train(
 ) -> None:
     """Train MODEL on the public task with cross-entropy, early-stopping on validation rows."""
     from leakaudit.data import parse_task_option
-    from leakaudit.recipes.train import TrainSettings
-    from leakaudit.recipes.train import train as run_train
+    from leakaudit.train import TrainSettings
+    from leakaudit.train import train as run_train
 
     if len(task) != 1:
         raise ConfigError(f"train takes one --task NAME=SOURCE (the public task), got {len(task)}.")

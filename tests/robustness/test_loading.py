@@ -196,7 +196,7 @@ def test_refused_dump_leaves_an_existing_store_untouched(cli, tiny_export, tmp_p
 
 
 def test_exports_written_by_harden_load_without_trust(cli, tmp_path):
-    from recipes.export import export_split
+    from leakaudit.export import export_split
 
     model = LeNet5().eval()
     export_split(model, "conv3", lambda encoder: encoder, torch.rand(2, 1, 32, 32), tmp_path)

@@ -29,7 +29,7 @@ from leakaudit.store import open_store
 
 from leakaudit.metrics.distance import intra_class_distance_stats
 from leakaudit.recipes._training import PreparedData, Progress
-from leakaudit.recipes.export import save_weights
+from leakaudit.export import save_weights
 
 #: dCor on at most this many test rows (the exact pass is O(n²·d)).
 DCOR_MAX_ROWS = 4_000

@@ -8,7 +8,7 @@ early-stopping on attacker-validation rows, and scores public accuracy on test r
 With a sweep (``lambda=0.5,0.7,0.9``) each value is trained from the same pre-trained
 weights into its own sub-folder, and every value plus the unhardened model is dumped and
 attacked with the tool's own ``dump``, classifier attack and metrics
-(:mod:`leakaudit.recipes.sweep`): the privacy–utility table of Scrunch's Figs. 4–5.
+(:mod:`leakaudit.sweep`): the privacy–utility table of Scrunch's Figs. 4–5.
 
 Everything is written into a temporary folder that replaces ``output`` only at the end.
 
@@ -65,7 +65,7 @@ from leakaudit.recipes._training import (
     snapshot,
     split_module,
 )
-from leakaudit.recipes.export import (
+from leakaudit.export import (
     check_output_dir,
     export_split,
     model_record,
@@ -354,7 +354,7 @@ def harden(
             )
             results.append(result)
         if settings.evaluates:
-            from leakaudit.recipes.sweep import privacy_table
+            from leakaudit.sweep import privacy_table
 
             table = privacy_table(
                 settings, loaded, layer, data, private, initial, results, stage, output, baseline_test, progress
@@ -374,7 +374,7 @@ def harden(
                 write_json(stage / "harden.json", result.to_dict())
         stage_name = stage.name
     if table is not None and settings.keep_stores:
-        from leakaudit.recipes.sweep import retarget_stores
+        from leakaudit.sweep import retarget_stores
 
         retarget_stores(output, table, stage_name)
     return result

@@ -35,7 +35,7 @@ from leakaudit.recipes._training import (
     load_for_training,
     prepare_data,
 )
-from leakaudit.recipes.export import model_record, save_weights, write_json
+from leakaudit.export import model_record, save_weights, write_json
 from leakaudit.runtime import resolve_device, seed_everything
 
 

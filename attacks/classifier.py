@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from leakaudit.attacks._training import (
 from leakaudit.config import positive
 from leakaudit.data import check_task_roles
 from leakaudit.errors import LeakAuditError, UnknownNameError, UsageError
+from leakaudit.glossary import relative
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
@@ -196,13 +198,24 @@ class ClassifierResult:
         return data
 
     def report_metrics(self) -> dict[str, float]:
-        """The report.json numbers (DESIGN.md names); the raw-X ones only when a reference ran."""
+        """The numbers the report records; the raw-X one only when a reference ran.
+
+        ``private_accuracy_drop`` is not among them: the report derives it
+        (:mod:`leakaudit.glossary`), from these, as it derives every drop.
+        """
         metrics = {"private_accuracy": self.accuracy, "private_chance": self.chance}
         if self.private_accuracy_raw is not None:
             metrics["private_accuracy_raw"] = self.private_accuracy_raw
-        if self.private_accuracy_drop is not None:
-            metrics["private_accuracy_drop"] = self.private_accuracy_drop
+        continuation = next((h for h in self.heads if h.name == "continuation" and h.ok), None)
+        if continuation is not None:
+            metrics["private_accuracy_continuation"] = continuation.accuracy
         return metrics
+
+    def render(self) -> list[Any]:
+        """Rich renderables for the terminal (see :mod:`leakaudit.attacks.display`)."""
+        from leakaudit.attacks.display import classifier_renderables
+
+        return classifier_renderables(self)
 
 
 # --------------------------------------------------------------------------- heads
@@ -449,7 +462,22 @@ def _flat(data: _Data) -> _Data:
     return flat.transformed(Standardizer.fit(flat.train))
 
 
-@ATTACKS.register("classifier", config=ClassifierConfig)
+def _audit_default(tasks: Sequence[str]) -> dict[str, Any]:
+    """Run by an audit that lists no attacks: on its ``private`` task, else on its first."""
+    return {"task": "private" if "private" in tasks else tasks[0]}
+
+
+@ATTACKS.register(
+    "classifier",
+    config=ClassifierConfig,
+    metrics={
+        "private_accuracy": "best accuracy of a classifier retrained on Z for the private task",
+        "private_accuracy_raw": "accuracy of the same task trained on raw X",
+        "private_accuracy_continuation": "test accuracy of the Scrunch paper's attacker: the rest of the model, retrained",
+        "private_chance": "accuracy of always predicting the most frequent private class",
+    },
+    audit_default=_audit_default,
+)
 def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: Progress | None = None) -> ClassifierResult:
     """Retrain classifiers on Z for a task of the store; report the strongest (Scrunch §3.2).
 
@@ -526,7 +554,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     raw_best = max(raw_heads, key=lambda h: h.val_accuracy) if raw_heads else None
     majority = int(np.bincount(train_y.numpy(), minlength=classes).argmax())
     raw_accuracy = raw_best.accuracy if raw_best is not None else None
-    drop = 1.0 - best.accuracy / raw_accuracy if raw_accuracy else None
+    drop = relative("drop", best.accuracy, raw_accuracy)
     chance = float(np.mean(test_y == majority))
     warnings_ += below_chance_warnings(config.task, best.accuracy, raw_accuracy, chance)
     return ClassifierResult(

@@ -58,7 +58,7 @@ from leakaudit.attacks._training import (
 )
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError
-from leakaudit.registry import ATTACKS
+from leakaudit.registry import ATTACKS, Artifact, Needs
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
 
@@ -214,6 +214,12 @@ class DecoderResult:
             "psnr": self.scores.psnr,
             "ssim_p95_mean_image": self.mean_image.ssim_p95,
         }
+
+    def render(self) -> list[Any]:
+        """Rich renderables for the terminal (see :mod:`leakaudit.attacks.display`)."""
+        from leakaudit.attacks.display import decoder_renderables
+
+        return decoder_renderables(self)
 
 
 def _plain(value: Any) -> Any:
@@ -507,7 +513,28 @@ def _losses(config: DecoderConfig):
 # --------------------------------------------------------------------------- the attack
 
 
-@ATTACKS.register("decoder", config=DecoderConfig)
+@ATTACKS.register(
+    "decoder",
+    config=DecoderConfig,
+    needs=Needs(inputs=True, task=None),
+    metrics={
+        "ssim_mean": "mean SSIM of the strongest decoder's reconstructions",
+        "ssim_p95": "95th-percentile SSIM of the strongest decoder's reconstructions",
+        "psnr": "PSNR (dB) of the strongest decoder's reconstructions",
+        "ssim_p95_mean_image": "95th-percentile SSIM of predicting the mean image (the no-information floor)",
+    },
+    artifacts={
+        "grid": Artifact(
+            "PNG of test originals above their reconstructions", "reconstructions.png",
+            lambda result, store, path: save_grid(result, store, path),
+        ),
+        "reconstructions": Artifact(
+            "HDF5 of the best decoder's test reconstructions", "reconstructions.h5",
+            lambda result, store, path: save_reconstructions(result, path, store_path=store.path), in_audit=False,
+        ),
+    },
+    audit_default=lambda tasks: {},
+)
 def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progress | None = None) -> DecoderResult:
     """Train decoders Z → X on attacker-train rows, select on validation SSIM, score on test rows.
 

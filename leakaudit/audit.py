@@ -38,7 +38,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,9 +45,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from leakaudit import __version__
+from leakaudit._io import atomic_write_text
 from leakaudit.config import from_mapping, load_yaml, positive
 from leakaudit.errors import ConfigError, StoreError, UntrustedCheckpointError
-from leakaudit.registry import ATTACKS
+from leakaudit.pipeline import Step, audit_defaults, metric_steps, parse_list
+from leakaudit.registry import ATTACKS, METRICS
 
 Progress = Callable[[str, float, "float | None"], None]
 Warn = Callable[[str], None]
@@ -118,9 +119,8 @@ class AuditConfig:
     data: str
     tasks: dict[str, str]
     dump: DumpSection = DumpSection()
-    attacks: tuple[tuple[str, Any], ...] = ()
-    metrics: tuple[str, ...] | None = None
-    metric_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attacks: tuple[Step, ...] = ()
+    metrics: tuple[Step, ...] | None = None
     baseline: BaselineSection | None = None
     harden: dict[str, Any] | None = None
     policy: Any = None
@@ -196,7 +196,7 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
     }
     dump = from_mapping(DumpSection, data.get("dump"), "dump")
     attacks = _parse_attacks(data.get("attacks"), tasks)
-    metrics, metric_settings = _parse_metrics(data.get("metrics"))
+    metrics = _parse_metrics(data.get("metrics"))
     baseline = None
     if data.get("baseline") is not None:
         baseline = from_mapping(BaselineSection, data["baseline"], "baseline")
@@ -225,49 +225,25 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
         raise ConfigError(f"cache: expected a folder name, got {cache!r}.")
     return AuditConfig(
         model, data["layer"], _resolve_data(data["data"], base_dir), tasks, dump, attacks, metrics,
-        metric_settings, baseline, harden, policy, _resolve_path(cache, base_dir), base_dir,
+        baseline, harden, policy, _resolve_path(cache, base_dir), base_dir,
     )  # fmt: skip
 
 
-def _parse_attacks(items: Any, tasks: Mapping[str, str]) -> tuple[tuple[str, Any], ...]:
+def _parse_attacks(items: Any, tasks: Mapping[str, str]) -> tuple[Step, ...]:
     if items is None:
-        private = "private" if "private" in tasks else next(iter(tasks))
-        items = [{"classifier": {"task": private}}, {"decoder": {}}]
+        return tuple(audit_defaults(ATTACKS, list(tasks)))
+    return tuple(parse_list(ATTACKS, items, "attacks"))
+
+
+def _parse_metrics(items: Any) -> tuple[Step, ...] | None:
+    """``[name, ...]``, ``[{name: {settings}}, ...]`` or ``{name: {settings}, ...}``; ``None``: all that apply."""
+    if items is None:
+        return None
+    if isinstance(items, Mapping):
+        items = [{str(k): v} for k, v in items.items()]
     if not isinstance(items, list):
-        raise ConfigError("attacks: expected a list, e.g. [{classifier: {task: private}}, {decoder: {arch: upsample}}].")
-    parsed = []
-    for i, item in enumerate(items):
-        path = f"attacks[{i}]"
-        if isinstance(item, str):
-            name, settings = item, {}
-        elif isinstance(item, Mapping) and "name" in item:
-            name, settings = item["name"], {k: v for k, v in item.items() if k != "name"}
-        elif isinstance(item, Mapping) and len(item) == 1:
-            name, settings = next(iter(item.items()))
-            settings = settings or {}
-        else:
-            raise ConfigError(f"{path}: expected an attack name, or {{NAME: {{settings}}}}.")
-        plugin = ATTACKS.get(str(name))
-        config = from_mapping(plugin.config_cls, settings, f"{path}.{name}") if plugin.config_cls else None
-        parsed.append((str(name), config))
-    return tuple(parsed)
-
-
-def _parse_metrics(items: Any) -> tuple[tuple[str, ...] | None, dict[str, dict[str, Any]]]:
-    from leakaudit.metrics_run import configure
-
-    if items is None:
-        return None, {}
-    if isinstance(items, list) and all(isinstance(i, str) for i in items):
-        names, settings = list(items), {}
-    elif isinstance(items, Mapping):
-        names = [str(k) for k in items]
-        settings = {str(k): dict(v or {}) for k, v in items.items()}
-    else:
         raise ConfigError("metrics: expected a list of names or a mapping of names to settings.")
-    for name in names:
-        configure(name, settings.get(name), f"metrics.{name}")  # validates names and settings now
-    return tuple(names), settings
+    return tuple(parse_list(METRICS, items, "metrics"))
 
 
 def load_audit(path: str | Path) -> AuditConfig:
@@ -459,41 +435,25 @@ def _dump_kwargs(config: AuditConfig, model: ModelSection, layer: str) -> dict[s
 def audit_store(
     store_path: Path,
     config: AuditConfig,
-    report_path: Path,
-    grid_path: Path | None,
+    artifacts_dir: Path | None,
     progress: Progress | None = None,
     on_warning: Warn | None = None,
-) -> dict[str, Any]:
-    """Run the configured attacks and metrics on one store, merging them into ``report_path``.
+) -> Report:
+    """Run the configured attacks and metrics on one store: its report, not yet written.
 
-    ``on_warning`` hears each attack result's warnings (a head skipped, an accuracy below
-    chance), which are also kept in the report.
+    Artifacts (the decoder's reconstruction grid) go to ``artifacts_dir`` when given.
+    ``on_warning`` hears each result's warnings (a head skipped, an accuracy below chance),
+    which are also kept in the report.
     """
-    from leakaudit.metrics_run import record, run_metrics
-    from leakaudit.report import subject_of, update_report
+    from leakaudit import pipeline
+    from leakaudit.report import Report, subject_of
     from leakaudit.store import open_store
 
-    if report_path.exists():
-        report_path.unlink()  # a fresh report for this run; never a mix with an older one
-    report: dict[str, Any] = {}
     with open_store(store_path) as store:
-        subject = subject_of(store)
-        for name, attack_config in config.attacks:
-            plugin = ATTACKS.get(name)
-            result = plugin.target(store, attack_config, progress)
-            data = result.to_dict()
-            if on_warning is not None:
-                for message in getattr(result, "warnings", None) or ():
-                    on_warning(f"{store_path.name}, attack {name}: {message}")
-            if name == "decoder" and grid_path is not None:
-                from leakaudit.attacks.decoders import save_grid
-
-                data["grid"] = str(save_grid(result, store, grid_path))
-            report = update_report(report_path, subject=subject, key=f"attack:{name}", result=data, metrics=result.report_metrics())
-        metric_progress = (lambda n: (lambda done, total: progress(n, done, total))) if progress else None
-        run = run_metrics(store, config.metrics, config.metric_settings, metric_progress)
-        if run.results:
-            report = record(report_path, store, run)
+        report = Report(subject_of(store))
+        steps = [*config.attacks, *(config.metrics if config.metrics is not None else metric_steps(None, {}))]
+        where = (lambda s: pipeline.audit_artifacts(s, artifacts_dir)) if artifacts_dir is not None else None
+        pipeline.run(store, steps, report, progress=progress, on_warning=on_warning, artifacts=where)
     return report
 
 
@@ -510,11 +470,11 @@ def run_audit(
     ``on_warning`` hears of cached dumps that failed their checks and were dumped again, and
     of the attacks' warnings.
     """
-    from leakaudit._io import atomic_write_text
     from leakaudit.errors import OutputExistsError
     from leakaudit.gate import evaluate, load_policy, parse_policy
     from leakaudit.html_report import render, tsne_embedding
-    from leakaudit.report import derive_drops, load_report
+    from leakaudit.report import Report, load_report
+    from leakaudit.staging import staged
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:
@@ -522,12 +482,10 @@ def run_audit(
     thresholds = None
     if config.policy is not None:
         thresholds = load_policy(config.policy) if isinstance(config.policy, str) else parse_policy(config.policy)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     cache = cache_dir(config)
     reused: dict[str, bool] = {}
-    try:
+    with staged(output) as stage:
+        staging = stage.path
         subject_model = config.model
         subject_layer = config.layer
         harden_record = None
@@ -539,16 +497,13 @@ def run_audit(
             subject_store, reused["subject"] = cached_dump(
                 _dump_kwargs(config, subject_model, subject_layer), cache, on_dump, on_warning
             )
-        report_path = staging / "report.json"
-        report = audit_store(subject_store, config, report_path, staging / "reconstructions.png", progress, on_warning)
+        report = audit_store(subject_store, config, staging, progress, on_warning)
         baseline = config.baseline
         if baseline is None and config.harden is not None:
             baseline = BaselineSection(model=config.model.spec, weights=config.model.weights)
-        baseline_metrics = None
         if baseline is not None:
             if baseline.report is not None:
-                other = load_report(baseline.report)
-                baseline_info = {"subject": other["subject"], "metrics": other["metrics"]}
+                other = Report.from_dict(load_report(baseline.report))
             else:
                 base_model = dataclasses.replace(
                     config.model, spec=baseline.model or config.model.spec, weights=baseline.weights or (None if baseline.model else config.model.weights)
@@ -558,45 +513,22 @@ def run_audit(
                         _dump_kwargs(config, base_model, config.layer), cache, on_dump, on_warning
                     )
                 (staging / "baseline").mkdir()
-                other = audit_store(base_store, config, staging / "baseline" / "report.json", staging / "baseline" / "reconstructions.png", progress, on_warning)
-                baseline_info = {"subject": other["subject"], "metrics": other["metrics"]}
-            baseline_metrics = baseline_info["metrics"]
-            report["baseline"] = baseline_info
-            report["metrics"].update(derive_drops(report["metrics"], baseline_metrics))
+                other = audit_store(base_store, config, staging / "baseline", progress, on_warning)
+                Report.from_dict(stage.rebase(other.to_dict())).save(staging / "baseline" / "report.json")
+            report.set_baseline(other.subject, other.metrics)
         if harden_record is not None:
-            report["harden"] = harden_record
-            for key in ("public_accuracy", "public_accuracy_normalized"):
-                if harden_record.get(key) is not None:
-                    report["metrics"].setdefault(key, harden_record[key])
+            report.sections["harden"] = harden_record
+            report.carry({k: harden_record.get(k) for k in ("public_accuracy", "public_accuracy_normalized")})
         verdict = None
         if thresholds is not None:
-            verdict = evaluate(report["metrics"], thresholds).to_dict()
-            report["gate"] = verdict
-        report["audit"] = {"cache": str(cache), "reused": reused, "subject_store": str(subject_store)}
-        _rebase_paths(report, staging, output)
-        atomic_write_text(report_path, json.dumps(report, indent=2, default=str) + "\n")
+            verdict = evaluate(report.metrics, thresholds).to_dict()
+            report.sections["gate"] = verdict
+        report.sections["audit"] = {"cache": str(cache), "reused": reused, "subject_store": str(subject_store)}
         embedding = tsne_embedding(subject_store, seed=config.dump.seed)
-        atomic_write_text(staging / "report.html", render(report, verdict=verdict, embedding=embedding))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staging, output)
-    return AuditResult(output, output / "report.json", output / "report.html", verdict, reused, report["metrics"])
-
-
-def _rebase_paths(value: Any, staging: Path, output: Path) -> Any:
-    """Point paths written inside the staging folder at where the folder will end up."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            value[key] = _rebase_paths(item, staging, output)
-        return value
-    if isinstance(value, list):
-        return [_rebase_paths(item, staging, output) for item in value]
-    if isinstance(value, str) and value.startswith(str(staging)):
-        return str(output) + value[len(str(staging)) :]
-    return value
+        # Rendered from the staged paths, which exist now (the page embeds the files they name).
+        atomic_write_text(staging / "report.html", render(report.to_dict(), verdict=verdict, embedding=embedding))
+        written = Report.from_dict(stage.rebase(report.to_dict())).save(staging / "report.json")
+    return AuditResult(output, output / "report.json", output / "report.html", verdict, reused, written["metrics"])
 
 
 def _harden(config: AuditConfig, folder: Path, progress: Progress | None) -> tuple[ModelSection, str, dict[str, Any]]:

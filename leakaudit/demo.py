@@ -9,9 +9,6 @@ policy. Everything runs on the CPU from data scikit-learn ships.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,42 +61,33 @@ class DemoResult:
     html: Path
 
 
-def _continuation_drop(report: dict[str, Any]) -> float | None:
-    """The private-accuracy drop against the paper's own attacker (the continuation head)."""
-    result = report.get("results", {}).get("attack:classifier", {})
-    raw = result.get("private_accuracy_raw")
-    for head in result.get("heads", []):
-        if head.get("name") == "continuation" and head.get("status") == "ok" and raw:
-            return 1.0 - head["accuracy"] / raw
-    return None
-
-
 def run_demo(output: Path, *, force: bool = False, progress: Progress | None = None, epochs: int = 40) -> DemoResult:
     """Run the demo into ``output`` (replaced only when everything succeeded)."""
+    from leakaudit._io import atomic_write_text
     from leakaudit.audit import AuditConfig, BaselineSection, ModelSection, run_audit
     from leakaudit.gate import evaluate, parse_policy
     from leakaudit.html_report import render, tsne_embedding
+    from leakaudit.pipeline import step
+    from leakaudit.registry import ATTACKS
+    from leakaudit.report import Report, load_report
+    from leakaudit.staging import staged
     from leakaudit.train import TrainSettings, train
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:
         raise OutputExistsError(f"{str(output)!r} exists and is not empty. Pass --force to replace it.")
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(output) as stage:
+        staging = stage.path
         weights = staging / "lenet5.safetensors"
         trained = train(
             TrainSettings(model="lenet5", data="digits", output=weights, task=("public", TASKS["public"]), epochs=epochs, lr=3e-3, patience=8),
             progress,
         )
-        from leakaudit.attacks import ClassifierConfig, DecoderConfig
-
         # Every head and the raw-X references, with the budgets cut to fit a demo (the
         # attack's own defaults, 200 and 100 epochs, are for audits that count).
         attacks = (
-            ("classifier", ClassifierConfig(task="private", head="best", epochs=DEMO_ATTACK_EPOCHS, patience=8)),
-            ("decoder", DecoderConfig(arch="upsample", width=DEMO_DECODER_WIDTH, epochs=DEMO_DECODER_EPOCHS, patience=4)),
+            step(ATTACKS, "classifier", {"task": "private", "head": "best", "epochs": DEMO_ATTACK_EPOCHS, "patience": 8}),
+            step(ATTACKS, "decoder", {"arch": "upsample", "width": DEMO_DECODER_WIDTH, "epochs": DEMO_DECODER_EPOCHS, "patience": 4}),
         )
         model = ModelSection(spec="lenet5", weights=str(weights), num_classes=trained.num_classes)
         reports: dict[str, dict[str, Any]] = {}
@@ -115,35 +103,28 @@ def run_demo(output: Path, *, force: bool = False, progress: Progress | None = N
                 policy=POLICY if folder == "scrunch" else None,
             )
             result = run_audit(config, staging / folder, force=True, progress=progress)
-            reports[folder] = json.loads(result.report.read_text())
+            reports[folder] = load_report(result.report)
         rows = []
         for label, folder, _ in RECIPES:
             metrics = dict(reports[folder]["metrics"])
             if folder == "baseline":
                 metrics.setdefault("public_accuracy_normalized", 1.0)
-            metrics["private_accuracy_drop_continuation"] = _continuation_drop(reports[folder])
             rows.append({"name": label, **{key: metrics.get(key) for key, *_ in COLUMNS}})
-        main = reports["scrunch"]
-        verdict = evaluate(main["metrics"], parse_policy(POLICY)).to_dict()
-        main["gate"] = verdict
-        main["comparison"] = {
+        main = Report.from_dict(reports["scrunch"])
+        verdict = evaluate(main.metrics, parse_policy(POLICY)).to_dict()
+        main.sections["gate"] = verdict
+        main.sections["comparison"] = {
             "columns": [key for key, *_ in COLUMNS],
             "labels": {key: " ".join(header.split()) for key, header, _ in COLUMNS},
             "rows": rows,
         }
-        main["demo"] = {"trained": trained.to_dict(), "folders": {label: folder for label, folder, _ in RECIPES}}
+        main.sections["demo"] = {"trained": trained.to_dict(), "folders": {label: folder for label, folder, _ in RECIPES}}
         (staging / "policy.yaml").write_text(yaml.safe_dump(POLICY, sort_keys=False))
-        report_path = staging / "report.json"
-        report_path.write_text(json.dumps(main, indent=2, default=str) + "\n")
-        embedding = tsne_embedding(main["audit"]["subject_store"], seed=0)
-        html = render(main, verdict=verdict, embedding=embedding)
-        (staging / "report.html").write_text(html)
-        for written in staging.rglob("report.json"):  # point recorded paths at the final folder
-            written.write_text(written.read_text().replace(str(staging), str(output)))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staging, output)
+        embedding = tsne_embedding(main.sections["audit"]["subject_store"], seed=0)
+        # Rendered from the staged paths, which exist now (the page embeds the files they name).
+        atomic_write_text(staging / "report.html", render(main.to_dict(), verdict=verdict, embedding=embedding))
+        Report.from_dict(stage.rebase(main.to_dict())).save(staging / "report.json")
+        for folder in reports:  # point the audits' recorded paths at the final folder
+            path = staging / folder / "report.json"
+            Report.from_dict(stage.rebase(load_report(path))).save(path)
     return DemoResult(output, rows, verdict, output / "report.json", output / "report.html")

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from torch import nn
 
 from leakaudit import __version__
 from leakaudit._io import atomic_write_bytes, atomic_write_text, sha256_file
-from leakaudit.errors import FileSystemError, LeakAuditError, OutputExistsError, UsageError
+from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
 from leakaudit.layers import PROGRAM_RECORD, PROGRAM_SCHEMA, split_model
 from leakaudit.models import LoadedModel, load_model
 
@@ -58,31 +56,13 @@ def check_output_dir(path: Path, force: bool) -> None:
 def staged_dir(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` that replaces ``path`` only when the block succeeds.
 
-    A crash leaves no folder at ``path`` that looks like a finished result: the temporary
-    folder is removed, and an existing ``path`` (with ``force``) is swapped out only at the end.
+    ``path`` is refused first when it exists (without ``force``); see :func:`leakaudit.staging.staged`.
     """
-    path = Path(path)
-    check_output_dir(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir()
-    except OSError as exc:
-        # The staging name is ours; the user gave ``path``, so the message names that.
-        raise FileSystemError(path, exc, action="create") from exc
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(staging, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from leakaudit.staging import staged
+
+    check_output_dir(Path(path), force)
+    with staged(path) as stage:
+        yield stage.path
 
 
 def save_weights(module: nn.Module | Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:

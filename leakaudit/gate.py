@@ -26,7 +26,6 @@ from xml.etree import ElementTree
 
 from leakaudit.config import load_yaml
 from leakaudit.errors import ConfigError, closest
-from leakaudit.report import METRIC_NAMES
 
 
 @dataclass(frozen=True)
@@ -80,11 +79,14 @@ def parse_policy(data: Any, where: str = "policy") -> list[Threshold]:
     table = data.get("thresholds")
     if not isinstance(table, Mapping) or not table:
         raise ConfigError(f"{where}.thresholds: expected a mapping of metric names to {{min, max}}.")
+    from leakaudit.glossary import names
+
+    known = names()
     thresholds = []
     for metric, bounds in table.items():
         path = f"{where}.thresholds.{metric}"
-        if metric not in METRIC_NAMES:
-            near = closest(str(metric), METRIC_NAMES)
+        if metric not in known:
+            near = closest(str(metric), known)
             hint = f" Closest: {', '.join(near)}." if near else ""
             raise ConfigError(f"{path}: unknown metric {metric!r}.{hint} See the metric names in the README.")
         if not isinstance(bounds, Mapping) or not bounds:

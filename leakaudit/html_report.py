@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from leakaudit import __version__
-from leakaudit.report import METRIC_NAMES
+from leakaudit import glossary
 
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -237,12 +237,13 @@ def render(
         sections.append(f"<h2>Warnings</h2><ul class='warnings'>{items}</ul>")
 
     metric_rows = []
-    for name in list(METRIC_NAMES) + sorted(set(metrics) - set(METRIC_NAMES)):
+    meanings = glossary.names()
+    for name in [n for n in meanings if n in metrics] + sorted(set(metrics) - set(meanings)):
         if name not in metrics:
             continue
         base = baseline.get(name)
         delta = None if base is None else metrics[name] - base
-        metric_rows.append((f"<code>{html.escape(name)}</code>", metrics[name], base, delta, METRIC_NAMES.get(name, "")))
+        metric_rows.append((f"<code>{html.escape(name)}</code>", metrics[name], base, delta, meanings.get(name, "")))
     sections.append("<h2>Metrics</h2>" + _table(["metric", "value", "baseline", "change", "meaning"], metric_rows, numeric=(1, 2, 3)))
 
     comparison = report.get("comparison")
@@ -273,8 +274,8 @@ def render(
     decoder = results.get("attack:decoder")
     if decoder:
         runs = [
-            (r.get("arch"), (r.get("scores") or {}).get("ssim_mean"), (r.get("scores") or {}).get("ssim_p95"),
-             (r.get("scores") or {}).get("psnr"), r.get("epochs"), r.get("reason") or "")
+            (r.get("arch"), (r.get("test") or {}).get("ssim_mean"), (r.get("test") or {}).get("ssim_p95"),
+             (r.get("test") or {}).get("psnr"), r.get("epochs"), r.get("reason") or "")
             for r in decoder.get("runs", [])
         ]  # fmt: skip
         mean = decoder.get("mean_image") or {}

@@ -6,31 +6,91 @@ Third-party packages add plugins through the entry-point group ``leakaudit.plugi
 each entry point names a module (or callable) whose import registers its plugins.
 Both are loaded lazily, on the first lookup, so ``leakaudit --help`` stays fast and a
 broken third-party plugin is a warning naming its package, never a crash.
+
+The core never looks behind a plugin's name. What it needs to run one is declared here:
+
+* ``config`` — a frozen dataclass of settings (the YAML, ``--set`` and ``--config`` keys);
+* ``needs`` — what the store must hold (inputs, outputs, the labels of the task its config
+  names, the model it was dumped from, a baseline), checked before the plugin runs;
+* ``metrics`` — the report numbers it returns, with their meaning (they join the glossary
+  the gate checks policies against);
+* ``artifacts`` — the files it can write besides numbers (a PNG, an HDF5), each with a writer;
+* ``comparable`` — the settings that must match for its numbers to be compared with a baseline's;
+* ``audit_default`` — whether (and with which settings) an audit runs it when the audit file
+  lists none.
+
+An attack or metric is called as ``target(store, config, progress)`` (``baseline=`` too when it
+needs one) and returns a result with ``to_dict()`` (its JSON form), ``report_metrics()`` (names
+of ``metrics`` → numbers) and optionally ``warnings`` (sentences for the user) and
+``render()`` (rich renderables for the terminal).
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-from leakaudit.errors import UnknownNameError
+from leakaudit.errors import ConfigError, UnknownNameError
 
 ENTRY_POINT_GROUP = "leakaudit.plugins"
 
 
 @dataclass(frozen=True)
+class Needs:
+    """What a plugin needs from a store (and beyond it) to run.
+
+    ``task`` names the config field holding the task whose labels it reads (``None``: none).
+    ``model``: it rebuilds the model the store was dumped from (from the recorded spec).
+    ``baseline``: it is given the baseline store as ``baseline=`` and cannot run without one.
+    """
+
+    inputs: bool = False
+    outputs: bool = False
+    task: str | None = "task"
+    model: bool = False
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file a plugin's result can be written to: ``write(result, store, path)``."""
+
+    meaning: str
+    filename: str
+    write: Callable[[Any, Any, Path], Any]
+    in_audit: bool = True
+
+
+@dataclass(frozen=True)
 class Plugin:
-    """A registered plugin: its name, its callable and its frozen dataclass config."""
+    """A registered plugin: its name, its callable, its frozen dataclass config and declarations."""
 
     family: str
     name: str
     target: Callable[..., Any]
     config_cls: type | None
     summary: str
+    needs: Needs = Needs()
+    metrics: Mapping[str, str] = field(default_factory=dict)
+    artifacts: Mapping[str, Artifact] = field(default_factory=dict)
+    comparable: tuple[str, ...] = ()
+    audit_default: Callable[[Sequence[str]], Mapping[str, Any]] | None = None
+    check: Callable[[Any, Any], str | None] | None = None
+
+    def configure(self, settings: Mapping[str, Any] | None = None, where: str = "") -> Any:
+        """The plugin's config from ``settings`` (unknown keys refused, YAML path in errors)."""
+        from leakaudit.config import from_mapping
+
+        if self.config_cls is None:
+            if settings:
+                raise ConfigError(f"{where or self.name}: {self.family} {self.name!r} takes no settings.")
+            return None
+        return from_mapping(self.config_cls, dict(settings or {}), where)
 
 
 class Registry:
@@ -47,8 +107,22 @@ class Registry:
         self._plugins: dict[str, Plugin] = {}
         self._loaded = False
 
-    def register(self, name: str, *, config: type | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator registering ``target`` under ``name`` (kebab-case, as the CLI spells it)."""
+    def register(
+        self,
+        name: str,
+        *,
+        config: type | None = None,
+        needs: Needs = Needs(),
+        metrics: Mapping[str, str] | None = None,
+        artifacts: Mapping[str, Artifact] | None = None,
+        comparable: Sequence[str] = (),
+        audit_default: Callable[[Sequence[str]], Mapping[str, Any]] | None = None,
+        check: Callable[[Any, Any], str | None] | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering ``target`` under ``name`` (kebab-case, as the CLI spells it).
+
+        See the module docstring for what each declaration means.
+        """
 
         def decorator(target: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._plugins:
@@ -58,7 +132,10 @@ class Registry:
                     f"{existing.__module__}.{existing.__qualname__}"
                 )
             doc = (target.__doc__ or "").strip().splitlines()
-            self._plugins[name] = Plugin(self.family, name, target, config, doc[0] if doc else "")
+            self._plugins[name] = Plugin(
+                self.family, name, target, config, doc[0] if doc else "", needs, dict(metrics or {}),
+                dict(artifacts or {}), tuple(comparable), audit_default, check,
+            )  # fmt: skip
             return target
 
         return decorator

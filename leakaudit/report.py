@@ -12,7 +12,9 @@ Layout (schema ``leakaudit.report`` version 1)::
     }
 
 ``metrics`` is what gates and reports read; ``results`` keeps each plugin's full output.
-Every command that produces numbers merges them in with :func:`update_report`.
+Every command that produces numbers builds a :class:`Report` (merging into the store's
+existing report where there is one) and writes it once. The names are those of
+:mod:`leakaudit.glossary`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,26 +34,6 @@ from leakaudit.errors import ConfigError, UsageError
 REPORT_SCHEMA = "leakaudit.report"
 REPORT_SCHEMA_VERSION = 1
 
-# The numbers a report can hold, with what they mean (DESIGN.md "Numbers and their names").
-METRIC_NAMES: dict[str, str] = {
-    "public_accuracy": "public-task accuracy of the model on the test rows",
-    "public_accuracy_normalized": "public accuracy / public accuracy of the baseline (unhardened) model",
-    "private_accuracy": "best accuracy of a classifier retrained on Z for the private task",
-    "private_accuracy_raw": "accuracy of the same task trained on raw X",
-    "private_accuracy_drop": "1 − private_accuracy / private_accuracy_raw",
-    "private_chance": "accuracy of always predicting the most frequent private class",
-    "mi_xz": "estimated I(X; Z) in nats",
-    "mi_drop": "1 − I(X; Z) / I(X; Z_baseline)",
-    "ssim_mean": "mean SSIM of the strongest decoder's reconstructions",
-    "ssim_p95": "95th-percentile SSIM of the strongest decoder's reconstructions",
-    "ssim_p95_drop": "1 − ssim_p95 / ssim_p95 of the baseline",
-    "ssim_p95_mean_image": "95th-percentile SSIM of predicting the mean image (the no-information floor)",
-    "psnr": "PSNR (dB) of the strongest decoder's reconstructions",
-    "dcor": "distance correlation between X and Z (V-statistic, exponent 1, as in NoPeek)",
-    "dcor_u2": "bias-corrected squared distance correlation (≈ 0 for independent X and Z)",
-    "dcor_pvalue": "p-value of the test of independence of X and Z",
-    "intra_class_distance": "mean distance of Z to its public-class centre",
-}
 
 
 def default_report_path(store: str | Path) -> Path:
@@ -157,69 +140,102 @@ def check_mergeable(path: str | Path, subject: Mapping[str, Any]) -> dict[str, A
     )
 
 
+_TOP = ("schema", "schema_version", "tool_version", "updated", "subject", "metrics", "results", "baseline")
+
+
+@dataclass
+class Report:
+    """One store's numbers, as a value: what every command builds, then writes once.
+
+    ``measured`` holds the numbers plugins returned; ``carried`` those a workflow recorded
+    (harden's own evaluation of public accuracy), which never override a measured or derived
+    number; ``baseline`` the baseline's subject and numbers. :attr:`metrics` — what gates read —
+    is all three together with every number :func:`leakaudit.glossary.derive` defines from them:
+    drops are derived in that one place, whenever the report is written.
+    """
+
+    subject: dict[str, Any]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)
+    carried: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, Any] | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        from leakaudit.glossary import derive
+
+        table = dict(self.measured)
+        table.update(derive(self.measured, (self.baseline or {}).get("metrics")))
+        for name, value in self.carried.items():
+            table.setdefault(name, value)
+        return table
+
+    def add(self, key: str, result: Any, **extra: Any) -> None:
+        """Record a plugin's result under ``key`` (``attack:NAME``, ``metric:NAME``), replacing an earlier one."""
+        self.results[key] = {**result.to_dict(), **extra}
+        self.measure(result.report_metrics())
+
+    def measure(self, numbers: Mapping[str, float | None]) -> None:
+        for name, value in numbers.items():
+            if value is not None:
+                self.measured[name] = float(value)
+
+    def carry(self, numbers: Mapping[str, float | None]) -> None:
+        for name, value in numbers.items():
+            if value is not None:
+                self.carried[name] = float(value)
+
+    def set_baseline(self, subject: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        self.baseline = {"subject": dict(subject), "metrics": dict(metrics)}
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema": REPORT_SCHEMA,
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "tool_version": __version__,
+            "updated": _now(),
+            "subject": dict(self.subject),
+            "metrics": self.metrics,
+            "results": dict(self.results),
+        }
+        if self.baseline is not None:
+            data["baseline"] = self.baseline
+        data.update(self.sections)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """The report a :meth:`to_dict` wrote (as :func:`load_report` returns it)."""
+        from leakaudit.glossary import DERIVED, derive
+
+        derived_names = {d.name for d in DERIVED}
+        metrics = dict(data.get("metrics", {}))
+        measured = {k: v for k, v in metrics.items() if k not in derived_names}
+        baseline = data.get("baseline")
+        rederived = derive(measured, (baseline or {}).get("metrics"))
+        carried = {k: v for k, v in metrics.items() if k in derived_names and k not in rederived}
+        sections = {k: v for k, v in data.items() if k not in _TOP}
+        return cls(dict(data.get("subject", {})), dict(data.get("results", {})), measured, carried, baseline, sections)
+
+    @classmethod
+    def for_store(cls, path: str | Path, subject: Mapping[str, Any]) -> Report:
+        """The report at ``path`` to merge results about ``subject`` into, or a new one (see :func:`check_mergeable`)."""
+        existing = check_mergeable(path, subject)
+        report = cls.from_dict(existing) if existing is not None else cls(dict(subject))
+        report.subject = dict(subject)
+        return report
+
+    def save(self, path: str | Path) -> dict[str, Any]:
+        """Write the report to ``path`` atomically; return what was written."""
+        data = self.to_dict()
+        atomic_write_text(Path(path), json.dumps(data, indent=2, default=_default) + "\n")
+        return data
+
+
 def new_report(subject: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "schema": REPORT_SCHEMA,
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "tool_version": __version__,
-        "updated": _now(),
-        "subject": dict(subject),
-        "metrics": {},
-        "results": {},
-    }
-
-
-def update_report(
-    path: str | Path,
-    *,
-    subject: Mapping[str, Any],
-    key: str,
-    result: Mapping[str, Any],
-    metrics: Mapping[str, float | None],
-    baseline: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Merge one plugin's ``result`` and its headline ``metrics`` into the report at ``path``.
-
-    Results are never mixed: see :func:`check_mergeable`, whose error this raises.
-    """
-    path = Path(path)
-    report = check_mergeable(path, subject)
-    if report is None:
-        report = new_report(subject)
-    report["subject"] = dict(subject)
-    report["results"][key] = dict(result)
-    for name, value in metrics.items():
-        if value is not None:
-            report["metrics"][name] = float(value)
-    if baseline is not None:
-        report["baseline"] = dict(baseline)
-    report["updated"] = _now()
-    atomic_write_text(path, json.dumps(report, indent=2, default=_default) + "\n")
-    return report
-
-
-def derive_drops(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
-    """The numbers that compare a (hardened) model with its baseline, where both have the inputs.
-
-    ``public_accuracy_normalized`` = public_accuracy / baseline's; ``mi_drop`` = 1 − mi_xz /
-    baseline's; ``ssim_p95_drop`` = 1 − ssim_p95 / baseline's (Scrunch Table 1). The caller
-    is responsible for both sides using the same rows and estimator settings.
-    """
-    derived: dict[str, float] = {}
-
-    def ratio(name: str) -> float | None:
-        value, base = metrics.get(name), baseline.get(name)
-        if value is None or base is None or base == 0:
-            return None
-        return float(value) / float(base)
-
-    if (r := ratio("public_accuracy")) is not None:
-        derived["public_accuracy_normalized"] = r
-    if (r := ratio("mi_xz")) is not None:
-        derived["mi_drop"] = 1.0 - r
-    if (r := ratio("ssim_p95")) is not None:
-        derived["ssim_p95_drop"] = 1.0 - r
-    return derived
+    """An empty report about ``subject``, as a dict."""
+    return Report(dict(subject)).to_dict()
 
 
 def _now() -> str:

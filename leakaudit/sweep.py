@@ -22,34 +22,21 @@ from typing import Any
 
 import torch
 
-from leakaudit.config import from_mapping
 from leakaudit.dump import DumpSettings, dump
-from leakaudit.registry import ATTACKS
+from leakaudit.export import save_weights
+from leakaudit.pipeline import Step, run, step
+from leakaudit.recipes._training import PreparedData, Progress
+from leakaudit.registry import ATTACKS, METRICS
+from leakaudit.report import Report, subject_of
 from leakaudit.store import open_store
 
-from leakaudit.metrics.distance import intra_class_distance_stats
-from leakaudit.recipes._training import PreparedData, Progress
-from leakaudit.export import save_weights
-
-#: dCor on at most this many test rows (the exact pass is O(n²·d)).
-DCOR_MAX_ROWS = 4_000
-
-#: The columns of the table, in order, with what they mean.
-COLUMNS: dict[str, str] = {
-    "label": "what was trained (unhardened = the pre-trained model)",
-    "public_accuracy": "public-task accuracy on the test rows",
-    "public_accuracy_normalized": "public_accuracy / the unhardened model's",
-    "private_accuracy": "test accuracy of the strongest classifier retrained on Z (chosen on validation)",
-    "private_head": "which head that was",
-    "private_accuracy_drop": "1 − private_accuracy / private_accuracy_raw",
-    "private_accuracy_continuation": "test accuracy of the paper's attacker: the rest of the model, retrained",
-    "private_accuracy_drop_continuation": "1 − private_accuracy_continuation / private_accuracy_raw",
-    "private_accuracy_raw": "the private task trained on raw X (the drop's reference)",
-    "dcor": "dCor(X, Z) on test rows (V-statistic, exponent 1)",
-    "intra_class_distance": "mean distance of test Z to its public-class centre",
-    "intra_class_scatter_ratio": "within-class over total scatter of test Z (scale-free: rescaling Z does not change it)",
-    "ssim_p95": "95th-percentile SSIM of the strongest decoder (with decoder evaluation)",
-}
+#: The columns of the table, in order: ``label`` and ``private_head``, then report numbers
+#: under their glossary names (:mod:`leakaudit.glossary` says what each means).
+COLUMNS: tuple[str, ...] = (
+    "label", "public_accuracy", "public_accuracy_normalized", "private_accuracy", "private_head",
+    "private_accuracy_drop", "private_accuracy_continuation", "private_accuracy_drop_continuation",
+    "private_accuracy_raw", "dcor", "intra_class_distance", "intra_class_scatter_ratio", "ssim_p95",
+)  # fmt: skip
 
 
 def privacy_table(
@@ -116,22 +103,19 @@ def privacy_table(
         torch.manual_seed(settings.seed)
         dump(plan)
         with open_store(plan.output) as store:
-            row = _measure(store, settings, private, raw_reference=index == 0, progress=progress)
+            report = _measure(store, settings, private, raw_reference=index == 0, progress=progress)
         if index == 0:
-            raw_accuracy = row.pop("private_accuracy_raw", None)
-        else:
-            row.pop("private_accuracy_raw", None)
-        row = {
-            "label": label,
-            "public_accuracy": public_accuracy,
-            "public_accuracy_normalized": public_accuracy / baseline_public_accuracy if baseline_public_accuracy else None,
-            **row,
-            "private_accuracy_raw": raw_accuracy,
-        }
-        for key, source in (("private_accuracy_drop", "private_accuracy"),
-                            ("private_accuracy_drop_continuation", "private_accuracy_continuation")):
-            value = row.get(source)
-            row[key] = 1.0 - value / raw_accuracy if value is not None and raw_accuracy else None
+            raw_accuracy = report.measured.get("private_accuracy_raw")
+        # The raw-X reference is trained once, on the unhardened store: every store has the
+        # same inputs, rows and roles. Public accuracy is the one harden evaluated.
+        report.measure({"private_accuracy_raw": raw_accuracy, "public_accuracy": public_accuracy})
+        report.set_baseline({"store": str(plans[0][1].output)}, {"public_accuracy": baseline_public_accuracy})
+        numbers = report.metrics
+        row: dict[str, Any] = {key: numbers.get(key) for key in COLUMNS}
+        row["label"] = label
+        row["private_head"] = report.results["attack:classifier"]["best_head"]
+        row["private_chance"] = numbers.get("private_chance")
+        row.update({k: v for k, v in numbers.items() if k.startswith("ssim")})
         rows.append(row)
         if index > 0:
             runs[index - 1].privacy = row
@@ -145,68 +129,40 @@ def privacy_table(
     return [{key: row.get(key) for key in (*COLUMNS, *(k for k in row if k not in COLUMNS))} for row in rows]
 
 
-def _measure(store, settings, private: str, *, raw_reference: bool, progress: Progress | None) -> dict[str, Any]:
-    """Classifier attack on ``private``; dCor and intra-class distance on test rows; decoder optionally."""
-    plugin = ATTACKS.get("classifier")
-    values: dict[str, Any] = {"task": private, "head": "best", "raw_reference": raw_reference,
-                              "seed": settings.seed, "device": settings.device}
+def measurement_steps(settings, private: str, *, raw_reference: bool) -> list[Step]:
+    """What the table measures on each store, as pipeline steps (the same plugins an audit runs)."""
+    common: dict[str, Any] = {"seed": settings.seed, "device": settings.device}
     if settings.attack_epochs is not None:
-        values["epochs"] = settings.attack_epochs
-    result = plugin.target(store, from_mapping(plugin.config_cls, values), progress)
-    continuation = next((h for h in result.heads if h.name == "continuation" and h.ok), None)
-    row: dict[str, Any] = {
-        "private_accuracy": result.accuracy,
-        "private_head": result.best_head,
-        "private_accuracy_continuation": continuation.accuracy if continuation is not None else None,
-        "private_accuracy_raw": result.private_accuracy_raw,
-        "private_chance": result.chance,
-    }
-    test = store.rows("test")
-    x = store.inputs(test[:DCOR_MAX_ROWS])
-    z = store.activations(test)
-    from leakaudit.metrics.dcor import distance_correlation
-
-    row["dcor"] = distance_correlation(x, z[:DCOR_MAX_ROWS])
-    public = torch.from_numpy(store.labels("public")[test])
-    stats = intra_class_distance_stats(z.reshape(len(z), -1), public)
-    row["intra_class_distance"] = stats.value
-    row["intra_class_scatter_ratio"] = stats.scatter_ratio
+        common["epochs"] = settings.attack_epochs
+    steps = [
+        step(ATTACKS, "classifier", {"task": private, "head": "best", "raw_reference": raw_reference, **common}),
+        step(METRICS, "dcor", {"rows": "test"}),
+        step(METRICS, "intra-class-distance", {"task": "public", "rows": "test"}),
+    ]
     if settings.decoder:
-        decoder = ATTACKS.get("decoder")
-        dvalues: dict[str, Any] = {"arch": settings.decoder_arch, "seed": settings.seed, "device": settings.device}
-        if settings.attack_epochs is not None:
-            dvalues["epochs"] = settings.attack_epochs
-        decoded = decoder.target(store, from_mapping(decoder.config_cls, dvalues), progress)
-        row.update({k: v for k, v in decoded.report_metrics().items() if k.startswith("ssim")})
-    return row
+        steps.append(step(ATTACKS, "decoder", {"arch": settings.decoder_arch, **common}))
+    return steps
+
+
+def _measure(store, settings, private: str, *, raw_reference: bool, progress: Progress | None) -> Report:
+    """The store's report: the classifier attack on ``private``, dCor and intra-class distance on test rows, the decoder optionally."""
+    report = Report(subject_of(store))
+    run(store, measurement_steps(settings, private, raw_reference=raw_reference), report, progress=progress)
+    return report
 
 
 def retarget_stores(output: Path, table: Sequence[Mapping[str, Any]], stage_name: str) -> None:
-    """Point kept stores' recorded weights from the staging folder to the final one.
+    """Point kept stores' recorded model paths from the staging folder ``stage_name`` to ``output``.
 
     The stores were dumped while the output was still being written (so a failed run
-    leaves nothing); the continuation attack rebuilds the model from the recorded path.
+    leaves nothing); see :meth:`leakaudit.staging.Stage.rebase_store`.
     """
-    import h5py
+    from leakaudit.staging import Stage
 
-    from leakaudit.store import seal_attributes
-
+    stage = Stage(output, output.with_name(stage_name))
     for row in table:
-        path = row.get("store")
-        if not path:
-            continue
-        with h5py.File(path, "r+") as handle:
-            weights = handle.attrs.get("weights")
-            if isinstance(weights, bytes):
-                weights = weights.decode()
-            if weights and stage_name in str(weights):
-                handle.attrs["weights"] = str(weights).replace(stage_name, output.name)
-            model_spec = handle.attrs.get("model_spec")
-            if isinstance(model_spec, bytes):
-                model_spec = model_spec.decode()
-            if model_spec and stage_name in str(model_spec):
-                handle.attrs["model_spec"] = str(model_spec).replace(stage_name, output.name)
-            seal_attributes(handle)  # the attributes' checksum must cover the new paths
+        if row.get("store"):
+            stage.rebase_store(row["store"])
 
 
 def best_under(table: Sequence[Mapping[str, Any]], floor: float = 0.95) -> Mapping[str, Any] | None:

@@ -2,9 +2,10 @@
 
 Each plugin reads what it needs from the store, calls the pure function of its module
 (:mod:`.dcor`, :mod:`.mi`, :mod:`.distance`) and returns a :class:`MetricResult` whose
-``values`` use the names of DESIGN.md. Numbers that compare with a baseline (``mi_drop``,
-``public_accuracy_normalized``, ``ssim_p95_drop``) are derived afterwards by
-:func:`leakaudit.report.derive_drops`, from two results computed with the same settings.
+``values`` use the names each registration declares. Numbers that compare with a baseline
+(``mi_drop``, ``public_accuracy_normalized``, ``ssim_p95_drop``) are derived afterwards by
+:func:`leakaudit.glossary.derive`, from two results computed with the settings each plugin
+declares ``comparable``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from leakaudit.errors import ConfigError, DataError, StoreError
-from leakaudit.registry import METRICS
+from leakaudit.registry import METRICS, Needs
 from leakaudit.store import ActivationStore
 
 Progress = Callable[[int, int], None]
@@ -79,7 +80,16 @@ class DcorConfig:
     device: str = "cpu"
 
 
-@METRICS.register("dcor", config=DcorConfig)
+@METRICS.register(
+    "dcor",
+    config=DcorConfig,
+    needs=Needs(inputs=True, task=None),
+    metrics={
+        "dcor": "distance correlation between X and Z (V-statistic, exponent 1, as in NoPeek)",
+        "dcor_u2": "bias-corrected squared distance correlation (≈ 0 for independent X and Z)",
+        "dcor_pvalue": "p-value of the test of independence of X and Z",
+    },
+)
 def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress | None = None) -> MetricResult:
     """Distance correlation of X and Z: dcor (NoPeek's V-statistic), dcor_u2 and a p-value.
 
@@ -135,7 +145,13 @@ class MiConfig:
             raise ValueError("dims, k and max_rows must be positive integers.")
 
 
-@METRICS.register("mi", config=MiConfig)
+@METRICS.register(
+    "mi",
+    config=MiConfig,
+    needs=Needs(inputs=True, task=None),
+    metrics={"mi_xz": "estimated I(X; Z) in nats"},
+    comparable=("estimator", "dims", "k", "seed"),
+)
 def mi_metric(store: ActivationStore, config: MiConfig, progress: Progress | None = None) -> MetricResult:
     """Mutual information I(X; Z) in nats on PCA-reduced X and Z (mi_xz)."""
     from leakaudit.metrics.mi import mutual_information_gaussian, mutual_information_ksg
@@ -170,7 +186,14 @@ class IntraClassConfig:
     rows: Rows = "all"
 
 
-@METRICS.register("intra-class-distance", config=IntraClassConfig)
+@METRICS.register(
+    "intra-class-distance",
+    config=IntraClassConfig,
+    metrics={
+        "intra_class_distance": "mean distance of Z to its public-class centre",
+        "intra_class_scatter_ratio": "within-class over total scatter of Z (scale-free: rescaling Z does not change it)",
+    },
+)
 def intra_class_metric(store: ActivationStore, config: IntraClassConfig, progress: Progress | None = None) -> MetricResult:
     """Mean distance of Z to its public-class centre, and that distance relative to Z's spread."""
     from leakaudit.metrics.distance import intra_class_distance_stats
@@ -186,7 +209,8 @@ def intra_class_metric(store: ActivationStore, config: IntraClassConfig, progres
     details = {"per_class": stats.per_class, "counts": stats.counts, "spread": spread,
                "relative": stats.value / spread if spread > 0 else None,
                "scatter_ratio": stats.scatter_ratio if np.isfinite(stats.scatter_ratio) else None, "task": config.task}  # fmt: skip
-    return MetricResult("intra-class-distance", {"intra_class_distance": stats.value}, details, asdict(config))
+    values = {"intra_class_distance": stats.value, "intra_class_scatter_ratio": details["scatter_ratio"]}
+    return MetricResult("intra-class-distance", values, details, asdict(config))
 
 
 # --------------------------------------------------------------------------- public accuracy
@@ -200,7 +224,21 @@ class PublicAccuracyConfig:
     rows: Rows = "test"
 
 
-@METRICS.register("public-accuracy", config=PublicAccuracyConfig)
+def _outputs_are_classes(store: ActivationStore, config: PublicAccuracyConfig) -> str | None:
+    """Why the stored outputs are not the task's class scores, or ``None`` when they are."""
+    outputs = store.file["outputs"].shape[1:]
+    if len(outputs) != 1 or outputs[0] != len(store.class_names(config.task)):
+        return f"the model's {outputs[0] if outputs else '?'} outputs are not the classes of task {config.task!r}"
+    return None
+
+
+@METRICS.register(
+    "public-accuracy",
+    config=PublicAccuracyConfig,
+    needs=Needs(outputs=True),
+    metrics={"public_accuracy": "public-task accuracy of the model on the test rows"},
+    check=_outputs_are_classes,
+)
 def public_accuracy_metric(store: ActivationStore, config: PublicAccuracyConfig, progress: Progress | None = None) -> MetricResult:
     """Accuracy of the model's own outputs (/outputs) on the public task, on test rows."""
     if not store.has_outputs:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leakaudit.report import load_report, subject_of, update_report
+from leakaudit.report import Report, load_report, subject_of
 from leakaudit.store import open_store
 from tests.conftest import error_line
 
@@ -23,10 +23,14 @@ def report_file(tmp_path, digits_store):
     with open_store(digits_store) as store:
         subject = subject_of(store)
     path = tmp_path / "report.json"
-    update_report(path, subject=subject, key="attack:decoder",
-                  result={"runs": [{"arch": "upsample", "scores": {"ssim_mean": 0.9, "ssim_p95": 0.97, "psnr": 22.0}, "epochs": 5}],
-                          "mean_image": {"ssim_mean": 0.3, "ssim_p95": 0.5, "psnr": 11.0}, "grid": str(grid)},
-                  metrics={"ssim_p95": 0.97, "ssim_mean": 0.9}, baseline={"metrics": {"ssim_p95": 0.99}})  # fmt: skip
+    report = Report(subject)
+    report.results["attack:decoder"] = {
+        "runs": [{"arch": "upsample", "test": {"ssim_mean": 0.9, "ssim_p95": 0.97, "psnr": 22.0}, "epochs": 5}],
+        "mean_image": {"ssim_mean": 0.3, "ssim_p95": 0.5, "psnr": 11.0}, "grid": str(grid),
+    }  # fmt: skip
+    report.measure({"ssim_p95": 0.97, "ssim_mean": 0.9})
+    report.set_baseline({}, {"ssim_p95": 0.99})
+    report.save(path)
     report = json.loads(path.read_text())
     report["sweep"] = {
         "parameter": "lambda",

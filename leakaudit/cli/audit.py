@@ -23,7 +23,7 @@ def audit(
     from rich.table import Table
 
     from leakaudit.audit import load_audit, run_audit
-    from leakaudit.report import METRIC_NAMES
+    from leakaudit.glossary import names
 
     config = load_audit(audit_file)
     output = output or Path(f"{audit_file.stem}-out")
@@ -36,9 +36,10 @@ def audit(
 
     report = json.loads(result.report.read_text())
     baseline = (report.get("baseline") or {}).get("metrics", {})
+    meanings = names()
     for name, value in report["metrics"].items():
         base = baseline.get(name)
-        table.add_row(name, f"{value:.4g}", "" if base is None else f"{base:.4g}", METRIC_NAMES.get(name, ""))
+        table.add_row(name, f"{value:.4g}", "" if base is None else f"{base:.4g}", meanings.get(name, ""))
     out = console()
     out.print(table)
     reused = ", ".join(f"{k} {'reused' if v else 'dumped'}" for k, v in result.reused.items())

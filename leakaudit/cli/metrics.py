@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from leakaudit.cli._common import ForceOpt, LazyProgress, check_output, console, info, write_json
+from leakaudit.errors import LeakAuditError
 
 
 def metrics(
@@ -28,39 +29,57 @@ def metrics(
     """Compute leakage metrics on STORE and merge them into its report.json."""
     from rich.table import Table
 
-    from leakaudit.metrics_run import baseline_metrics, check_comparable, parse_settings, record, run_metrics
+    from leakaudit import glossary, pipeline
     from leakaudit.registry import METRICS
-    from leakaudit.report import METRIC_NAMES, check_mergeable, default_report_path, subject_of
+    from leakaudit.report import Report, default_report_path, subject_of
     from leakaudit.store import open_store
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     for name in names or []:
         METRICS.get(name)  # unknown names list the closest, before any work
-    settings = parse_settings(setting or [], METRICS.names())
+    settings = pipeline.parse_settings(setting or [], METRICS)
+    steps = pipeline.metric_steps(names, settings)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the group
     if json_out not in (None, "-"):
         check_output(Path(json_out), force)
     report_path = report_path or default_report_path(store)
     with open_store(store) as handle, LazyProgress() as bar:
         if is_main:
-            check_mergeable(report_path, subject_of(handle))  # before the work, not after it
-        callback = bar.callback if is_main else (lambda name: None)
-        run = run_metrics(handle, names, settings, callback)
+            report = Report.for_store(report_path, subject_of(handle))  # refused before the work, not after it
+        else:
+            report = Report(subject_of(handle))
+        this_run = Report(report.subject)
+        outcome = pipeline.run(handle, steps, this_run, progress=bar.update if is_main else None)
+        base = None
         if baseline is not None:
-            run.baseline = baseline_metrics(handle, baseline, list(run.results), settings, lambda n: callback(f"baseline {n}"))
-            check_comparable(run.results, run.baseline.get("results", {}))
+            ran = [s for s in steps if s.key in outcome.results]
+            explicit = [pipeline.Step(s.plugin, s.config) for s in ran]
+            base = pipeline.baseline_report(handle, baseline, explicit, bar.update if is_main else None)
+            pipeline.check_comparable(this_run, base)
         if not is_main:
             return
-        report = record(report_path, handle, run)
-    for name, reason in run.skipped.items():
+        if not outcome.results:
+            raise LeakAuditError("no metric ran, so nothing was recorded.")
+        for key in outcome.results:
+            report.results[key] = this_run.results[key]
+        report.measure(this_run.measured)
+        derived: dict[str, float] = {}
+        if base is not None:
+            baseline_numbers = base.metrics
+            report.set_baseline(base.subject, baseline_numbers)
+            report.results["baseline"] = {"subject": base.subject}
+            derived = {k: v for k, v in glossary.derive(report.measured, baseline_numbers).items() if k in glossary.derived_from_baseline()}
+        written = report.save(report_path)
+    for name, reason in outcome.skipped.items():
         info(f"skipped {name}: {reason}")
+    values = {k: v for r in outcome.results.values() for k, v in r.report_metrics().items()}
     payload = {
         "store": str(store),
-        "metrics": {k: v for k, v in run.values.items()},
-        "derived": run.derived,
-        "baseline": run.baseline["metrics"] if run.baseline else None,
-        "results": {k: r.to_dict() for k, r in run.results.items()},
-        "skipped": run.skipped,
+        "metrics": values,
+        "derived": derived,
+        "baseline": base.metrics if base is not None else None,
+        "results": {key.partition(":")[2]: r.to_dict() for key, r in outcome.results.items()},
+        "skipped": outcome.skipped,
     }
     if json_out is not None:
         write_json(payload, json_out)
@@ -69,13 +88,14 @@ def metrics(
     table = Table(title=f"leakage metrics — {store}")
     for column in ("metric", "value", "baseline", "meaning"):
         table.add_column(column)
-    shown = {**run.values, **run.derived}
-    base = run.baseline["metrics"] if run.baseline else {}
+    shown = {**values, **derived}
+    base_numbers = base.metrics if base is not None else {}
+    meanings = glossary.names()
     for name, value in shown.items():
         text = "—" if value is None else f"{value:.4g}"
-        table.add_row(name, text, f"{base[name]:.4g}" if name in base else "", METRIC_NAMES.get(name, ""))
+        table.add_row(name, text, f"{base_numbers[name]:.4g}" if name in base_numbers else "", meanings.get(name, ""))
     console().print(table)
-    console().print(f"merged into {report_path} ({len(report['metrics'])} metrics)", highlight=False)
+    console().print(f"merged into {report_path} ({len(written['metrics'])} metrics)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -223,13 +223,15 @@ def test_an_attack_below_chance_carries_a_warning(cli, tmp_path):
 def test_an_audit_passes_the_attacks_warnings_on(tmp_path):
     from leakaudit.attacks.classifier import ClassifierConfig
     from leakaudit.audit import AuditConfig, ModelSection, audit_store
+    from leakaudit.pipeline import step
+    from leakaudit.registry import ATTACKS
 
     store = _below_chance_store(tmp_path)
-    attack = ClassifierConfig(task="private", head="linear", epochs=30, patience=5)
-    config = AuditConfig(model=ModelSection(spec="lenet5"), layer="conv3", data="digits", tasks={}, attacks=(("classifier", attack),), metrics=())
+    attack = step(ATTACKS, "classifier", {"task": "private", "head": "linear", "epochs": 30, "patience": 5})
+    config = AuditConfig(model=ModelSection(spec="lenet5"), layer="conv3", data="digits", tasks={}, attacks=(attack,), metrics=())
     heard: list[str] = []
-    report = audit_store(store, config, tmp_path / "report.json", None, on_warning=heard.append)
-    kept = report["results"]["attack:classifier"]["warnings"]
+    report = audit_store(store, config, None, on_warning=heard.append)
+    kept = report.results["attack:classifier"]["warnings"]
     assert any("is below chance 0.50" in w for w in kept)
     assert heard == [f"acts.h5, attack classifier: {w}" for w in kept]
 

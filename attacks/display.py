@@ -1,0 +1,111 @@
+"""How the built-in attacks' results look in a terminal (``result.render()``).
+
+Each result's ``render()`` returns rich renderables; ``leakaudit attack`` prints them, and
+prints a plain table of the numbers for a plugin whose results do not render themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Narrow terminals shrink columns; numbers must not be cut to "0.6…".
+_MIN_WIDTH = {"head": 12, "decoder": 10, "test acc": 6, "balanced": 8, "val acc": 6, "epochs": 8, "s/epoch": 6,
+              "SSIM": 5, "p5": 5, "p50": 5, "p95": 5, "PSNR": 5, "MSE": 6, "val": 5, "s/ep": 5}  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _time(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def classifier_renderables(result: Any) -> list[Any]:
+    """The terminal view of a classifier result: its table, skipped heads, and the headline numbers."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = result.rows
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title=f"classifier attack, task {result.task!r} ({len(result.class_names)} classes), Z "
+        f"{'×'.join(map(str, result.layer_shape))}, {rows['attacker-train']:,}/{rows['attacker-validation']:,}/"
+        f"{rows['test']:,} rows"
+    )
+    for column in ("head", "input", "test acc", "balanced", "val acc", "epochs", "s/epoch", "note"):
+        table.add_column(
+            column, justify="left" if column in ("head", "input", "note") else "right", min_width=_MIN_WIDTH.get(column)
+        )
+    skipped: list[str] = []
+    for head in [*result.heads, *result.raw_heads]:
+        mark = " *" if head.name in (result.best_head, result.raw_best_head) else ""
+        if head.ok:
+            table.add_row(
+                head.name + mark,
+                head.input,
+                _pct(head.accuracy),
+                _pct(head.balanced_accuracy),
+                _pct(head.val_accuracy),
+                f"{head.epochs} ({head.best_epoch})",
+                _time(head.seconds_per_epoch),
+                "",
+            )
+        else:
+            # The reason is a sentence: below the table, where it is not folded into a narrow column.
+            table.add_row(head.name, head.input, "—", "—", "—", "—", "—", f"skipped ({len(skipped) + 1})")
+            skipped.append(f"({len(skipped) + 1}) {head.name}: {head.reason}")
+    table.add_row("chance", "", _pct(result.chance), _pct(result.chance_balanced), "", "", "", "majority class")
+    table.caption = "* strongest on attacker-validation · epochs: run (best)"
+    return [
+        table,
+        *(Text(f"skipped {line}") for line in skipped),
+        Text(
+        f"private_accuracy {_num(result.accuracy)} ({result.best_head}) · private_accuracy_raw "
+        f"{_num(result.private_accuracy_raw)} ({result.raw_best_head or 'no /inputs'}) · private_accuracy_drop "
+        f"{_num(result.private_accuracy_drop)} · private_chance {_num(result.chance)}"
+        ),
+    ]
+
+
+def decoder_renderables(result: Any) -> list[Any]:
+    """The terminal view of a decoder result: its table and the headline numbers."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = result.rows
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title=f"decoder attack, Z {'×'.join(map(str, result.layer_shape))} → X {'×'.join(map(str, result.input_shape))}, "
+        f"{rows['attacker-train']:,}/{rows['attacker-validation']:,}/{rows['test']:,} rows"
+    )
+    for column in ("decoder", "SSIM", "p5", "p50", "p95", "PSNR", "MSE", "val", "epochs", "s/ep"):
+        table.add_column(column, justify="left" if column == "decoder" else "right", min_width=_MIN_WIDTH[column])
+    for run in result.runs:
+        s = run.test
+        table.add_row(
+            run.arch + (" *" if run.arch == result.best else ""),
+            _num(s.ssim_mean), _num(s.ssim_p5), _num(s.ssim_p50), _num(s.ssim_p95), _num(s.psnr, 2), _num(s.mse, 4),
+            _num(run.val_ssim), f"{run.epochs} ({run.best_epoch})", _time(run.seconds_per_epoch),
+        )  # fmt: skip
+    m = result.mean_image
+    table.add_row(
+        "mean-image", _num(m.ssim_mean), _num(m.ssim_p5), _num(m.ssim_p50), _num(m.ssim_p95), _num(m.psnr, 2),
+        _num(m.mse, 4), "", "", "",
+    )  # fmt: skip
+    table.caption = "* strongest on attacker-validation (val: mean SSIM there) · epochs: run (best) · PSNR in dB"
+    return [
+        table,
+        Text(
+        f"ssim_mean {_num(result.scores.ssim_mean)} · ssim_p95 {_num(result.scores.ssim_p95)} · psnr "
+        f"{_num(result.scores.psnr, 2)} ({result.best}) · ssim_p95_mean_image {_num(result.mean_image.ssim_p95)}"
+        ),
+    ]

@@ -1,0 +1,91 @@
+"""The one glossary of report numbers, and the one place every drop is derived.
+
+A number reaches a report in one of two ways. A plugin *measures* it: the plugin declares
+the names it reports when it registers (``@ATTACKS.register(..., metrics={name: meaning})``),
+and those names join this glossary. Or it is *derived* here, from numbers of the same report
+(``private_accuracy_drop`` from ``private_accuracy`` and ``private_accuracy_raw``) or of the
+same report and its baseline (``mi_drop`` from ``mi_xz`` on both sides). Reports, the gate,
+the CLI's tables, sweeps and the HTML report all read names from :func:`names`, so every
+number shown anywhere can be gated by the name it is shown under.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A number computed from two others.
+
+    ``kind`` is ``"ratio"`` (``value / reference``) or ``"drop"`` (``1 − value / reference``).
+    ``reference`` names a number of the same report, or — when ``against`` is ``"baseline"`` —
+    the same-named number of the baseline's report.
+    """
+
+    name: str
+    kind: Literal["ratio", "drop"]
+    value: str
+    reference: str
+    against: Literal["self", "baseline"]
+    meaning: str
+
+
+DERIVED: tuple[Derived, ...] = (
+    Derived("private_accuracy_drop", "drop", "private_accuracy", "private_accuracy_raw", "self",
+            "1 − private_accuracy / private_accuracy_raw"),
+    Derived("private_accuracy_drop_continuation", "drop", "private_accuracy_continuation", "private_accuracy_raw", "self",
+            "1 − private_accuracy_continuation / private_accuracy_raw (the Scrunch paper's attacker)"),
+    Derived("public_accuracy_normalized", "ratio", "public_accuracy", "public_accuracy", "baseline",
+            "public accuracy / public accuracy of the baseline (unhardened) model"),
+    Derived("mi_drop", "drop", "mi_xz", "mi_xz", "baseline", "1 − I(X; Z) / I(X; Z_baseline)"),
+    Derived("ssim_p95_drop", "drop", "ssim_p95", "ssim_p95", "baseline", "1 − ssim_p95 / ssim_p95 of the baseline"),
+)  # fmt: skip
+
+#: Numbers the core itself records (not a plugin): the model's public accuracy as evaluated by
+#: ``harden`` while training, which an audit or a sweep carries into its report.
+CORE: dict[str, str] = {
+    "public_accuracy": "public-task accuracy of the model on the test rows",
+}
+
+
+def names() -> dict[str, str]:
+    """Every number a report can hold, with what it means: core, plugins' and derived ones."""
+    from leakaudit.registry import ATTACKS, METRICS
+
+    table = dict(CORE)
+    for registry in (ATTACKS, METRICS):
+        for plugin in registry:
+            for name, meaning in plugin.metrics.items():
+                table.setdefault(name, meaning)
+    for derived in DERIVED:
+        table.setdefault(derived.name, derived.meaning)
+    return table
+
+
+def relative(kind: str, value: float | None, reference: float | None) -> float | None:
+    """``value / reference`` (``ratio``) or ``1 − value / reference`` (``drop``); ``None`` when undefined."""
+    if value is None or reference is None or reference == 0:
+        return None
+    r = float(value) / float(reference)
+    return r if kind == "ratio" else 1.0 - r
+
+
+def derive(measured: Mapping[str, float], baseline: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Every derived number that ``measured`` (and ``baseline``, when given) define."""
+    out: dict[str, float] = {}
+    for d in DERIVED:
+        source = measured if d.against == "self" else baseline
+        if source is None:
+            continue
+        value = relative(d.kind, measured.get(d.value), source.get(d.reference))
+        if value is not None:
+            out[d.name] = value
+    return out
+
+
+def derived_from_baseline() -> set[str]:
+    """The names that exist only against a baseline."""
+    return {d.name for d in DERIVED if d.against == "baseline"}

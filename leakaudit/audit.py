@@ -240,7 +240,12 @@ def _parse_metrics(items: Any) -> tuple[Step, ...] | None:
     if items is None:
         return None
     if isinstance(items, Mapping):
-        items = [{str(k): v} for k, v in items.items()]
+        from leakaudit.pipeline import step
+
+        for name, settings in items.items():
+            if settings is not None and not isinstance(settings, Mapping):
+                raise ConfigError(f"metrics.{name}: expected a mapping of settings, got {settings!r}.")
+        return tuple(step(METRICS, str(name), settings, f"metrics.{name}") for name, settings in items.items())
     if not isinstance(items, list):
         raise ConfigError("metrics: expected a list of names or a mapping of names to settings.")
     return tuple(parse_list(METRICS, items, "metrics"))

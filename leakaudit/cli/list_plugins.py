@@ -32,11 +32,16 @@ def list_plugins(
     table.add_column("name", style="bold")
     table.add_column("what it does")
     table.add_column("options")
+    if any(p["reports"] or p["artifacts"] for p in described):
+        table.add_column("reports (gate names) · artifacts")
     for plugin in described:
         options = ", ".join(
             f"{o['name']}={o['default']!r}" if not o["required"] else o["name"] for o in plugin["options"]
         )
-        table.add_row(plugin["name"], plugin["description"], options)
+        outputs = ", ".join(plugin["reports"])
+        if plugin["artifacts"]:
+            outputs += " · " + ", ".join(plugin["artifacts"])
+        table.add_row(plugin["name"], plugin["description"], options, *([outputs] if len(table.columns) > 3 else []))
     console().print(table)
 
 
@@ -65,7 +70,13 @@ def describe_plugin(plugin: Any) -> dict[str, Any]:
             option["required"] = default is dataclasses.MISSING
             option["default"] = None if default is dataclasses.MISSING else _jsonable(default)
             options.append(option)
-    return {"name": plugin.name, "description": plugin.summary, "options": options}
+    return {
+        "name": plugin.name,
+        "description": plugin.summary,
+        "options": options,
+        "reports": dict(plugin.metrics),
+        "artifacts": {name: artifact.meaning for name, artifact in plugin.artifacts.items()},
+    }
 
 
 def _type_name(annotation: Any) -> str:

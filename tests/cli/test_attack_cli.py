@@ -41,6 +41,7 @@ def test_classifier_table_json_and_report(cli, store, tmp_path):
     report = load_report(tmp_path / "acts.report.json")
     assert report["metrics"]["private_accuracy"] == data["private_accuracy"]
     assert set(report["metrics"]) == {"private_accuracy", "private_accuracy_raw", "private_accuracy_drop", "private_chance"}
+    assert report["metrics"]["private_accuracy_drop"] == data["private_accuracy_drop"]  # derived by the report, the same
     assert report["results"]["attack:classifier"]["best_head"] == "linear"
     assert report["subject"]["layer"] == "conv3"
 
@@ -75,6 +76,26 @@ def test_decoder_with_a_value(cli, store, tmp_path, spelling):
     assert [r["arch"] for r in json.loads((tmp_path / "d.json").read_text())["runs"]] == ["alexnet"]
 
 
+def test_any_attack_by_name_with_set_and_artifact_gives_what_the_shorthands_give(cli, store, tmp_path):
+    short = tmp_path / "short"
+    long_ = tmp_path / "long"
+    for folder in (short, long_):
+        folder.mkdir()
+        shutil.copyfile(store, folder / "acts.h5")
+    a = cli("attack", short / "acts.h5", "--decoder", "upsample", "--epochs", "1", "--grid", short / "g.png", "--json", short / "d.json")
+    b = cli("attack", long_ / "acts.h5", "--attack", "decoder", "--set", "arch=upsample", "--set", "epochs=1",
+            "--artifact", f"grid={long_ / 'g.png'}", "--json", long_ / "d.json")  # fmt: skip
+    assert a.exit_code == 0 and b.exit_code == 0, (a.stderr, b.stderr)
+    ma, mb = load_report(short / "acts.report.json")["metrics"], load_report(long_ / "acts.report.json")["metrics"]
+    assert ma == mb and set(ma) == {"ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image"}
+    assert (long_ / "g.png").read_bytes() == (short / "g.png").read_bytes()
+    unknown = cli("attack", store, "--attack", "decoder", "--artifact", f"plot={tmp_path / 'p.png'}")
+    assert unknown.exit_code == 2
+    assert error_line(unknown) == "Error: attack 'decoder' writes no artifact 'plot'; it writes: grid, reconstructions."
+    bad = cli("attack", store, "--attack", "decoder", "--set", "archh=upsample")
+    assert bad.exit_code == 2 and "archh" in error_line(bad)
+
+
 def test_decoder_default_value_is_filled_in_only_where_none_was_given():
     assert fill_optional_decoder(["s.h5", "--decoder"]) == ["s.h5", "--decoder", "best"]
     assert fill_optional_decoder(["s.h5", "--decoder", "--epochs", "1"]) == ["s.h5", "--decoder", "best", "--epochs", "1"]
@@ -98,8 +119,8 @@ def test_existing_outputs_are_kept_without_force(cli, store, tmp_path):
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        ([], "Error: give exactly one of --classifier and --decoder [ARCH]."),
-        (["--classifier", "--decoder"], "Error: give exactly one of --classifier and --decoder [ARCH]."),
+        ([], "Error: give exactly one of --attack NAME, --classifier and --decoder [ARCH]."),
+        (["--classifier", "--decoder"], "Error: give exactly one of --attack NAME, --classifier and --decoder [ARCH]."),
         (["--decoder", "--head", "mlp"], "Error: --head applies to --classifier, not to --decoder."),
         (["--classifier", "--grid", "g.png"], "Error: --grid applies to --decoder, not to --classifier."),
         (["--classifier", "--head", "mpl"], "Error: unknown classifier head 'mpl'. Closest: mlp. Heads: linear, mlp, conv, continuation, best."),

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import leakaudit.store as store_module
 from leakaudit.cli import app
 from leakaudit.data import Preprocess, resize
 from leakaudit.dump import MAX_WORKERS, DumpSettings, Tuning, dump, tune_forward
-from leakaudit.errors import ConfigError
+from leakaudit.errors import ConfigError, StoreError
 from leakaudit.models import LeNet5
-from leakaudit.store import PAGE, StoreWriter, _DirectWriter, open_store
+from leakaudit.store import StoreWriter, open_store
+from leakaudit.store.writer import PAGE, _DirectWriter
 
 
 def _writer(path, n, input_shape, layer_shape, dtype="float32", compression=None, output_shape=None):
@@ -147,7 +147,7 @@ def test_no_space_for_the_store_is_one_clear_error(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
-    with pytest.raises(store_module.StoreError, match="not enough free disk space"):
+    with pytest.raises(StoreError, match="not enough free disk space"):
         _writer(tmp_path / "s.h5", 10_000, (1, 32, 32), (120,))
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import leakaudit.store as store_module
 from leakaudit.cli import app
 from leakaudit.data import Preprocess, resize
 from leakaudit.dump import MAX_WORKERS, DumpSettings, Tuning, dump, tune_forward
-from leakaudit.errors import ConfigError
+from leakaudit.errors import ConfigError, StoreError
 from leakaudit.models import LeNet5
-from leakaudit.store import PAGE, StoreWriter, _DirectWriter, open_store
+from leakaudit.store import StoreWriter, open_store
+from leakaudit.store.writer import PAGE, _DirectWriter
 
 
 def _writer(path, n, input_shape, layer_shape, dtype="float32", compression=None, output_shape=None):
@@ -147,7 +147,7 @@ def test_no_space_for_the_store_is_one_clear_error(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
-    with pytest.raises(store_module.StoreError, match="not enough free disk space"):
+    with pytest.raises(StoreError, match="not enough free disk space"):
         _writer(tmp_path / "s.h5", 10_000, (1, 32, 32), (120,))
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
@@ -211,7 +211,8 @@ def test_tuning_auto_times_every_configuration_and_restores_threads():
 
 
 def test_trial_keeps_side_by_side_passes_within_the_margin():
-    from leakaudit.dump import WORKERS_MARGIN, _choose
+    from leakaudit.dump import WORKERS_MARGIN
+    from leakaudit.dump.tuning import _choose
 
     shapes = [(1, 2), (1, 1)]
     assert _choose({(1, 2): 1.2, (1, 1): 1.0}, shapes) == (1, 2)
@@ -241,7 +242,7 @@ def test_trial_times_each_pass_with_the_preprocessing_it_will_do():
 def test_workers_write_the_same_store_in_order_whatever_order_batches_finish(tmp_path, monkeypatch):
     import random
 
-    import leakaudit.dump as dump_module
+    import leakaudit.dump.pipeline as pipeline_module
 
     # One memory format for both: the trial could pick different kernels (bits) otherwise.
     base = dict(model="lenet5", layer="conv3", data="digits", limit=700, batch_size=32, tasks=(("label", "label"),),
@@ -249,14 +250,14 @@ def test_workers_write_the_same_store_in_order_whatever_order_batches_finish(tmp
     serial = dump(DumpSettings(**base, output=tmp_path / "serial.h5", threads=1, workers=1))
     assert serial.workers == 1
     # Batches finish in a scrambled order: each pass sleeps a random time before its forward.
-    pad, rng, order = dump_module._pad, random.Random(0), []
+    pad, rng, order = pipeline_module._pad, random.Random(0), []
 
     def slow_pad(x, fixed_batch):
         time.sleep(rng.random() * 0.02)
         order.append(threading.get_ident())
         return pad(x, fixed_batch)
 
-    monkeypatch.setattr(dump_module, "_pad", slow_pad)
+    monkeypatch.setattr(pipeline_module, "_pad", slow_pad)
     checkpoints = []
     real_checkpoint = StoreWriter.checkpoint
 
@@ -300,8 +301,8 @@ def test_dump_restores_torch_threads_and_records_its_choice(tmp_path):
 
 
 def test_cpu_passes_preprocess_their_own_batches_and_a_bad_later_image_loses_nothing(tmp_path, monkeypatch):
-    import leakaudit.dump as dump_module
     from leakaudit.errors import DataError
+    from leakaudit.store import partial_path
 
     # On a CPU the reader only reads; each forward pass resizes its batch in its own thread.
     threads_resizing = set()
@@ -327,7 +328,7 @@ def test_cpu_passes_preprocess_their_own_batches_and_a_bad_later_image_loses_not
     with pytest.raises(DataError, match=r"float images must lie in \[0, 1\]; found values in \[.*, 2\]"):
         dump(DumpSettings(model="lenet5", layer="conv3", data=f"npz:{tmp_path / 'd.npz'}", output=bad, batch_size=32,
                           tasks=(("label", "y"),), workers=2, memory_format="contiguous"))  # fmt: skip
-    assert not bad.exists() and not dump_module.partial_path(bad).exists()
+    assert not bad.exists() and not partial_path(bad).exists()
 
 
 def test_threads_must_be_positive():

@@ -50,16 +50,14 @@ from leakaudit.attacks._data import (
     read_inputs,
 )
 from leakaudit.attacks._training import (
-    PRECISIONS,
     Progress,
     Standardizer,
     as_tensor,
-    autocast_dtype,
     fit,
     parameter_count,
     predict,
-    seed_for,
 )
+from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 from leakaudit.config import positive
 from leakaudit.data import check_task_roles
 from leakaudit.errors import LeakAuditError, UnknownNameError, UsageError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -106,9 +106,8 @@ def shutdown() -> None:
 
 
 # --------------------------------------------------------------------------- training helpers
-# Used by the attacks' fit loop (leakaudit.attacks._training) and the recipes' one
-# (leakaudit.recipes._training): DistributedDataParallel needs every rank to take the same
-# number of steps, and every rank to reach the same decisions.
+# Used by the training loop (leakaudit.training.engine) and what it trains: DistributedDataParallel
+# needs every rank to take the same number of steps, and every rank to reach the same decisions.
 
 
 def rank_device(device: torch.device, ctx: Context | None) -> torch.device:
@@ -158,6 +157,14 @@ def average_floating_buffers(module: torch.nn.Module, ctx: Context) -> None:
         if buffer.is_floating_point():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer.div_(ctx.world_size)
+
+
+def average_gradients(params: Sequence[torch.Tensor], ctx: Context) -> None:
+    """Average the gradients of tensors DistributedDataParallel does not cover (a recipe's own) over ranks."""
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(ctx.world_size)
 
 
 def gather_strided(local: torch.Tensor, n: int, ctx: Context, *, differentiable: bool = False) -> torch.Tensor:

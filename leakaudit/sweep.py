@@ -28,7 +28,8 @@ from leakaudit.registry import ATTACKS
 from leakaudit.store import open_store
 
 from leakaudit.metrics.distance import intra_class_distance_stats
-from leakaudit.recipes._training import PreparedData, Progress
+from leakaudit.training.objective import Progress
+from leakaudit.training.prepared import PreparedData
 from leakaudit.export import save_weights
 
 #: dCor on at most this many test rows (the exact pass is O(n²·d)).

@@ -247,12 +247,10 @@ def agreed(ctx: Context | None) -> Iterator[None]:
 def exit_without_teardown(code: int = 0) -> NoReturn:
     """Flush stdout and stderr and end this process now, skipping the interpreter's teardown.
 
-    For a rank whose work is done and written. Measured here with torch 2.14 and gloo, on a
-    minimal script (DistributedDataParallel, 20 steps, 2 ranks): a rank aborted while exiting
-    (SIGABRT, "terminate called without an active exception") in 6 exits of 20 after
-    ``destroy_process_group()`` and 1 of 20 without it; ``leakaudit attack`` did so in 2 runs
-    of about 25. torchrun then reports the whole run as failed after every output was
-    written. Leaving with ``os._exit`` aborted in none of 27. Close files before calling this.
+    For a rank whose work is done and written: with gloo, a rank can abort in the
+    interpreter's teardown (SIGABRT) after every output was written, and torchrun then reports
+    the whole run as failed; ``os._exit`` skips that teardown (benchmarks/RESULTS.md has the
+    counts). Close files before calling this.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -57,13 +57,13 @@ from leakaudit.attacks._training import (
     parameter_count,
     predict,
 )
-from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 from leakaudit.config import positive
 from leakaudit.data import check_task_roles
 from leakaudit.errors import LeakAuditError, UnknownNameError, UsageError
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 
 HEADS = ("linear", "mlp", "conv", "continuation")
 HEAD_CHOICES = (*HEADS, "best")

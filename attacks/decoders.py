@@ -53,12 +53,12 @@ from leakaudit.attacks._training import (
     parameter_count,
     predict,
 )
-from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 
 ARCHS = ("upsample", "alexnet", "resnet")
 ARCH_CHOICES = (*ARCHS, "best")

@@ -1,23 +1,24 @@
-"""The fit loop every attack shares: in-memory minibatches, Adam, early stopping on validation.
+"""What every attack's training shares: its fit on in-memory tensors, evaluation, prediction, scaling.
 
 Attacks read their rows into memory once and index tensors directly: for data that fits,
-that is far faster than a ``DataLoader`` (no workers, no per-row collation), and a seeded
-:class:`torch.Generator` makes the order of minibatches reproducible.
+that is far faster than a ``DataLoader`` (no workers, no per-row collation). :func:`fit`
+trains through the core's one loop (:func:`leakaudit.training.engine.fit`) with Adam, a
+plateau schedule and selection on the validation score; a seeded :class:`torch.Generator`
+makes the order of minibatches reproducible.
 
-Model selection follows the issue's contract: training uses attacker-train rows only, the
-epoch kept (and the head or decoder reported as strongest) is chosen on attacker-validation
-rows, and test rows are never seen before the final report.
+Model selection: training uses attacker-train rows only, the epoch kept (and the head or
+decoder reported as strongest) is chosen on attacker-validation rows, and test rows are never
+seen before the final report. A run whose loss becomes non-finite stops and keeps its best
+epoch, as early stopping would.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop trains with DistributedDataParallel
-(gloo on CPU, nccl on CUDA). Every rank draws the same permutation each epoch and takes
-every ``world``-th row of it (as ``DistributedSampler`` does), in batches of
-``batch_size // world`` rows, so the group's step ``k`` covers the rows of the
-single-process batch ``k``. Validation and test rows are split the same way; validation
-sums are all-reduced, so every rank takes the same early-stopping and learning-rate
-decisions, and test predictions are gathered. Every rank ends with the same weights and
-reports the same numbers. They are not the single-process numbers to the bit: batch norm
-normalises each rank's half-batch on its own, the gradient is summed in another order,
-and dropout draws other masks — tests/attacks/test_distributed_attacks.py states the
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the loop trains with DistributedDataParallel
+(gloo on CPU, nccl on CUDA), each rank on its share of every batch (see
+:mod:`leakaudit.training.engine`). Validation and test rows are split the same way;
+validation sums are all-reduced, so every rank takes the same early-stopping and
+learning-rate decisions, and test predictions are gathered. Every rank ends with the same
+weights and reports the same numbers. They are not the single-process numbers to the bit:
+batch norm normalises each rank's half-batch on its own, the gradient is summed in another
+order, and dropout draws other masks — tests/attacks/test_distributed_attacks.py states the
 tolerance.
 """
 
@@ -27,8 +28,7 @@ import contextlib
 import copy
 import math
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,24 +37,18 @@ from torch import nn
 
 from leakaudit import distributed
 from leakaudit.distributed import Context
-from leakaudit.errors import UnknownNameError, UsageError
+from leakaudit.training import engine
+from leakaudit.training.engine import EpochTraining, Schedule, StepLoss
 
 #: ``on_progress(done, total)``: what domain code knows of progress bars.
 OnProgress = Callable[[float, float], None]
 #: ``progress(description, done, total)``: how attacks report several bars (one per model).
 Progress = Callable[[str, float, "float | None"], None]
+#: ``fn(outputs, targets)`` → a loss (scalar) or a score (one value per row).
+TensorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Rows per forward pass when evaluating (no gradients, so larger than training batches).
 EVAL_BATCH = 1024
-
-
-def seed_for(seed: int, name: str) -> int:
-    """A seed for model ``name`` derived from the run's ``seed``.
-
-    Each head or decoder gets its own stream, so its result does not depend on which other
-    models ran before it (``--head best`` and ``--head mlp`` train the same MLP).
-    """
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 @dataclass
@@ -80,13 +74,69 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Validation:
+    epoch: int
+    train_loss: float | None
+    val_score: float
+    val_loss: float
+
+
+class _TensorTask(engine.Task[_Validation]):
+    """The engine's view of an attack: (x, y) tensors in memory, selection on the mean validation score."""
+
+    def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                 loss_fn: TensorFn, score_fn: TensorFn, val_loss_fn: TensorFn, device: torch.device,
+                 ctx: Context | None) -> None:
+        self.model, self.train, self.val = model, train, val
+        self.loss_fn, self.score_fn, self.val_loss_fn = loss_fn, score_fn, val_loss_fn
+        self.device, self.ctx = device, ctx
+        self.rows = len(train[0])
+        has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        self.short_batches = "drop" if has_batch_norm else "keep"  # batch norm cannot normalise one row
+
+    @contextlib.contextmanager
+    def training(self, forward: engine.Forward) -> Iterator[Callable[[torch.Tensor], StepLoss]]:
+        self.model.train()
+        train_x, train_y = self.train
+
+        def step(index: torch.Tensor) -> StepLoss:
+            x = train_x[index].to(self.device, non_blocking=True)
+            y = train_y[index].to(self.device, non_blocking=True)
+            loss = self.loss_fn(forward(x).float(), y)  # the loss (SSIM included) in float32 whatever the forward ran in
+            return StepLoss(loss, len(index))
+
+        yield step
+
+    def validate(self, training: EpochTraining) -> _Validation:
+        score, loss = evaluate(self.model, *self.val, self.score_fn, self.val_loss_fn, self.device, ctx=self.ctx)
+        return _Validation(training.epoch, training.loss, score, loss)
+
+    def val_loss(self, stats: _Validation) -> float:
+        return stats.val_loss
+
+    def is_better(self, candidate: _Validation, best: _Validation | None) -> bool:
+        """A higher score; ties (within 1e-12) go to the lower validation loss."""
+        score, loss = (-math.inf, math.inf) if best is None else (best.val_score, best.val_loss)
+        return candidate.val_score > score + 1e-12 or (abs(candidate.val_score - score) <= 1e-12 and candidate.val_loss < loss)
+
+    def plateau_score(self, stats: _Validation) -> float:
+        return stats.val_score
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return copy.deepcopy(self.model.state_dict())
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
 def fit(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: TensorFn,
+    score_fn: TensorFn,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -94,7 +144,7 @@ def fit(
     seed: int,
     device: torch.device,
     weight_decay: float = 0.0,
-    val_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    val_loss_fn: TensorFn | None = None,
     keep_initial: bool = False,
     autocast: torch.dtype | None = None,
     on_progress: OnProgress | None = None,
@@ -127,124 +177,48 @@ def fit(
         keep_initial: the untrained model is a candidate too (epoch 0): for decoders that start
             out predicting the mean image, so that training which only fits noise is undone.
         autocast: run the training forward passes under ``torch.autocast`` with this dtype
-            (see :func:`autocast_dtype`); validation, selection and predictions stay float32.
+            (see :func:`leakaudit.training.engine.autocast_dtype`); validation, selection and predictions stay float32.
         on_progress: called with ``(epochs done, epochs)`` after each epoch.
     """
     ctx = distributed.current(device)
     device = distributed.rank_device(device, ctx)
     model.to(device)
-    train_x, train_y = train
-    val_x, val_y = val
-    n = len(train_x)
-    if n == 0 or len(val_x) == 0:
+    if len(train[0]) == 0 or len(val[0]) == 0:
         raise ValueError("fit needs at least one training and one validation row")
     generator = torch.Generator().manual_seed(seed)  # the same permutations on every rank
-    # Dropout masks; each rank draws its own, or it would drop the same units of different rows.
-    torch.manual_seed(seed if ctx is None else (seed + ctx.rank) % 2**63)
-    trainee = model if ctx is None else _data_parallel(model, device)
-    step_rows = batch_size if ctx is None else max(1, batch_size // ctx.world_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=0.5, patience=max(1, patience // 3)
-    )
-    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    val_loss_fn = val_loss_fn or loss_fn
-
-    best_state = copy.deepcopy(model.state_dict())
-    best = (-math.inf, math.inf)  # (score, loss): higher score, then lower loss
-    best_epoch = 0
-    history: list[dict[str, float]] = []
+    if ctx is None:
+        torch.manual_seed(seed)  # dropout masks (under torchrun the engine seeds each rank its own)
+    task = _TensorTask(model, train, val, loss_fn, score_fn, val_loss_fn or loss_fn, device, ctx)
     started = time.perf_counter()
-    if keep_initial:
-        best = evaluate(model, val_x, val_y, score_fn, val_loss_fn, device, ctx=ctx)
-    epoch = 0
-    for epoch in range(1, epochs + 1):
-        trainee.train()
-        order = torch.randperm(n, generator=generator)
-        if ctx is not None:
-            order = distributed.shard_strided(order, ctx)  # padded: the same step count on every rank
-        total, seen = 0.0, 0
-        for first in range(0, len(order), step_rows):
-            index = order[first : first + step_rows]
-            if has_batch_norm and len(index) < 2:
-                continue  # batch norm cannot normalise a single row in training mode
-            x = train_x[index].to(device, non_blocking=True)
-            y = train_y[index].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
-                out = trainee(x)
-            loss = loss_fn(out.float(), y)  # the loss (SSIM included) in float32 whatever the forward ran in
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(index)
-            seen += len(index)
-        if ctx is not None:
-            total, seen = distributed.all_reduce_sum([total, seen], device)
-            distributed.average_floating_buffers(model, ctx)
-        val_score, val_loss = evaluate(model, val_x, val_y, score_fn, val_loss_fn, device, ctx=ctx)
-        history.append({"train_loss": total / max(seen, 1), "val_loss": val_loss, "val_score": val_score})
-        if not math.isfinite(val_loss):
-            break  # diverged: keep the best finite epoch
-        if val_score > best[0] + 1e-12 or (abs(val_score - best[0]) <= 1e-12 and val_loss < best[1]):
-            best = (val_score, val_loss)
-            best_epoch = epoch
-            best_state = copy.deepcopy(model.state_dict())
-        scheduler.step(val_score)
-        if on_progress is not None:
-            on_progress(epoch, epochs)
-        if epoch - best_epoch >= patience:
-            break
+    outcome = engine.fit(
+        model,
+        task,
+        Schedule(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weight_decay=weight_decay, plateau=True),
+        generator=generator,
+        device=device,
+        ctx=ctx,
+        params=list(model.parameters()),
+        initial_candidate=keep_initial,
+        autocast=autocast,
+        on_epoch=(lambda v: on_progress(v.epoch, epochs) if v.epoch else None) if on_progress is not None else None,
+    )
     if on_progress is not None:
         on_progress(epochs, epochs)  # complete the bar when early stopping ended the run
-    model.load_state_dict(best_state)
-    model.eval()
     seconds = time.perf_counter() - started
+    best = outcome.best
     return FitResult(
-        epochs=epoch,
-        best_epoch=best_epoch,
-        val_score=float(best[0]),
-        val_loss=float(best[1]),
+        epochs=outcome.epochs,
+        best_epoch=outcome.best_epoch,
+        val_score=float(best.val_score) if best is not None else -math.inf,
+        val_loss=float(best.val_loss) if best is not None else math.inf,
         seconds=seconds,
-        seconds_per_epoch=seconds / max(epoch, 1),
-        history=history,
+        seconds_per_epoch=seconds / max(outcome.epochs, 1),
+        history=[
+            {"train_loss": v.train_loss, "val_loss": v.val_loss, "val_score": v.val_score}
+            for v in outcome.history
+            if v.epoch > 0
+        ],
     )
-
-
-#: ``precision`` values of the attack configs.
-PRECISIONS = ("fp32", "bf16")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device``: ``None`` for ``fp32``, bfloat16 for ``bf16``.
-
-    bf16 autocast covers the training steps only; every reported number is computed in
-    float32. Measured on digits (tests/attacks/test_distributed_attacks.py): it moves the
-    decoder's test SSIM by less than 0.003 and the private accuracy by at most one test row.
-
-    Raises:
-        UsageError: ``bf16`` on a GPU without bfloat16 support.
-    """
-    if precision == "fp32":
-        return None
-    if precision != "bf16":
-        raise UnknownNameError("precision", precision, PRECISIONS)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"--precision bf16 was given but {device} does not support bfloat16; use --precision fp32.")
-    return torch.bfloat16
-
-
-def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` wrapped for DistributedDataParallel; its parameters stay ``model``'s own.
-
-    DDP's constructor broadcasts rank 0's parameters and buffers, so every rank starts from
-    the same weights whatever its random state. Buffers are not broadcast before each
-    forward: :func:`fit` averages them over ranks after each epoch instead, so the running
-    statistics follow every rank's rows, not only rank 0's.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
 @torch.no_grad()

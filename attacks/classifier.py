@@ -51,15 +51,12 @@ from leakaudit.attacks._data import (
     read_inputs,
 )
 from leakaudit.attacks._training import (
-    PRECISIONS,
     Progress,
     Standardizer,
     as_tensor,
-    autocast_dtype,
     fit,
     parameter_count,
     predict,
-    seed_for,
 )
 from leakaudit.config import positive
 from leakaudit.data import check_task_roles
@@ -68,6 +65,7 @@ from leakaudit.glossary import relative
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 
 HEADS = ("linear", "mlp", "conv", "continuation")
 HEAD_CHOICES = (*HEADS, "best")

@@ -46,21 +46,19 @@ from leakaudit import __version__, distributed
 from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
 from leakaudit.attacks._training import (
     EVAL_BATCH,
-    PRECISIONS,
     Progress,
     Standardizer,
     as_tensor,
-    autocast_dtype,
     fit,
     parameter_count,
     predict,
-    seed_for,
 )
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError
 from leakaudit.registry import ATTACKS, Artifact, Needs
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 
 ARCHS = ("upsample", "alexnet", "resnet")
 ARCH_CHOICES = (*ARCHS, "best")

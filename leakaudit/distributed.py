@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -106,9 +106,8 @@ def shutdown() -> None:
 
 
 # --------------------------------------------------------------------------- training helpers
-# Used by the attacks' fit loop (leakaudit.attacks._training) and the recipes' one
-# (leakaudit.recipes._training): DistributedDataParallel needs every rank to take the same
-# number of steps, and every rank to reach the same decisions.
+# Used by the training loop (leakaudit.training.engine) and what it trains: DistributedDataParallel
+# needs every rank to take the same number of steps, and every rank to reach the same decisions.
 
 
 def rank_device(device: torch.device, ctx: Context | None) -> torch.device:
@@ -158,6 +157,14 @@ def average_floating_buffers(module: torch.nn.Module, ctx: Context) -> None:
         if buffer.is_floating_point():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer.div_(ctx.world_size)
+
+
+def average_gradients(params: Sequence[torch.Tensor], ctx: Context) -> None:
+    """Average the gradients of tensors DistributedDataParallel does not cover (a recipe's own) over ranks."""
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(ctx.world_size)
 
 
 def gather_strided(local: torch.Tensor, n: int, ctx: Context, *, differentiable: bool = False) -> torch.Tensor:
@@ -240,12 +247,10 @@ def agreed(ctx: Context | None) -> Iterator[None]:
 def exit_without_teardown(code: int = 0) -> NoReturn:
     """Flush stdout and stderr and end this process now, skipping the interpreter's teardown.
 
-    For a rank whose work is done and written. Measured here with torch 2.14 and gloo, on a
-    minimal script (DistributedDataParallel, 20 steps, 2 ranks): a rank aborted while exiting
-    (SIGABRT, "terminate called without an active exception") in 6 exits of 20 after
-    ``destroy_process_group()`` and 1 of 20 without it; ``leakaudit attack`` did so in 2 runs
-    of about 25. torchrun then reports the whole run as failed after every output was
-    written. Leaving with ``os._exit`` aborted in none of 27. Close files before calling this.
+    For a rank whose work is done and written: with gloo, a rank can abort in the
+    interpreter's teardown (SIGABRT) after every output was written, and torchrun then reports
+    the whole run as failed; ``os._exit`` skips that teardown (benchmarks/RESULTS.md has the
+    counts). Close files before calling this.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,7 +13,7 @@ attacked with the tool's own ``dump``, classifier attack and metrics
 Everything is written into a temporary folder that replaces ``output`` only at the end.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains its share of each batch with
-DistributedDataParallel (:mod:`leakaudit.recipes._training`) and evaluates its share of the
+DistributedDataParallel (:mod:`leakaudit.training`) and evaluates its share of the
 validation and test rows; every rank reaches the same weights, decisions and numbers, and
 rank 0 alone writes the folder (weights, exports, ``harden.json``). A rank that fails makes
 the group fail: rank 0's temporary folder is removed (or, when torchrun kills rank 0, left
@@ -42,27 +42,19 @@ from leakaudit.errors import ConfigError, NonFiniteError, UsageError
 from leakaudit.layers import split_model
 from leakaudit.registry import RECIPES, Plugin
 from leakaudit.runtime import resolve_device, seed_everything
-
-from leakaudit.recipes._training import (
+from leakaudit.recipes.base import EpochStats, Objective, RecipeContext
+from leakaudit.training.objective import Progress, divergence_message, evaluate, fit, snapshot, z_capture
+from leakaudit.training.prepared import (
     ROLE_TEST,
     ROLE_TRAIN,
     ROLE_VAL,
-    EpochStats,
-    Objective,
     PreparedData,
-    Progress,
-    RecipeContext,
-    ZCapture,
     batches,
     check_fit_options,
     check_group,
     check_outputs,
-    divergence_message,
-    evaluate,
-    fit,
     load_for_training,
     prepare_data,
-    snapshot,
     split_module,
 )
 from leakaudit.export import (
@@ -494,9 +486,9 @@ def _write_run(
         save_weights(extra, folder / "noise.safetensors")
         files["noise.safetensors"] = "noise.safetensors"
     example = next(batches(data, data.rows(ROLE_TRAIN)[:8], 8, device, None)).model_input
-    with ZCapture(model, layer, objective.transform) as hook, torch.no_grad():
+    with z_capture(model, layer, objective.transform) as forward, torch.no_grad():
         torch.manual_seed(0)
-        _, reference = hook.forward(example)
+        _, reference = forward(example)
     exported = export_split(model, layer, objective.wrap_encoder, example, folder, reference=reference)
     model.to(device)
     files.update({name: name for name in exported["files"]})
@@ -508,9 +500,9 @@ def _write_run(
 
 def _layer_shape(model: torch.nn.Module, layer: str, data: PreparedData, device: torch.device) -> list[int]:
     batch = next(batches(data, data.rows(ROLE_TRAIN)[:2], 2, device, None))
-    with ZCapture(model, layer, lambda z: z) as hook, torch.no_grad():
+    with z_capture(model, layer, lambda z: z) as forward, torch.no_grad():
         model.eval()
-        _, z = hook.forward(batch.model_input)
+        _, z = forward(batch.model_input)
     assert z is not None
     return list(z.shape[1:])
 

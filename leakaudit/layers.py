@@ -43,7 +43,7 @@ class LayerInfo:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass at the split layer."""
+    """Raised by a stopping :class:`LayerCapture` to end the forward pass at the split layer."""
 
     def __init__(self, output: object) -> None:
         super().__init__()
@@ -230,30 +230,102 @@ class Truncation:
     method: str
 
 
+class LayerCapture:
+    """The tool's one hook at a layer: records the first output of module ``layer`` on each forward.
+
+    Every capture at a split layer goes through it:
+
+    * ``stop=True`` ends the forward pass as soon as the layer has produced its output
+      (:func:`capture`, the ``hook`` truncation): nothing after the split is computed.
+    * ``transform`` replaces the layer's output, and the forward (with its gradients) goes on
+      through the rest of the model on what it returns — training records Z this way, with a
+      recipe's noise as the transform (:mod:`leakaudit.training.objective`).
+    * neither: a full forward pass that also records Z, e.g. for a dump with
+      ``--with-outputs`` (``with LayerCapture(module, layer) as hook: y, z = hook.run(x)``).
+
+    Only the layer's first call in a forward counts. The hook is registered on ``__enter__``
+    and removed on ``__exit__``; a model holds one transforming capture at a time (two would
+    both change its forward). :meth:`run` returns ``None`` for the layer's output when the layer
+    was not called, so that each caller raises the error that names its own remedy.
+    """
+
+    _transforming: set[int] = set()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        *,
+        stop: bool = False,
+        transform: Callable[[object], object] | None = None,
+        runner: Callable[[torch.Tensor], object] | None = None,
+    ) -> None:
+        """Hook module ``layer`` of ``model``; :meth:`run` calls ``runner`` (a wrapper such as
+        DistributedDataParallel's) if given, else ``model``.
+
+        Raises:
+            UsageError: ``layer`` is not a module of ``model`` (a graph node).
+            LeakAuditError: a transforming capture is already installed on ``model``.
+        """
+        if stop and transform is not None:
+            raise ValueError("a capture that stops the forward has nothing to transform for.")
+        target = dict(model.named_modules()).get(layer)
+        if target is None:
+            raise UsageError(f"layer {layer!r} is a graph node, not a module; only FX truncation can reach it.")
+        self.model, self.layer, self.target = model, layer, target
+        self.stop, self.transform = stop, transform
+        self.runner = runner if runner is not None else model
+        self.output: object | None = None
+        self._handle = None
+
+    def __enter__(self) -> LayerCapture:
+        if self.transform is not None:
+            if id(self.model) in LayerCapture._transforming:
+                raise LeakAuditError("the model already has a Z capture hook; remove it before adding another.")
+            LayerCapture._transforming.add(id(self.model))
+        self._handle = self.target.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            if self.transform is not None:
+                LayerCapture._transforming.discard(id(self.model))
+
+    def _hook(self, _module: nn.Module, _inputs: object, output: object) -> object:
+        if self.stop:
+            # Stateless, so that threads running forwards of one model at once each get their own output.
+            raise _StopForward(output)
+        if self.output is not None:
+            return None
+        self.output = output if self.transform is None else self.transform(output)
+        return None if self.transform is None else self.output
+
+    def run(self, x: torch.Tensor) -> tuple[object | None, object | None]:
+        """One forward pass: (the model's output, ``None`` when stopped; the layer's output, ``None`` when not called)."""
+        self.output = None
+        try:
+            result = self.runner(x)
+        except _StopForward as stop:
+            return None, stop.output
+        output, self.output = self.output, None
+        return result, output
+
+
 def capture(module: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``layer`` for input ``x`` in eval mode, by a hook that stops the forward there."""
+    """The output of ``layer`` for input ``x`` in eval mode, by a :class:`LayerCapture` that stops the forward there."""
     if layer == OUTPUT:
         with eval_mode(module):
             return _as_tensor(module(x), layer)
-    target = dict(module.named_modules()).get(layer)
-    if target is None:
-        raise UsageError(f"layer {layer!r} is a graph node, not a module; only FX truncation can reach it.")
-
-    def hook(_m, _i, out):
-        raise _StopForward(out)
-
-    handle = target.register_forward_hook(hook)
-    try:
-        with eval_mode(module):
-            module(x)
-    except _StopForward as stop:
-        return _as_tensor(stop.output, layer)
-    finally:
-        handle.remove()
-    raise UsageError(
-        f"layer {layer!r} was not called during the forward pass, so it produced no output. "
-        "Choose a layer that `leakaudit layers MODEL` shows with an output shape."
-    )
+    with LayerCapture(module, layer, stop=True) as hook, eval_mode(module):
+        _, out = hook.run(x)
+    if out is None:
+        raise UsageError(
+            f"layer {layer!r} was not called during the forward pass, so it produced no output. "
+            "Choose a layer that `leakaudit layers MODEL` shows with an output shape."
+        )
+    return _as_tensor(out, layer)
 
 
 def _as_tensor(out: object, layer: str) -> torch.Tensor:

@@ -25,10 +25,11 @@ import torch
 from leakaudit.dump import DumpSettings, dump
 from leakaudit.export import save_weights
 from leakaudit.pipeline import Step, run, step
-from leakaudit.recipes._training import PreparedData, Progress
 from leakaudit.registry import ATTACKS, METRICS
 from leakaudit.report import Report, subject_of
 from leakaudit.store import open_store
+from leakaudit.training.objective import Progress
+from leakaudit.training.prepared import PreparedData
 
 #: The columns of the table, in order: ``label`` and ``private_head``, then report numbers
 #: under their glossary names (:mod:`leakaudit.glossary` says what each means).

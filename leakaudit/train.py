@@ -6,7 +6,7 @@ scored on test rows (:func:`leakaudit.data.split_roles`), and saved as safetenso
 ``.json`` record beside it (spec, options, task, per-epoch history).
 
 Under ``torchrun`` every rank trains its share of each batch with DistributedDataParallel
-(:mod:`leakaudit.recipes._training`) and rank 0 alone writes the weights and the record.
+(:mod:`leakaudit.training`) and rank 0 alone writes the weights and the record.
 """
 
 from __future__ import annotations
@@ -20,23 +20,19 @@ from typing import Any
 from leakaudit import distributed
 from leakaudit.data import open_source, resolve_task
 from leakaudit.errors import ConfigError, NonFiniteError, OutputExistsError, UsageError
-from leakaudit.recipes._training import (
+from leakaudit.export import model_record, save_weights, write_json
+from leakaudit.recipes.base import EpochStats, Objective
+from leakaudit.runtime import resolve_device, seed_everything
+from leakaudit.training.objective import Progress, accuracy_on, divergence_message, fit
+from leakaudit.training.prepared import (
     ROLE_TEST,
-    EpochStats,
-    Objective,
     PreparedData,
-    Progress,
-    accuracy_on,
     check_fit_options,
     check_group,
     check_outputs,
-    divergence_message,
-    fit,
     load_for_training,
     prepare_data,
 )
-from leakaudit.export import model_record, save_weights, write_json
-from leakaudit.runtime import resolve_device, seed_everything
 
 
 @dataclass(frozen=True)

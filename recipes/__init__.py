@@ -20,7 +20,7 @@ training loop minimises. Third-party packages register theirs the same way throu
 
 from __future__ import annotations
 
-from leakaudit.recipes._training import Batch, EpochStats, Objective, RecipeContext
+from leakaudit.recipes.base import Batch, EpochStats, Objective, RecipeContext
 from leakaudit.recipes.center_loss import CenterLoss, CenterLossConfig
 from leakaudit.recipes.nopeek import NoPeek, NoPeekConfig
 from leakaudit.recipes.shredder import LaplaceNoise, Shredder, ShredderConfig

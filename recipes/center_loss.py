@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from leakaudit.metrics.distance import intra_class_distance_stats
 from leakaudit.registry import RECIPES
 
-from leakaudit.recipes._training import Batch, Objective, RecipeContext
+from leakaudit.recipes.base import Batch, Objective, RecipeContext
 
 
 CENTER_SCALES = ("absolute", "relative")

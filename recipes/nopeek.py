@@ -33,7 +33,7 @@ from leakaudit.errors import ConfigError, UnknownNameError
 from leakaudit.metrics.dcor import distance_correlation_torch
 from leakaudit.registry import RECIPES
 
-from leakaudit.recipes._training import Batch, Objective, RecipeContext
+from leakaudit.recipes.base import Batch, Objective, RecipeContext
 
 
 @dataclass(frozen=True)

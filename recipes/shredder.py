@@ -35,7 +35,7 @@ from torch import nn
 
 from leakaudit.registry import RECIPES
 
-from leakaudit.recipes._training import Batch, EpochStats, Objective, RecipeContext
+from leakaudit.recipes.base import Batch, EpochStats, Objective, RecipeContext
 
 
 @dataclass(frozen=True)

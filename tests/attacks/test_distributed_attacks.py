@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from leakaudit.attacks import ClassifierConfig, DecoderConfig, run_classifier, run_decoder
-from leakaudit.attacks._training import autocast_dtype, fit
+from leakaudit.attacks._training import fit
+from leakaudit.training.engine import autocast_dtype
 from leakaudit.cli.attack import _check_ranks_agree
 from leakaudit.distributed import Context, shard_strided
 from leakaudit.errors import LeakAuditError, UnknownNameError

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leakaudit.attacks._training import Standardizer, fit, seed_for
+from leakaudit.attacks._training import Standardizer, fit
+from leakaudit.training.engine import seed_for
 from tests.attacks import one_torch_thread  # noqa: F401 - fixture
 
 

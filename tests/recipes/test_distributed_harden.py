@@ -94,9 +94,9 @@ import torch
 torch.set_num_threads(1)
 from leakaudit import distributed
 from leakaudit.models import load_model
-from leakaudit.recipes._training import (
-    ROLE_TRAIN, ROLE_VAL, Objective, RecipeContext, ZCapture, batches, evaluate, fit, prepare_data,
-)
+from leakaudit.recipes.base import Objective, RecipeContext
+from leakaudit.training.objective import evaluate, fit, z_capture
+from leakaudit.training.prepared import ROLE_TRAIN, ROLE_VAL, batches, prepare_data
 from leakaudit.registry import RECIPES
 from leakaudit.config import from_mapping
 
@@ -133,13 +133,13 @@ mine = next(batches(data, rows, 32, device, torch.Generator().manual_seed(5), gr
 whole = next(batches(data, rows, 32, device, torch.Generator().manual_seed(5), None))
 probe, alone_probe = copy.deepcopy(model), copy.deepcopy(model)
 ddp = distributed.data_parallel(probe, device)
-with ZCapture(probe, "conv3", nopeek.transform, runner=ddp) as hook:
-    logits, z = hook.forward(mine.model_input)
+with z_capture(probe, "conv3", nopeek.transform, runner=ddp) as forward:
+    logits, z = forward(mine.model_input)
     loss, parts = nopeek.loss(mine, logits, z)
     loss.backward()
 shared = [p.grad.clone() for p in probe.parameters()]
-with ZCapture(alone_probe, "conv3", nopeek.transform) as hook:
-    logits, z = hook.forward(whole.model_input)
+with z_capture(alone_probe, "conv3", nopeek.transform) as forward:
+    logits, z = forward(whole.model_input)
     loss_whole, parts_whole = nopeek.loss(whole, logits, z)
     loss_whole.backward()
 alone = [p.grad.clone() for p in alone_probe.parameters()]

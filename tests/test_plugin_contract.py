@@ -12,8 +12,9 @@ of (:mod:`leakaudit.registry`, :mod:`leakaudit.pipeline`).
   policies against, ``needs.task`` and ``comparable`` name settings it has, its artifacts
   have a file name and a writer.
 * Attacks and metrics run on a tiny real store, with the settings of :data:`FAST`, and
-  return a result whose ``to_dict()`` is JSON and whose ``report_metrics()`` uses only the
-  names they declared.
+  return a result whose ``to_dict()`` is JSON (holding the ``comparable`` settings, where a
+  baseline comparison reads them) and whose ``report_metrics()`` uses only the names they
+  declared.
 """
 
 from __future__ import annotations
@@ -172,6 +173,9 @@ def test_runs_on_a_tiny_store_and_returns_what_it_declared(plugin, tiny_store, t
     data = result.to_dict()
     assert isinstance(data, dict)
     json.loads(json.dumps(data))  # plain JSON: no arrays, paths or other objects
+    # A drop against a baseline is refused when these settings differ; they are read from here.
+    recorded = {**(data.get("config") or {}), **(data.get("details") or {})}
+    assert set(plugin.comparable) <= set(recorded), f"comparable settings missing from to_dict()['config']: {data.keys()}"
     numbers = result.report_metrics()
     assert numbers and set(numbers) <= set(plugin.metrics), f"undeclared: {sorted(set(numbers) - set(plugin.metrics))}"
     for metric, value in numbers.items():

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from leakaudit.errors import DataError
+from leakaudit.errors import DataError, NonFiniteError
 from leakaudit.registry import ATTACKS, Artifact, Needs
 
 __all__ = ["KnnConfig", "KnnResult", "run_knn"]
@@ -129,8 +129,12 @@ def _reference_rows(train: np.ndarray, labels: np.ndarray, limit: int | None, se
     config=KnnConfig,
     needs=Needs(task="task"),
     metrics={
-        "knn_private_accuracy": "test accuracy of a k-nearest-neighbour vote in Z over attacker-train rows, for the attacked task",
-        "knn_private_chance": "test accuracy of always predicting the most frequent attacker-train class of the attacked task",
+        "knn_private_accuracy": (
+            "test accuracy of a k-nearest-neighbour vote in Z over attacker-train rows, for the attacked task"
+        ),
+        "knn_private_chance": (
+            "test accuracy of always predicting the most frequent attacker-train class of the attacked task"
+        ),
     },
     artifacts={
         "per-class": Artifact("JSON of the vote's test accuracy per class", "knn-per-class.json", write_per_class),
@@ -148,6 +152,7 @@ def run_knn(store: Any, config: KnnConfig, progress: Progress | None = None) -> 
     Raises:
         UnknownNameError: the store has no such task (the message lists its tasks).
         DataError: too few attacker-train rows for ``k``, or no test rows.
+        NonFiniteError: Z holds NaN or infinite values.
     """
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -156,7 +161,9 @@ def run_knn(store: Any, config: KnnConfig, progress: Progress | None = None) -> 
     train = _reference_rows(store.rows("attacker-train"), labels, config.max_reference_rows, config.seed)
     test = store.rows("test")
     if len(test) == 0:
-        raise DataError(f"store {str(store.path)!r} has no test rows to score the knn attack on; dump more rows or change --split.")
+        raise DataError(
+            f"store {str(store.path)!r} has no test rows to score the knn attack on; dump more rows or change --split."
+        )
     if len(train) < config.k:
         raise DataError(
             f"the knn attack needs at least k = {config.k} attacker-train rows, store {str(store.path)!r} has "
@@ -167,7 +174,9 @@ def run_knn(store: Any, config: KnnConfig, progress: Progress | None = None) -> 
     z_train = store.activations(train).reshape(len(train), -1).astype(np.float64)
     z_test = store.activations(test).reshape(len(test), -1).astype(np.float64)
     if not (np.isfinite(z_train).all() and np.isfinite(z_test).all()):
-        raise DataError(f"the activations of {str(store.path)!r} hold NaN or infinite values; the knn attack needs finite Z.")
+        raise NonFiniteError(
+            f"the activations of {str(store.path)!r} hold NaN or infinite values; the knn attack needs finite Z."
+        )
     if config.standardize:
         mean, std = z_train.mean(0), z_train.std(0)
         std[std == 0] = 1.0  # a constant feature carries no distance

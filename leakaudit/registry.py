@@ -20,9 +20,10 @@ The core never looks behind a plugin's name. What it needs to run one is declare
   lists none.
 
 An attack or metric is called as ``target(store, config, progress)`` (``baseline=`` too when it
-needs one) and returns a result with ``to_dict()`` (its JSON form), ``report_metrics()`` (names
-of ``metrics`` → numbers) and optionally ``warnings`` (sentences for the user) and
-``render()`` (rich renderables for the terminal).
+needs one) and returns a result with ``to_dict()`` (its JSON form, whose ``config`` or
+``details`` section holds the ``comparable`` settings: a baseline comparison reads them
+there), ``report_metrics()`` (names of ``metrics`` → numbers) and optionally ``warnings``
+(sentences for the user) and ``render()`` (rich renderables for the terminal).
 """
 
 from __future__ import annotations

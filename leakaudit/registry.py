@@ -144,8 +144,12 @@ class Registry:
     def _ensure_loaded(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        importlib.import_module(self._builtin_module)
+        # Every family's built-ins first: a third-party plugin that reuses a built-in name in
+        # another family is then refused (a warning) when it loads, never the built-in after it.
+        for registry in FAMILIES.values():
+            if not registry._loaded:
+                registry._loaded = True
+                importlib.import_module(registry._builtin_module)
         _load_entry_points()
 
     def get(self, name: str) -> Plugin:

@@ -29,7 +29,7 @@ from leakaudit.dump.plan import _captures_outputs, _pad, _Plan, _preprocess_in_f
 from leakaudit.dump.settings import DumpReport, DumpSettings
 from leakaudit.dump.tuning import Tuning, _format, _torch_threads
 from leakaudit.errors import NonFiniteError
-from leakaudit.layers import capture
+from leakaudit.layers import LayerCapture, capture
 from leakaudit.store import StoreWriter
 
 FLOAT16_MAX = 65504.0
@@ -327,21 +327,15 @@ def _put_final(results: queue.Queue, writer_thread: _Worker) -> None:
 def _forward_with_capture(
     module: torch.nn.Module, layer: str, encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One full forward pass that also records ``layer``'s first output (for ``--with-outputs``)."""
-    target = dict(module.named_modules()).get(layer)
-    if target is None:  # a graph node, not a module: two passes
+    """One full forward pass that also records ``layer``'s first output (for ``--with-outputs``).
+
+    Through the tool's one capture hook (:class:`leakaudit.layers.LayerCapture`); such passes
+    run one at a time (see ``_serial_reason``), so the hook sees only its own forward.
+    """
+    if dict(module.named_modules()).get(layer) is None:  # a graph node, not a module: two passes
         return encoder(x), module(x)
-    seen: list[torch.Tensor] = []
-
-    def hook(_m, _i, out):
-        if not seen:
-            seen.append(out)
-
-    handle = target.register_forward_hook(hook)
-    try:
-        y = module(x)
-    finally:
-        handle.remove()
-    if not seen:
+    with LayerCapture(module, layer) as hook:
+        y, z = hook.run(x)
+    if z is None:
         return capture(module, layer, x), y
-    return seen[0], y
+    return z, y

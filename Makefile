@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ bench: venv
 
 clean:
 	rm -rf demo-out .pytest_cache build *.egg-info
+
+lint: venv
+	$(BIN)/ruff check leakaudit attacks metrics recipes tests examples
+	$(BIN)/mypy

@@ -598,7 +598,7 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
             weight_decay=config.weight_decay,
             keep_initial=True,
             autocast=autocast,
-            on_progress=(lambda done, total: progress(description, done, total)) if progress else None,
+            on_progress=(lambda done, total, what=description: progress(what, done, total)) if progress else None,
         )
         recon = predict(model, standardizer(z_test), device).clamp_(0.0, 1.0)
         scores, ssim = score_images(recon, x_test)

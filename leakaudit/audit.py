@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from leakaudit import __version__
 from leakaudit._io import atomic_write_text
@@ -50,6 +50,9 @@ from leakaudit.config import from_mapping, load_yaml, positive
 from leakaudit.errors import ConfigError, StoreError, UntrustedCheckpointError
 from leakaudit.pipeline import Step, audit_defaults, metric_steps, parse_list
 from leakaudit.registry import ATTACKS, METRICS
+
+if TYPE_CHECKING:
+    from leakaudit.report import Report
 
 Progress = Callable[[str, float, "float | None"], None]
 Warn = Callable[[str], None]

@@ -39,10 +39,18 @@ from leakaudit import __version__, distributed
 from leakaudit.config import from_mapping
 from leakaudit.distributed import Context
 from leakaudit.errors import ConfigError, NonFiniteError, UsageError
+from leakaudit.export import (
+    check_output_dir,
+    export_split,
+    model_record,
+    save_weights,
+    staged_dir,
+    write_json,
+)
 from leakaudit.layers import split_model
+from leakaudit.recipes.base import EpochStats, Objective, RecipeContext
 from leakaudit.registry import RECIPES, Plugin
 from leakaudit.runtime import resolve_device, seed_everything
-from leakaudit.recipes.base import EpochStats, Objective, RecipeContext
 from leakaudit.training.objective import Progress, divergence_message, evaluate, fit, snapshot, z_capture
 from leakaudit.training.prepared import (
     ROLE_TEST,
@@ -56,14 +64,6 @@ from leakaudit.training.prepared import (
     load_for_training,
     prepare_data,
     split_module,
-)
-from leakaudit.export import (
-    check_output_dir,
-    export_split,
-    model_record,
-    save_weights,
-    staged_dir,
-    write_json,
 )
 
 HARDEN_SCHEMA = "leakaudit.harden"

@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from leakaudit import __version__
-from leakaudit import glossary
+from leakaudit import __version__, glossary
 
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",

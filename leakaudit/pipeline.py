@@ -122,7 +122,8 @@ def applies(step: Step, store: ActivationStore) -> str | None:
 
 def run_step(step: Step, store: ActivationStore, progress: Progress | None = None, *, baseline: ActivationStore | None = None) -> Any:
     """Run one step and return the plugin's result (attacks get ``progress(label, done, total)``,
-    metrics ``progress(done, total)``)."""
+    metrics ``progress(done, total)``).
+    """
     plugin = step.plugin
     if plugin.family == "metric":
         name = plugin.name
@@ -224,7 +225,8 @@ def check_same_rows(subject: ActivationStore, baseline: ActivationStore) -> None
 
 def baseline_report(subject: ActivationStore, baseline: str | Path, steps: Sequence[Step], progress: Progress | None = None) -> Report:
     """The baseline's numbers as a report: computed on a baseline store with the same ``steps``,
-    or read from a baseline report about the same rows."""
+    or read from a baseline report about the same rows.
+    """
     path = Path(baseline)
     if path.suffix == ".json":
         other = Report.from_dict(load_report(path))

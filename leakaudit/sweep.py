@@ -24,7 +24,8 @@ import torch
 
 from leakaudit.dump import DumpSettings, dump
 from leakaudit.export import save_weights
-from leakaudit.pipeline import Step, run, step
+from leakaudit.pipeline import Step, step
+from leakaudit.pipeline import run as run_steps
 from leakaudit.registry import ATTACKS, METRICS
 from leakaudit.report import Report, subject_of
 from leakaudit.store import open_store
@@ -148,7 +149,7 @@ def measurement_steps(settings, private: str, *, raw_reference: bool) -> list[St
 def _measure(store, settings, private: str, *, raw_reference: bool, progress: Progress | None) -> Report:
     """The store's report: the classifier attack on ``private``, dCor and intra-class distance on test rows, the decoder optionally."""
     report = Report(subject_of(store))
-    run(store, measurement_steps(settings, private, raw_reference=raw_reference), report, progress=progress)
+    run_steps(store, measurement_steps(settings, private, raw_reference=raw_reference), report, progress=progress)
     return report
 
 
@@ -168,7 +169,8 @@ def retarget_stores(output: Path, table: Sequence[Mapping[str, Any]], stage_name
 
 def best_under(table: Sequence[Mapping[str, Any]], floor: float = 0.95) -> Mapping[str, Any] | None:
     """The hardened row with the largest private-accuracy drop among those keeping
-    ``public_accuracy_normalized ≥ floor``."""
+    ``public_accuracy_normalized ≥ floor``.
+    """
     kept = [
         r for r in table[1:]
         if r.get("public_accuracy_normalized") is not None and r["public_accuracy_normalized"] >= floor

@@ -45,10 +45,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from leakaudit.metrics.distance import intra_class_distance_stats
-from leakaudit.registry import RECIPES
-
 from leakaudit.recipes.base import Batch, Objective, RecipeContext
-
+from leakaudit.registry import RECIPES
 
 CENTER_SCALES = ("absolute", "relative")
 

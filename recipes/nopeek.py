@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from leakaudit import distributed
 from leakaudit.errors import ConfigError, UnknownNameError
 from leakaudit.metrics.dcor import distance_correlation_torch
-from leakaudit.registry import RECIPES
-
 from leakaudit.recipes.base import Batch, Objective, RecipeContext
+from leakaudit.registry import RECIPES
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leakaudit.registry import RECIPES
-
 from leakaudit.recipes.base import Batch, EpochStats, Objective, RecipeContext
+from leakaudit.registry import RECIPES
 
 
 @dataclass(frozen=True)

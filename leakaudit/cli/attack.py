@@ -105,7 +105,7 @@ def attack(
     for option, (key, value) in {"--grid": ("grid", grid), "--reconstructions": ("reconstructions", reconstructions)}.items():
         if value is not None:
             if key not in plugin.artifacts:
-                raise UsageError(f"{option} {_applies_to(ATTACKS, lambda p: key in p.artifacts, name)}")
+                raise UsageError(f"{option} {_applies_to(ATTACKS, lambda p, key=key: key in p.artifacts, name)}")
             wanted[key] = value
     for key in wanted:
         if key not in plugin.artifacts:
@@ -113,7 +113,7 @@ def attack(
     fields = _fields(plugin)
     for option, (key, value) in shorthands.items():
         if value is not None and key not in fields:
-            raise UsageError(f"{option} {_applies_to(ATTACKS, lambda p: key in _fields(p), name)}")
+            raise UsageError(f"{option} {_applies_to(ATTACKS, lambda p, key=key: key in _fields(p), name)}")
 
     settings: dict[str, Any] = {}
     if config_file is not None:

@@ -11,8 +11,8 @@ import typer
 from leakaudit.cli._common import (
     DeviceOpt,
     ForceOpt,
-    LazyProgress,
     InChansOpt,
+    LazyProgress,
     ModelArg,
     ModelArgOpt,
     NumClassesOpt,

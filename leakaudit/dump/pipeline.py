@@ -75,7 +75,7 @@ def _get(q: queue.Queue, workers: Sequence[_Worker]) -> object:
             for worker in workers:
                 worker.check()
                 if not worker.is_alive() and worker.error is None and q.empty():
-                    raise RuntimeError(f"{worker.name} stopped without delivering its data")
+                    raise RuntimeError(f"{worker.name} stopped without delivering its data") from None
 
 
 def check_finite(z: np.ndarray, layer: str, start: int) -> None:

@@ -144,7 +144,8 @@ def tune_forward(
 
     def run(count: int, passes: int, repeat: int = 1) -> float:
         """Seconds per batch: ``repeat`` passes in a row, in this thread or in each of ``passes``
-        pool threads side by side."""
+        pool threads side by side.
+        """
         start = time.perf_counter()
         if passes == 1:
             with _torch_threads(count):
@@ -176,7 +177,8 @@ def tune_forward(
 def _choose(timings: dict[tuple[int, int], float], shapes: list[tuple[int, int]]) -> tuple[int, int]:
     """The first shape in order of preference within its margin of the fastest: WORKERS_MARGIN
     for side-by-side passes, 5 % otherwise (differences smaller than that are noise on a
-    shared machine)."""
+    shared machine).
+    """
     fastest = min(timings.values())
     for count, passes in shapes:
         if timings[(count, passes)] <= fastest * (WORKERS_MARGIN if passes > 1 else 1 / 0.95):

@@ -17,7 +17,6 @@ from leakaudit.store.integrity import _blocks, _canonical, _record_checksums
 from leakaudit.store.locks import DumpLock
 from leakaudit.store.schema import _json_attr, partial_path
 
-
 SHARDED = ("inputs", "activations", "outputs")
 
 

@@ -403,7 +403,7 @@ class _DirectWriter:
         self.buffer = self._raw
 
     @classmethod
-    def open(cls, path: Path) -> "_DirectWriter | None":
+    def open(cls, path: Path) -> _DirectWriter | None:
         flag = getattr(os, "O_DIRECT", None)
         if flag is None:
             return None

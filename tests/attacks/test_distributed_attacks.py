@@ -36,11 +36,11 @@ from torch import nn
 
 from leakaudit.attacks import ClassifierConfig, DecoderConfig, run_classifier, run_decoder
 from leakaudit.attacks._training import fit
-from leakaudit.training.engine import autocast_dtype
 from leakaudit.cli.attack import _check_ranks_agree
 from leakaudit.distributed import Context, shard_strided
 from leakaudit.errors import LeakAuditError, UnknownNameError
 from leakaudit.store import open_store
+from leakaudit.training.engine import autocast_dtype
 from tests.attacks import one_torch_thread, single_thread  # noqa: F401 - fixture
 from tests.conftest import error_line
 from tests.torchrun import TORCHRUN, finish, torchrun

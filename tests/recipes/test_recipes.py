@@ -17,14 +17,14 @@ import torch
 
 from leakaudit.dump import DumpSettings, dump
 from leakaudit.errors import NonFiniteError
-from leakaudit.layers import split_model
-from leakaudit.models import load_model
 from leakaudit.export import load_hardened
 from leakaudit.harden import HardenSettings, harden
+from leakaudit.layers import split_model
+from leakaudit.models import load_model
 from leakaudit.recipes import CenterLoss, CenterLossConfig
-from leakaudit.train import TrainSettings, train
 from leakaudit.registry import RECIPES
 from leakaudit.store import open_store
+from leakaudit.train import TrainSettings, train
 
 TASKS = (("public", "parity"), ("private", "label"))
 

@@ -221,7 +221,6 @@ def test_an_attack_below_chance_carries_a_warning(cli, tmp_path):
 
 
 def test_an_audit_passes_the_attacks_warnings_on(tmp_path):
-    from leakaudit.attacks.classifier import ClassifierConfig
     from leakaudit.audit import AuditConfig, ModelSection, audit_store
     from leakaudit.pipeline import step
     from leakaudit.registry import ATTACKS

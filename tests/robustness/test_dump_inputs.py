@@ -259,8 +259,8 @@ def test_invalid_dump_options(cli, tmp_path, option, value, message):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """A client encoder and server classifier exported by the library's own export code."""
-    from leakaudit.models import LeNet5
     from leakaudit.export import export_split
+    from leakaudit.models import LeNet5
 
     folder = tmp_path_factory.mktemp("exported")
     torch.manual_seed(0)

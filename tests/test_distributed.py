@@ -18,12 +18,13 @@ import pytest
 from leakaudit.dump import DumpSettings, dump, shard_path
 from leakaudit.errors import StoreError
 from leakaudit.store import open_store, partial_path, write_virtual_store
+from tests.torchrun import TORCHRUN_MARKS
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 DATASETS = ("inputs", "activations", "outputs", "index", "split", "labels/label")
 
-pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+pytestmark = TORCHRUN_MARKS
 
 
 def _env() -> dict[str, str]:

@@ -8,8 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+#: Tests that start real ``torchrun`` subprocesses: ``pytest -m torchrun`` selects them
+#: (``-m "not torchrun"`` leaves them out); without torchrun beside this Python they skip, visibly.
+TORCHRUN_MARKS = [
+    pytest.mark.torchrun,
+    pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python"),
+]
+
+
+def needs_torchrun(test):
+    """Decorate a test with :data:`TORCHRUN_MARKS`."""
+    for mark in TORCHRUN_MARKS:
+        test = mark(test)
+    return test
 
 
 def torchrun_env() -> dict[str, str]:

@@ -43,9 +43,8 @@ from leakaudit.store import open_store
 from leakaudit.training.engine import autocast_dtype
 from tests.attacks import one_torch_thread, single_thread  # noqa: F401 - fixture
 from tests.conftest import error_line
-from tests.torchrun import TORCHRUN, finish, torchrun
+from tests.torchrun import finish, needs_torchrun, torchrun
 
-needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SSIM_TOLERANCE = 0.02

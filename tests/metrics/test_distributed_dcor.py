@@ -19,10 +19,10 @@ import torch
 
 from leakaudit.metrics.dcor import distance_correlation_stats
 from leakaudit.store import open_store
+from tests.torchrun import needs_torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 TOLERANCE = 1e-12

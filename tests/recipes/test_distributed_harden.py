@@ -27,9 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import error_line
-from tests.torchrun import TORCHRUN, finish, torchrun
+from tests.torchrun import finish, needs_torchrun, torchrun
 
-needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 WEIGHT_TOLERANCE = 1e-4

@@ -52,7 +52,8 @@ from leakaudit.models.spec import ModelSpec
 if TYPE_CHECKING:
     from leakaudit.models.archives import export_archive_hazards
     from leakaudit.models.builders import BUILTIN_MODELS, LeNet5, LoadedModel
-    from leakaudit.models.loading import architecture_options, load_model, recorded_options
+    from leakaudit.models.loading import load_model, recorded_options
+    from leakaudit.models.spec import architecture_options
     from leakaudit.models.weights import assign_state_dict, load_state_dict, unwrap_state_dict
 
 _HOMES = {
@@ -60,7 +61,7 @@ _HOMES = {
     "BUILTIN_MODELS": "builders",
     "LeNet5": "builders",
     "LoadedModel": "builders",
-    "architecture_options": "loading",
+    "architecture_options": "spec",
     "load_model": "loading",
     "recorded_options": "loading",
     "assign_state_dict": "weights",

@@ -18,6 +18,7 @@ from leakaudit.models.builders import (
     _build_torchvision,
     _call_factory,
 )
+from leakaudit.models.spec import architecture_options
 from leakaudit.models.weights import assign_state_dict, load_state_dict
 
 _ARCHIVE_SUFFIXES = (".ts", ".pt", ".pth", ".pt2", ".jit", ".bin", ".ckpt")
@@ -65,22 +66,6 @@ def load_model(
         loaded.checkpoint_sha256 = sha256_file(weights)
     loaded.module.eval()
     return loaded
-
-
-def architecture_options(
-    *, num_classes: int | None = None, in_chans: int | None = None, model_args: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The keyword arguments given for the factory: ``model_args``, then the two named options.
-
-    A named option that is ``None`` is left out, so the factory's own default applies; one
-    that is given wins over the same key in ``model_args``.
-    """
-    kwargs: dict[str, Any] = dict(model_args or {})
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if in_chans is not None:
-        kwargs["in_chans"] = in_chans
-    return kwargs
 
 
 def recorded_options(weights: str | Path) -> dict[str, Any]:

@@ -57,8 +57,6 @@ class ModelSpec:
         Options recorded beside the weights are not included: :meth:`load` reads them from
         the weights' record and uses them where none is given here.
         """
-        from leakaudit.models.loading import architecture_options
-
         return architecture_options(num_classes=self.num_classes, in_chans=self.in_chans, model_args=self.args)
 
     def load(self) -> LoadedModel:
@@ -128,3 +126,19 @@ class ModelSpec:
             args=rest,
             trust_checkpoint=trust_checkpoint,
         )
+
+
+def architecture_options(
+    *, num_classes: int | None = None, in_chans: int | None = None, model_args: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The keyword arguments given for the factory: ``model_args``, then the two named options.
+
+    A named option that is ``None`` is left out, so the factory's own default applies; one
+    that is given wins over the same key in ``model_args``.
+    """
+    kwargs: dict[str, Any] = dict(model_args or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    return kwargs

@@ -29,7 +29,7 @@ about ``n² (d + k)`` multiply-adds: half of the two full distance matrices, by 
 Precision (``precision=``):
 
 * ``"float64"`` (default): tiles in float64; agrees with the ``dcor`` package to ~1e-12 on
-  random data. On 2 cores this ran n = 60,000 with d = 784, k = 400 in about a minute.
+  random data (timings in benchmarks/RESULTS.md).
 * ``"float32"``: tiles in float32 (about twice the matrix-multiply rate), every sum still
   accumulated in float64. Each variable is centred (dCor is translation invariant) and
   scaled by a power of two (it is scale invariant too) *before* the cast, in float64 where

@@ -80,13 +80,12 @@ def resize(x: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.
     """``scale · x`` resized bilinearly with antialiasing: ``F.interpolate``'s result.
 
     Bilinear resizing is separable, ``A_h · x · A_wᵀ``. For small images (every side up to
-    ``SMALL_IMAGE``) two matrix products with those operators cost half of ``interpolate``'s
-    kernel on one thread (28→32: 0.09 vs 0.21 s per 60,000 images), which is CPU the dump's
-    forward pass keeps; the operators are ``interpolate``'s own (``_resize_operator``), so
-    the images agree with it to float rounding (1.2e-7). Where every output row mixes at most
-    two input rows (any enlargement), the second product is two row gathers instead
-    (``_two_taps``: 28→32, 22 instead of 43 ms per 60,000 images). Larger images go to
-    ``interpolate``.
+    ``SMALL_IMAGE``) two matrix products with those operators cost about half of
+    ``interpolate``'s kernel on one thread, which is CPU the dump's forward pass keeps
+    (benchmarks/RESULTS.md); the operators are ``interpolate``'s own (``_resize_operator``),
+    so the images agree with it to float rounding (1.2e-7). Where every output row mixes at
+    most two input rows (any enlargement), the second product is two row gathers instead
+    (``_two_taps``), cheaper still. Larger images go to ``interpolate``.
     """
     batch, channels, height, width = x.shape
     out_h, out_w = size

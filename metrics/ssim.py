@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from leakaudit.errors import ConfigError, DataError, NonFiniteError
-from leakaudit.metrics.dcor import _holds_exactly
+from leakaudit.metrics._dcor.exact import _holds_exactly
 
 __all__ = ["structural_similarity", "ssim_percentiles", "WINDOW"]
 

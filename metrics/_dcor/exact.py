@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -197,20 +198,20 @@ def _correlation(cov: float, var_x: float, var_z: float) -> float:
     return min(max(cov / math.sqrt(var_x * var_z), -1.0), 1.0)
 
 
+def _correlation_of(s: _Sums, stat: Callable[[float, torch.Tensor, torch.Tensor, int], float]) -> float:
+    """The correlation of ``stat`` (:func:`_v_stat` or :func:`_u_stat`) from one pass's sums."""
+    cov = stat(s.s_ab, s.row_a, s.row_b, s.n)
+    var_x = stat(s.s_aa, s.row_a, s.row_a, s.n)
+    var_z = stat(s.s_bb, s.row_b, s.row_b, s.n)
+    return _correlation(cov, var_x, var_z)
+
+
 def _dcor_from_sums(s: _Sums | None) -> float:
     if s is None:
         return 0.0
-    cov = _v_stat(s.s_ab, s.row_a, s.row_b, s.n)
-    var_x = _v_stat(s.s_aa, s.row_a, s.row_a, s.n)
-    var_z = _v_stat(s.s_bb, s.row_b, s.row_b, s.n)
     # The V-statistic dCov² is ≥ 0; a tiny negative value is rounding.
-    return math.sqrt(max(_correlation(cov, var_x, var_z), 0.0))
+    return math.sqrt(max(_correlation_of(s, _v_stat), 0.0))
 
 
 def _dcor_u2_from_sums(s: _Sums | None) -> float:
-    if s is None:
-        return 0.0
-    cov = _u_stat(s.s_ab, s.row_a, s.row_b, s.n)
-    var_x = _u_stat(s.s_aa, s.row_a, s.row_a, s.n)
-    var_z = _u_stat(s.s_bb, s.row_b, s.row_b, s.n)
-    return _correlation(cov, var_x, var_z)
+    return 0.0 if s is None else _correlation_of(s, _u_stat)

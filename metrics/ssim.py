@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from leakaudit.errors import ConfigError, DataError, NonFiniteError
-from leakaudit.metrics.dcor import _holds_exactly
+from leakaudit.metrics._dcor.exact import _holds_exactly
 
 __all__ = ["structural_similarity", "ssim_percentiles", "WINDOW"]
 
@@ -91,8 +91,8 @@ def _filter(maps: torch.Tensor) -> torch.Tensor:
     h, w = maps.shape[-2:]
     if max(h, w) <= _MATMUL_MAX_SIDE:
         # Small images: two products with banded matrices. Most of their entries are zero,
-        # but a matrix multiply still beats a depthwise convolution at this size (measured
-        # 40,000 against 26,000 32 × 32 images/s on one core).
+        # but a matrix multiply still beats a depthwise convolution at this size
+        # (benchmarks/RESULTS.md).
         return _band(h, maps.dtype, maps.device).T @ (maps @ _band(w, maps.dtype, maps.device))
     row, column = _kernels(maps.shape[1], maps.dtype, maps.device)
     return F.conv2d(F.conv2d(maps, row, groups=maps.shape[1]), column, groups=maps.shape[1])

@@ -392,7 +392,7 @@ def test_resize_equals_interpolate(shape, size, dtype):
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(28, 32), (8, 32), (1, 5), (17, 64), (32, 28), (40, 23), (5, 5)])
 def test_two_tap_rows_rebuild_the_resize_operator(n_in, n_out):
-    from leakaudit.data import _resize_operator, _two_taps
+    from leakaudit.data.preprocessing import _resize_operator, _two_taps
 
     operator = _resize_operator(n_in, n_out)
     taps = _two_taps(n_in, n_out)

@@ -80,10 +80,8 @@ from leakaudit.metrics._dcor.exact import _dcor_from_sums, _dcor_u2_from_sums, _
 from leakaudit.metrics._dcor.projection import _abs_row_sums, _project, _sphere, _sum_abs_products
 from leakaudit.metrics._dcor.pvalue import _permutation_test, _t_test
 from leakaudit.metrics._dcor.rows import (
-    DEFAULT_BLOCK_SIZE,
     Progress,
     RowData,
-    RowDataset,
     _any_constant,
     _check_constant_mode,
     _check_pair,

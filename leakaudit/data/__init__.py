@@ -36,6 +36,7 @@ __all__ = [
     "Task",
     "check_task_roles",
     "open_source",
+    "parse_task_option",
     "parse_normalize",
     "preprocess_for",
     "resize",

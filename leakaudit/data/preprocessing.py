@@ -111,7 +111,8 @@ def resize(x: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.
 @functools.lru_cache(maxsize=32)
 def _two_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, ...] | None:
     """``_resize_operator(n_in, n_out)`` as two (index, weight) columns, if no row has more
-    than two nonzero weights: output row i = w₁[i]·x[j₁[i]] + w₂[i]·x[j₂[i]]."""
+    than two nonzero weights: output row i = w₁[i]·x[j₁[i]] + w₂[i]·x[j₂[i]].
+    """
     operator = _resize_operator(n_in, n_out)
     nonzero = [row.nonzero().flatten().tolist() for row in operator]
     if any(len(columns) > 2 for columns in nonzero):

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from leakaudit import roles
+
 SCHEMA = "leakaudit.activations"
 SCHEMA_VERSION = 1
-ROLES = ("attacker-train", "attacker-validation", "test")
-ROLE_CODES = {name: code for code, name in enumerate(ROLES)}
+ROLES = roles.ROLES
+ROLE_CODES = roles.ROLE_CODES
 
 
 def partial_path(path: Path) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leakaudit import roles
 from leakaudit.data import DataSource, Preprocess, Task, open_source, preprocess_for, resolve_task, split_roles
 from leakaudit.distributed import Context
 from leakaudit.errors import ConfigError, DataError, UsageError
@@ -27,7 +28,7 @@ from leakaudit.models import LoadedModel, load_model
 from leakaudit.recipes.base import Batch
 from leakaudit.training.engine import epoch_order, step_bounds, step_rows_of
 
-ROLE_TRAIN, ROLE_VAL, ROLE_TEST = 0, 1, 2
+ROLE_TRAIN, ROLE_VAL, ROLE_TEST = roles.ATTACKER_TRAIN, roles.ATTACKER_VALIDATION, roles.TEST
 
 # --------------------------------------------------------------------------- settings
 

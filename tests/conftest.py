@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from leakaudit.cli import app
+from tests.attacks import _build as attacks_build
+from tests.attacks import _dump as attacks_dump
+from tests.attacks import train_lenet_on_digits as attacks_train
 
 # Two cores: keep torch from oversubscribing them when pytest runs helper threads.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -69,3 +74,49 @@ def npz_source(tmp_path) -> Path:
         smiling=np.tile([0, 1], 30),
     )
     return path
+
+
+# --------------------------------------------------------------------------- attack stores
+# Built once per session (and cached across modules by tests.attacks._build).
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    from tests.attacks import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def trained_digits_store(tmp_path_factory) -> Path:
+    def make() -> Path:
+        directory = tmp_path_factory.mktemp("trained-lenet")
+        with_random_weights = attacks_dump(directory / "random-pool2.h5", "pool2")
+        weights = attacks_train(with_random_weights, directory / "lenet5-digits.safetensors")
+        return attacks_dump(directory / "trained-pool2.h5", "pool2", weights=weights)
+
+    return attacks_build("trained", make)
+
+
+@pytest.fixture(scope="session")
+def noise_store(tmp_path_factory, trained_digits_store) -> Path:
+    def make() -> Path:
+        path = tmp_path_factory.mktemp("noise") / "noise-pool2.h5"
+        shutil.copyfile(trained_digits_store, path)
+        with h5py.File(path, "r+") as f:
+            z = f["activations"]
+            z[...] = np.random.default_rng(123).standard_normal(z.shape).astype(z.dtype)
+        from leakaudit.store import record_checksums
+
+        record_checksums(path)  # a deliberate edit: the store vouches for the noise
+        return path
+
+    return attacks_build("noise", make)
+
+
+@pytest.fixture(scope="session")
+def small_digits_store(tmp_path_factory) -> Path:
+    """300 digits rows through random-init LeNet-5 at ``conv3`` (120×1×1): cheap CLI runs."""
+    return attacks_build("small", lambda: attacks_dump(tmp_path_factory.mktemp("small") / "small-conv3.h5", "conv3", limit=300))

@@ -33,7 +33,8 @@ from leakaudit import pipeline
 from leakaudit.errors import ConfigError
 from leakaudit.glossary import names
 from leakaudit.registry import ATTACKS, METRICS, RECIPES, Plugin
-from tests.attacks import one_torch_thread  # noqa: F401 - fixture: one torch thread per test
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PLUGINS = [*ATTACKS, *METRICS, *RECIPES]
 RUNNABLE = [p for p in PLUGINS if p.family in ("attack", "metric")]
@@ -75,7 +76,6 @@ def tiny_store(tmp_path_factory) -> Path:
     """
     from leakaudit.dump import DumpSettings, dump
     from tests.attacks import single_thread
-
     path = tmp_path_factory.mktemp("contract") / "tiny.h5"
     with single_thread():
         dump(DumpSettings(model="lenet5", layer="conv3", data="digits", output=path, limit=100,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.attacks import small_digits_store  # noqa: F401 - fixture
 from tests.conftest import error_line
 
 ROOT = Path(__file__).resolve().parents[1]

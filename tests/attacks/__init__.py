@@ -14,15 +14,12 @@ the expensive stores from being built once per module.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
-import pytest
 import torch
 
 _CACHE: dict[str, Path] = {}
@@ -44,13 +41,6 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """:func:`single_thread` around every test of the modules that import it."""
-    with single_thread():
-        yield
 
 
 def _dump(output: Path, layer: str, weights: Path | None = None, limit: int | None = None) -> Path:
@@ -105,39 +95,6 @@ def _build(name: str, factory) -> Path:
         with single_thread():
             _CACHE[name] = factory()
     return _CACHE[name]
-
-
-@pytest.fixture(scope="session")
-def trained_digits_store(tmp_path_factory) -> Path:
-    def make() -> Path:
-        directory = tmp_path_factory.mktemp("trained-lenet")
-        with_random_weights = _dump(directory / "random-pool2.h5", "pool2")
-        weights = train_lenet_on_digits(with_random_weights, directory / "lenet5-digits.safetensors")
-        return _dump(directory / "trained-pool2.h5", "pool2", weights=weights)
-
-    return _build("trained", make)
-
-
-@pytest.fixture(scope="session")
-def noise_store(tmp_path_factory, trained_digits_store) -> Path:
-    def make() -> Path:
-        path = tmp_path_factory.mktemp("noise") / "noise-pool2.h5"
-        shutil.copyfile(trained_digits_store, path)
-        with h5py.File(path, "r+") as f:
-            z = f["activations"]
-            z[...] = np.random.default_rng(123).standard_normal(z.shape).astype(z.dtype)
-        from leakaudit.store import record_checksums
-
-        record_checksums(path)  # a deliberate edit: the store vouches for the noise
-        return path
-
-    return _build("noise", make)
-
-
-@pytest.fixture(scope="session")
-def small_digits_store(tmp_path_factory) -> Path:
-    """300 digits rows through random-init LeNet-5 at ``conv3`` (120×1×1): cheap CLI runs."""
-    return _build("small", lambda: _dump(tmp_path_factory.mktemp("small") / "small-conv3.h5", "conv3", limit=300))
 
 
 def synthetic_store(

@@ -16,18 +16,9 @@ from leakaudit.config import from_mapping
 from leakaudit.errors import ConfigError, DataError, NonFiniteError, UnknownNameError, UsageError
 from leakaudit.registry import ATTACKS
 from leakaudit.store import open_store
-from tests.attacks import (  # noqa: F401 - fixtures
-    balanced_split,
-    noise_store,
-    one_torch_thread,
-    single_thread,
-    small_digits_store,
-    synthetic_store,
-    train_lenet_on_digits,
-    trained_digits_store,
-)
+from tests.attacks import balanced_split, single_thread, synthetic_store, train_lenet_on_digits
 
-# Capped for the default suite: the raw-X CNN is the slow part (about 0.6 s an epoch here).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # The defaults (200 epochs, patience 20) train longer and only get stronger.
 FAST = {"epochs": 30, "patience": 8}
 

@@ -24,17 +24,9 @@ from leakaudit.config import from_mapping
 from leakaudit.errors import ConfigError, DataError, StoreError, UnknownNameError
 from leakaudit.registry import ATTACKS
 from leakaudit.store import open_store
-from tests.attacks import (  # noqa: F401 - fixtures
-    balanced_split,
-    noise_store,
-    one_torch_thread,
-    single_thread,
-    small_digits_store,
-    synthetic_store,
-    trained_digits_store,
-)
+from tests.attacks import balanced_split, single_thread, synthetic_store
 
-# Capped for the default suite (about 1 s an epoch here); the defaults (width 32, 100
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # epochs, patience 10) reach SSIM ≈ 0.96 on this store — see test_default_decoders_are_strong.
 FAST = {"width": 16, "epochs": 12, "patience": 3}
 

@@ -41,9 +41,11 @@ from leakaudit.distributed import Context, shard_strided
 from leakaudit.errors import LeakAuditError, UnknownNameError
 from leakaudit.store import open_store
 from leakaudit.training.engine import autocast_dtype
-from tests.attacks import one_torch_thread, single_thread  # noqa: F401 - fixture
+from tests.attacks import single_thread
 from tests.conftest import error_line
 from tests.torchrun import finish, needs_torchrun, torchrun
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

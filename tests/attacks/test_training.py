@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from leakaudit.attacks._training import Standardizer, fit
 from leakaudit.training.engine import seed_for
-from tests.attacks import one_torch_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _neg_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,10 @@ import pytest
 
 from leakaudit.cli.attack import fill_optional_decoder
 from leakaudit.report import load_report
-from tests.attacks import (  # noqa: F401 - fixtures
-    balanced_split,
-    one_torch_thread,
-    small_digits_store,
-    synthetic_store,
-)
+from tests.attacks import balanced_split, synthetic_store
 from tests.conftest import error_line
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ from leakaudit.attacks._training import (
     parameter_count,
     predict,
 )
+from leakaudit.attacks.display import classifier_html
 from leakaudit.config import positive
 from leakaudit.data import check_task_roles
 from leakaudit.errors import LeakAuditError, UnknownNameError, UsageError
@@ -475,6 +476,7 @@ def _audit_default(tasks: Sequence[str]) -> dict[str, Any]:
         "private_chance": "accuracy of always predicting the most frequent private class",
     },
     audit_default=_audit_default,
+    html=lambda result: classifier_html(result),
 )
 def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: Progress | None = None) -> ClassifierResult:
     """Retrain classifiers on Z for a task of the store; report the strongest (Scrunch §3.2).

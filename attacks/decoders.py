@@ -53,6 +53,7 @@ from leakaudit.attacks._training import (
     parameter_count,
     predict,
 )
+from leakaudit.attacks.display import decoder_html
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError
 from leakaudit.registry import ATTACKS, Artifact, Needs
@@ -532,6 +533,7 @@ def _losses(config: DecoderConfig):
         ),
     },
     audit_default=lambda tasks: {},
+    html=lambda result: decoder_html(result),
 )
 def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progress | None = None) -> DecoderResult:
     """Train decoders Z → X on attacker-train rows, select on validation SSIM, score on test rows.

@@ -6,6 +6,7 @@ prints a plain table of the numbers for a plugin whose results do not render the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 # Narrow terminals shrink columns; numbers must not be cut to "0.6…".
@@ -109,3 +110,38 @@ def decoder_renderables(result: Any) -> list[Any]:
         f"{_num(result.scores.psnr, 2)} ({result.best}) · ssim_p95_mean_image {_num(result.mean_image.ssim_p95)}"
         ),
     ]
+
+
+def classifier_html(classifier: Mapping[str, Any]) -> str:
+    """The HTML report's section for a classifier result (its JSON form)."""
+    import html
+
+    from leakaudit.html_report import fmt, table
+
+    heads = [
+        (h["name"], h["input"], h.get("accuracy"), h.get("balanced_accuracy"), h.get("epochs"), h.get("reason") or "")
+        for h in [*classifier.get("heads", []), *classifier.get("raw_heads", [])]
+    ]
+    return (
+        f"<h2>Classifier attack on task <code>{html.escape(str(classifier.get('task')))}</code></h2>"
+        f"<div class='sub'>strongest head: <b>{html.escape(str(classifier.get('best_head')))}</b>, chance {fmt(classifier.get('chance'))}</div>"
+        + table(["head", "input", "test accuracy", "balanced", "epochs", "note"], heads, numeric=(2, 3, 4))
+    )
+
+
+def decoder_html(decoder: Mapping[str, Any]) -> str:
+    """The HTML report's section for a decoder result (its JSON form), with the reconstruction grid."""
+    from leakaudit.html_report import png_data_uri, table
+
+    runs = [
+        (r.get("arch"), (r.get("test") or {}).get("ssim_mean"), (r.get("test") or {}).get("ssim_p95"),
+         (r.get("test") or {}).get("psnr"), r.get("epochs"), r.get("reason") or "")
+        for r in decoder.get("runs", [])
+    ]  # fmt: skip
+    mean = decoder.get("mean_image") or {}
+    runs.append(("mean image (no information)", mean.get("ssim_mean"), mean.get("ssim_p95"), mean.get("psnr"), None, ""))
+    block = "<h2>Reconstruction attack</h2>" + table(["decoder", "SSIM mean", "SSIM p95", "PSNR dB", "epochs", "note"], runs, numeric=(1, 2, 3, 4))
+    uri = png_data_uri(decoder["grid"]) if decoder.get("grid") else None
+    if uri:
+        block += f"<div class='card'><div class='sub'>originals (top) and reconstructions (bottom), test rows</div><img class='recon' alt='reconstruction grid' src='{uri}'/></div>"
+    return block

@@ -42,7 +42,7 @@ import torch
 
 from leakaudit.attacks import ClassifierConfig, DecoderConfig, run_classifier, run_decoder
 from leakaudit.dump import DumpSettings, dump
-from leakaudit.models import LeNet5
+from leakaudit.models import LeNet5, ModelSpec
 from leakaudit.store import open_store
 
 FASHION = "idx:/usr/share/datasets/fashion-mnist"
@@ -53,11 +53,10 @@ def dump_store(out: Path, weights: Path | None, limit: int | None) -> float:
     started = time.perf_counter()
     dump(
         DumpSettings(
-            model="lenet5",
+            model=ModelSpec("lenet5", weights=str(weights) if weights else None),
             layer="pool2",
             data=FASHION,
             output=out,
-            weights=str(weights) if weights else None,
             tasks=TASKS,
             limit=limit,
             device="cpu",

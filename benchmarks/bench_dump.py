@@ -117,7 +117,8 @@ def run_dump(spec: str, layer: str, options: dict, data: str, limit: int, batch_
     """Rows/s of the dump's batch loop, its end-to-end seconds, the configuration it chose, and
     the CPU seconds of the work beside the forward: the reader's and writer's, and (on a CPU,
     where the forward's threads preprocess their batches) the preprocessing's, counted as its
-    seconds × the threads of a pass."""
+    seconds × the threads of a pass.
+    """
     start = time.perf_counter()
     report = dump(
         DumpSettings(
@@ -202,7 +203,7 @@ def main() -> None:
           "(its seconds × a pass's threads)\nceiling: forward CPU s (rows / bare rate × its threads) ÷ (that + the CPU s beside it)"
           "\nbare with its preprocessing: the same loop resizing each raw batch before its pass, as a user's own loop "
           "must to run the model on these files (context; the target's ratio is against the bare forward)")
-    print(f"\nTarget ratio >= 0.9: " + "; ".join(f"{row[0]} {row[5]:.2f} -> {'met' if row[5] >= 0.9 else 'NOT met'}" for row in rows))
+    print("\nTarget ratio >= 0.9: " + "; ".join(f"{row[0]} {row[5]:.2f} -> {'met' if row[5] >= 0.9 else 'NOT met'}" for row in rows))
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -40,7 +40,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,6 +48,7 @@ from leakaudit import __version__
 from leakaudit._io import atomic_write_text
 from leakaudit.config import from_mapping, load_yaml, positive
 from leakaudit.errors import ConfigError, StoreError, UntrustedCheckpointError
+from leakaudit.models.spec import ModelSpec
 from leakaudit.pipeline import Step, audit_defaults, metric_steps, parse_list
 from leakaudit.registry import ATTACKS, METRICS
 
@@ -60,21 +61,11 @@ Warn = Callable[[str], None]
 # ----------------------------------------------------------------------------- configuration
 
 
-@dataclass(frozen=True)
-class ModelSection:
-    """The model to audit: a spec and optional weights and architecture options.
-
-    ``trust_checkpoint: true`` allows unpickling the checkpoint (a pickled module, or
-    weights holding pickled objects), which runs code from the file: set it only for
-    files from a source you trust. It is what ``--trust-checkpoint`` is to the other commands.
-    """
-
-    spec: str
-    weights: str | None = None
-    num_classes: int | None = None
-    in_chans: int | None = None
-    args: dict[str, Any] = field(default_factory=dict)
-    trust_checkpoint: bool = False
+#: The audit file's ``model:`` section is a :class:`~leakaudit.models.ModelSpec` as it stands:
+#: ``trust_checkpoint: true`` allows unpickling the checkpoint (a pickled module, or weights
+#: holding pickled objects), which runs code from the file — set it only for files from a
+#: source you trust; it is what ``--trust-checkpoint`` is to the other commands.
+ModelSection = ModelSpec
 
 
 @dataclass(frozen=True)
@@ -178,7 +169,7 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
     model_data = data["model"]
     if isinstance(model_data, str):
         model_data = {"spec": model_data}
-    model = from_mapping(ModelSection, model_data, "model")
+    model = ModelSpec.from_mapping(model_data, "model")
     if "weights" in data:
         if model.weights is not None:
             raise ConfigError("weights: given twice (also as model.weights).")
@@ -334,7 +325,7 @@ def cached_dump(
     Returns:
         The store path and whether it was reused.
     """
-    from leakaudit.dump import DumpSettings, dump
+    from leakaudit.dump import dump
     from leakaudit.store import DumpInProgressError, wait_for_dump
 
     tasks = settings_kwargs.get("tasks", ())
@@ -356,12 +347,24 @@ def cached_dump(
         cache.mkdir(parents=True, exist_ok=True)
         (cache / f"{key[:32]}.json").write_text(json.dumps(material, indent=2, sort_keys=True, default=str) + "\n")
         try:
-            dump(DumpSettings(output=path, force=True, **settings_kwargs), on_progress)
+            dump(_dump_settings(settings_kwargs, path), on_progress)
         except DumpInProgressError:
             wait_for_dump(path)
             continue
         return path, False
     raise DumpInProgressError(f"other processes keep rewriting the cached dump {str(path)!r}; run the audit again.")
+
+
+def _dump_settings(settings_kwargs: Mapping[str, Any], output: Path) -> Any:
+    """The dump's settings from the flat mapping the cache key is made of."""
+    from leakaudit.dump import DumpSettings
+
+    kwargs = dict(settings_kwargs)
+    model = ModelSpec(
+        kwargs.pop("model"), weights=kwargs.pop("weights"), num_classes=kwargs.pop("num_classes"),
+        in_chans=kwargs.pop("in_chans"), args=kwargs.pop("model_args"), trust_checkpoint=kwargs.pop("trust_checkpoint"),
+    )  # fmt: skip
+    return DumpSettings(model=model, output=output, force=True, **kwargs)
 
 
 def _reusable(path: Path, weights_sha256: str | None, on_warning: Warn | None) -> bool:
@@ -547,10 +550,8 @@ def _harden(config: AuditConfig, folder: Path, progress: Progress | None) -> tup
     extra = {k: config.harden[k] for k in ("epochs", "lr", "patience", "batch_size") if k in config.harden}
     d = config.dump
     settings = HardenSettings(
-        model=config.model.spec, data=config.data, layer=config.layer, output=folder, method=str(config.harden["method"]),
-        tasks=tuple(config.tasks.items()), options=options, weights=config.model.weights,
-        num_classes=config.model.num_classes, in_chans=config.model.in_chans, model_args=dict(config.model.args),
-        trust_checkpoint=config.model.trust_checkpoint, input_size=tuple(d.input_size) if d.input_size else None,
+        model=config.model, data=config.data, layer=config.layer, output=folder, method=str(config.harden["method"]),
+        tasks=tuple(config.tasks.items()), options=options, input_size=tuple(d.input_size) if d.input_size else None,
         normalize=d.normalize, split=tuple(d.split), limit=d.limit, seed=d.seed, device=d.device, **extra,
     )  # fmt: skip
     result = harden(settings, progress)

@@ -35,7 +35,7 @@ from leakaudit import __version__
 from leakaudit._io import atomic_write_bytes, atomic_write_text, sha256_file
 from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
 from leakaudit.layers import PROGRAM_RECORD, PROGRAM_SCHEMA, split_model
-from leakaudit.models import LoadedModel, load_model
+from leakaudit.models import LoadedModel, ModelSpec
 
 MODEL_SCHEMA = "leakaudit.model"
 MODEL_SCHEMA_VERSION = 1
@@ -139,15 +139,10 @@ def load_hardened(folder: str | Path, *, trust_checkpoint: bool = False) -> tupl
         raise LeakAuditError(f"cannot read {str(path)!r}: {exc}.") from None
     if record.get("schema") != MODEL_SCHEMA:
         raise UsageError(f"{str(path)!r} is not a leakaudit model record.")
-    options = dict(record.get("options") or {})
-    loaded = load_model(
-        record["spec"],
-        weights=folder / record["weights"],
-        num_classes=options.pop("num_classes", None),
-        in_chans=options.pop("in_chans", None),
-        model_args=options,
-        trust_checkpoint=trust_checkpoint,
+    spec = ModelSpec.from_options(
+        record["spec"], record.get("options") or {}, weights=str(folder / record["weights"]), trust_checkpoint=trust_checkpoint
     )
+    loaded = spec.load()
     return loaded, record
 
 

@@ -48,6 +48,7 @@ from leakaudit.export import (
     write_json,
 )
 from leakaudit.layers import split_model
+from leakaudit.models.spec import ModelSpec
 from leakaudit.recipes.base import EpochStats, Objective, RecipeContext
 from leakaudit.registry import RECIPES, Plugin
 from leakaudit.runtime import resolve_device, seed_everything
@@ -99,7 +100,8 @@ class HardenSettings:
         lr: learning rate; ``None`` takes the recipe's (a low one for fine-tuning).
     """
 
-    model: str
+    #: The pre-trained model (a bare spec string is taken as ``ModelSpec(spec)``).
+    model: ModelSpec
     data: str
     layer: str
     output: Path
@@ -113,11 +115,6 @@ class HardenSettings:
     decoder_arch: str = "best"
     keep_stores: bool = False
     attack_epochs: int | None = None
-    weights: str | None = None
-    num_classes: int | None = None
-    in_chans: int | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    trust_checkpoint: bool = False
     input_size: tuple[int, int] | None = None
     normalize: str | None = None
     split: tuple[float, float, float] = (0.4, 0.4, 0.2)
@@ -131,6 +128,8 @@ class HardenSettings:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", ModelSpec(self.model))
         try:
             check_fit_options(
                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, patience=self.patience,
@@ -290,14 +289,7 @@ def harden(
             if is_main:
                 check_output_dir(output, settings.force)
     seed_everything(settings.seed)
-    loaded = load_for_training(
-        settings.model,
-        weights=settings.weights,
-        num_classes=settings.num_classes,
-        in_chans=settings.in_chans,
-        model_args=settings.model_args,
-        trust_checkpoint=settings.trust_checkpoint,
-    )
+    loaded = load_for_training(settings.model)
     layer = split_module(loaded.module, settings.layer)
     split_model(loaded.module, layer)  # fail now, not after training, where the exports cannot cut
     data = prepare_data(
@@ -313,7 +305,7 @@ def harden(
     )
     private = _private_task(settings, data) if settings.evaluates else None
     model = loaded.module.to(device)
-    check_outputs(model, data, device, settings.model)
+    check_outputs(model, data, device, settings.model.spec)
     if group is not None:
         check_group(data, settings.batch_size, group)
         distributed.broadcast_tensors(list(model.state_dict().values()))  # rank 0's weights, even random ones
@@ -527,8 +519,8 @@ def _private_task(settings: HardenSettings, data: PreparedData) -> str:
 
 def _settings_dict(settings: HardenSettings, loaded, data: PreparedData, layer: str) -> dict[str, Any]:
     return {
-        "model": settings.model,
-        "weights": settings.weights,
+        "model": settings.model.spec,
+        "weights": settings.model.weights,
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "model_options": dict(loaded.options),
         "layer": layer,

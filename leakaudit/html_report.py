@@ -42,7 +42,7 @@ code{background:#eef0f3;padding:1px 4px;border-radius:3px}
 """
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -52,14 +52,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
             cls = ' class="num"' if i in numeric else ""
-            cells.append(f"<td{cls}>{cell if isinstance(cell, str) and cell.startswith('<') else _fmt(cell)}</td>")
+            cells.append(f"<td{cls}>{cell if isinstance(cell, str) and cell.startswith('<') else fmt(cell)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -187,6 +187,18 @@ def tsne_embedding(store_path: str | Path, *, max_points: int = 800, seed: int =
 # --------------------------------------------------------------------------- page
 
 
+def _plugin_section(key: str, result: Any) -> str | None:
+    """The HTML section the plugin behind ``key`` (``attack:NAME``) renders for its result, if it declares one."""
+    from leakaudit.registry import FAMILIES
+
+    family, _, name = key.partition(":")
+    registry = FAMILIES.get(family + "s")
+    if registry is None or not isinstance(result, Mapping) or name not in registry:
+        return None
+    plugin = registry.get(name)
+    return plugin.html(result) if plugin.html is not None else None
+
+
 def render(
     report: Mapping[str, Any],
     *,
@@ -204,7 +216,7 @@ def render(
     sha = str(subject.get("checkpoint_sha256") or "")
     sections.append(
         f"<h1>{html.escape(title)}</h1><div class='sub'>data <code>{html.escape(str(subject.get('data_spec')))}</code>, "
-        f"{_fmt(subject.get('rows'))} rows, checkpoint <code>{html.escape(sha[:12] or 'none (random init)')}</code>, "
+        f"{fmt(subject.get('rows'))} rows, checkpoint <code>{html.escape(sha[:12] or 'none (random init)')}</code>, "
         f"store <code>{html.escape(str(subject.get('store')))}</code> · report updated {html.escape(str(report.get('updated')))}"
         f" · leakaudit {html.escape(__version__)}</div>"
     )
@@ -220,7 +232,7 @@ def render(
         ]  # fmt: skip
         sections.append(
             f"<h2>Verdict</h2><div class='verdict {'pass' if passed else 'fail'}'>{'Gate passed' if passed else 'Gate failed'}</div>"
-            + _table(["metric", "value", "threshold", "verdict"], rows, numeric=(1,))
+            + table(["metric", "value", "threshold", "verdict"], rows, numeric=(1,))
         )
     else:
         sections.append("<h2>Verdict</h2><div class='verdict none'>No policy was applied</div>")
@@ -243,7 +255,7 @@ def render(
         base = baseline.get(name)
         delta = None if base is None else metrics[name] - base
         metric_rows.append((f"<code>{html.escape(name)}</code>", metrics[name], base, delta, meanings.get(name, "")))
-    sections.append("<h2>Metrics</h2>" + _table(["metric", "value", "baseline", "change", "meaning"], metric_rows, numeric=(1, 2, 3)))
+    sections.append("<h2>Metrics</h2>" + table(["metric", "value", "baseline", "change", "meaning"], metric_rows, numeric=(1, 2, 3)))
 
     comparison = report.get("comparison")
     if comparison:
@@ -251,39 +263,17 @@ def render(
         labels = comparison.get("labels", {})
         sections.append(
             "<h2>Hardening recipes compared (Scrunch Table 1 style)</h2>"
-            + _table(
+            + table(
                 ["model", *[labels.get(c, c) for c in columns]],
                 [[row["name"], *[row.get(c) for c in columns]] for row in comparison["rows"]],
                 numeric=range(1, len(columns) + 1),
             )
         )
 
-    classifier = results.get("attack:classifier")
-    if classifier:
-        heads = [
-            (h["name"], h["input"], h.get("accuracy"), h.get("balanced_accuracy"), h.get("epochs"), h.get("reason") or "")
-            for h in [*classifier.get("heads", []), *classifier.get("raw_heads", [])]
-        ]
-        sections.append(
-            f"<h2>Classifier attack on task <code>{html.escape(str(classifier.get('task')))}</code></h2>"
-            f"<div class='sub'>strongest head: <b>{html.escape(str(classifier.get('best_head')))}</b>, chance {_fmt(classifier.get('chance'))}</div>"
-            + _table(["head", "input", "test accuracy", "balanced", "epochs", "note"], heads, numeric=(2, 3, 4))
-        )
-
-    decoder = results.get("attack:decoder")
-    if decoder:
-        runs = [
-            (r.get("arch"), (r.get("test") or {}).get("ssim_mean"), (r.get("test") or {}).get("ssim_p95"),
-             (r.get("test") or {}).get("psnr"), r.get("epochs"), r.get("reason") or "")
-            for r in decoder.get("runs", [])
-        ]  # fmt: skip
-        mean = decoder.get("mean_image") or {}
-        runs.append(("mean image (no information)", mean.get("ssim_mean"), mean.get("ssim_p95"), mean.get("psnr"), None, ""))
-        block = "<h2>Reconstruction attack</h2>" + _table(["decoder", "SSIM mean", "SSIM p95", "PSNR dB", "epochs", "note"], runs, numeric=(1, 2, 3, 4))
-        uri = png_data_uri(decoder["grid"]) if decoder.get("grid") else None
-        if uri:
-            block += f"<div class='card'><div class='sub'>originals (top) and reconstructions (bottom), test rows</div><img class='recon' alt='reconstruction grid' src='{uri}'/></div>"
-        sections.append(block)
+    for key, result in results.items():
+        section = _plugin_section(key, result)
+        if section:
+            sections.append(section)
 
     if embedding is not None and embedding.get("points") is None:
         note = embedding.get("note") or "t-SNE skipped."
@@ -306,7 +296,7 @@ def render(
         block = f"<h2>Privacy–utility sweep over {html.escape(parameter)}</h2><div class='grid'><div>{svg_lines(xs, utility, 'accuracy and leakage', parameter)}</div>"
         if "intra_class_distance" in curves:
             block += f"<div>{svg_lines(xs, {'intra-class distance': curves['intra_class_distance']}, 'intra-class distance (Scrunch Fig. 4)', parameter)}</div>"
-        block += "</div>" + _table([parameter, *columns], [[row.get(parameter), *[row.get(c) for c in columns]] for row in sweep["rows"]], numeric=range(0, len(columns) + 1))
+        block += "</div>" + table([parameter, *columns], [[row.get(parameter), *[row.get(c) for c in columns]] for row in sweep["rows"]], numeric=range(0, len(columns) + 1))
         sections.append(block)
 
     body = "\n".join(f"<section>{s}</section>" for s in sections)

@@ -17,7 +17,9 @@ The core never looks behind a plugin's name. What it needs to run one is declare
 * ``artifacts`` — the files it can write besides numbers (a PNG, an HDF5), each with a writer;
 * ``comparable`` — the settings that must match for its numbers to be compared with a baseline's;
 * ``audit_default`` — whether (and with which settings) an audit runs it when the audit file
-  lists none.
+  lists none;
+* ``html`` — its section of the HTML report, rendered from its result's JSON form (optional:
+  every plugin's numbers appear in the report's metrics table regardless).
 
 An attack or metric is called as ``target(store, config, progress)`` (``baseline=`` too when it
 needs one) and returns a result with ``to_dict()`` (its JSON form, whose ``config`` or
@@ -82,6 +84,7 @@ class Plugin:
     comparable: tuple[str, ...] = ()
     audit_default: Callable[[Sequence[str]], Mapping[str, Any]] | None = None
     check: Callable[[Any, Any], str | None] | None = None
+    html: Callable[[Mapping[str, Any]], str] | None = None
 
     def configure(self, settings: Mapping[str, Any] | None = None, where: str = "") -> Any:
         """The plugin's config from ``settings`` (unknown keys refused, YAML path in errors)."""
@@ -119,6 +122,7 @@ class Registry:
         comparable: Sequence[str] = (),
         audit_default: Callable[[Sequence[str]], Mapping[str, Any]] | None = None,
         check: Callable[[Any, Any], str | None] | None = None,
+        html: Callable[[Mapping[str, Any]], str] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``target`` under ``name`` (kebab-case, as the CLI spells it).
 
@@ -135,7 +139,7 @@ class Registry:
             doc = (target.__doc__ or "").strip().splitlines()
             self._plugins[name] = Plugin(
                 self.family, name, target, config, doc[0] if doc else "", needs, dict(metrics or {}),
-                dict(artifacts or {}), tuple(comparable), audit_default, check,
+                dict(artifacts or {}), tuple(comparable), audit_default, check, html,
             )  # fmt: skip
             return target
 

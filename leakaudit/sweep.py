@@ -24,6 +24,7 @@ import torch
 
 from leakaudit.dump import DumpSettings, dump
 from leakaudit.export import save_weights
+from leakaudit.models.spec import ModelSpec
 from leakaudit.pipeline import Step, step
 from leakaudit.pipeline import run as run_steps
 from leakaudit.registry import ATTACKS, METRICS
@@ -60,7 +61,6 @@ def privacy_table(
     """
     stores = stage / "stores"
     stores.mkdir(exist_ok=True)
-    options = dict(loaded.options)
     common = dict(
         data=settings.data,
         tasks=tuple(settings.tasks),
@@ -70,31 +70,30 @@ def privacy_table(
         seed=settings.seed,
         device=settings.device,
         limit=settings.limit,
-        trust_checkpoint=settings.trust_checkpoint,
         force=True,
     )
-    arch = dict(
-        model=settings.model,
-        layer=layer,
-        num_classes=options.pop("num_classes", None),
-        in_chans=options.pop("in_chans", None),
-        model_args=options,
-    )
-    weights = settings.weights
+    trust = settings.model.trust_checkpoint
+
+    def architecture(weights: str) -> ModelSpec:
+        """The pre-trained architecture, as loaded, with ``weights``."""
+        return ModelSpec.from_options(settings.model.spec, loaded.options, weights=weights, trust_checkpoint=trust)
+
+    weights = settings.model.weights
     if weights is None:  # a randomly initialised model: its weights must be a file to dump it again
         weights = str(stores / "unhardened.safetensors")
         save_weights(dict(initial), Path(weights))
     plans: list[tuple[str, DumpSettings, float]] = [
-        ("unhardened", DumpSettings(output=stores / "unhardened.h5", weights=weights, **arch, **common), baseline_public_accuracy)
+        ("unhardened", DumpSettings(architecture(weights), layer, output=stores / "unhardened.h5", **common), baseline_public_accuracy)
     ]
     for run in runs:
         folder = stage / run.folder.relative_to(output) if run.folder != output else stage
         name = run.label.replace("=", "-")
         if "noise.safetensors" in run.files:
             # The noise is part of the encoder, not of the architecture's weights.
-            plan = DumpSettings(model=str(folder / "encoder.pt2"), layer="output", output=stores / f"{name}.h5", **common)
+            encoder = ModelSpec(str(folder / "encoder.pt2"), trust_checkpoint=trust)
+            plan = DumpSettings(encoder, "output", output=stores / f"{name}.h5", **common)
         else:
-            plan = DumpSettings(output=stores / f"{name}.h5", weights=str(folder / "model.safetensors"), **arch, **common)
+            plan = DumpSettings(architecture(str(folder / "model.safetensors")), layer, output=stores / f"{name}.h5", **common)
         plans.append((run.label, plan, run.public_accuracy))
 
     rows: list[dict[str, Any]] = []

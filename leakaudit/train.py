@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from leakaudit import distributed
 from leakaudit.data import open_source, resolve_task
 from leakaudit.errors import ConfigError, NonFiniteError, OutputExistsError, UsageError
 from leakaudit.export import model_record, save_weights, write_json
+from leakaudit.models.spec import ModelSpec
 from leakaudit.recipes.base import EpochStats, Objective
 from leakaudit.runtime import resolve_device, seed_everything
 from leakaudit.training.objective import Progress, accuracy_on, divergence_message, fit
@@ -42,15 +43,11 @@ class TrainSettings:
     ``num_classes`` defaults to the public task's class count where the model accepts it.
     """
 
-    model: str
+    #: The model to train (a bare spec string is taken as ``ModelSpec(spec)``).
+    model: ModelSpec
     data: str
     output: Path
     task: tuple[str, str] = ("public", "label")
-    weights: str | None = None
-    num_classes: int | None = None
-    in_chans: int | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    trust_checkpoint: bool = False
     input_size: tuple[int, int] | None = None
     normalize: str | None = None
     split: tuple[float, float, float] = (0.4, 0.4, 0.2)
@@ -64,6 +61,8 @@ class TrainSettings:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", ModelSpec(self.model))
         try:
             check_fit_options(
                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, patience=self.patience,
@@ -143,15 +142,7 @@ def train(
     # Resolve the task before building the model: its class count sizes the head.
     opened = open_source(settings.data)
     classes = len(resolve_task(name, source, opened).class_names)
-    loaded = load_for_training(
-        settings.model,
-        weights=settings.weights,
-        num_classes=settings.num_classes,
-        in_chans=settings.in_chans,
-        model_args=settings.model_args,
-        trust_checkpoint=settings.trust_checkpoint,
-        default_num_classes=classes,
-    )
+    loaded = load_for_training(settings.model, default_num_classes=classes)
     data = prepare_data(
         opened,
         [settings.task],
@@ -164,7 +155,7 @@ def train(
         limit=settings.limit,
     )
     model = loaded.module.to(device)
-    check_outputs(model, data, device, settings.model)
+    check_outputs(model, data, device, settings.model.spec)
     if group is not None:
         check_group(data, settings.batch_size, group)
     objective = Objective()
@@ -179,7 +170,7 @@ def train(
         patience=settings.patience,
         generator=generator,
         progress=progress,
-        description=f"train {settings.model} on {name}",
+        description=f"train {settings.model.spec} on {name}",
         on_epoch=on_epoch,
         group=group,
     )
@@ -228,15 +219,15 @@ def train(
     )
     with distributed.agreed(group):  # rank 0 writes, after every rank finished
         if is_main:
-            save_weights(model, output, metadata={"leakaudit": "train", "spec": settings.model})
+            save_weights(model, output, metadata={"leakaudit": "train", "spec": settings.model.spec})
             write_json(record, rec)
     return result
 
 
 def _settings_dict(settings: TrainSettings, data: PreparedData) -> dict[str, Any]:
     return {
-        "model": settings.model,
-        "weights": settings.weights,
+        "model": settings.model.spec,
+        "weights": settings.model.weights,
         "data": settings.data,
         "task": list(settings.task),
         "rows": len(data.roles),

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from leakaudit.dump import DumpSettings, dump
 from leakaudit.errors import NonFiniteError, OutputExistsError, StoreError
 from leakaudit.layers import capture, truncate
-from leakaudit.models import LeNet5
+from leakaudit.models import LeNet5, ModelSpec
 from leakaudit.store import open_store, partial_path
 from tests.models_for_tests import NestedNet
 
@@ -40,15 +40,15 @@ def _randomised(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return module.eval()
 
 
-def _dump(tmp_path, model, layer, *, weights=None, data="digits", limit=64, split=(0.5, 0.25, 0.25), **kw) -> Path:
+def _dump(tmp_path, model, layer, *, weights=None, data="digits", limit=64, split=(0.5, 0.25, 0.25),
+          num_classes=None, trust_checkpoint=False, **kw) -> Path:  # fmt: skip
     out = tmp_path / f"{layer.replace('.', '_')}.h5"
     dump(
         DumpSettings(
-            model=model,
+            model=ModelSpec(model, weights=weights, num_classes=num_classes, trust_checkpoint=trust_checkpoint),
             layer=layer,
             data=data,
             output=out,
-            weights=weights,
             limit=limit,
             tasks=(("label", "label"),),
             split=split,

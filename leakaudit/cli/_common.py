@@ -211,13 +211,9 @@ def load_model_from_options(
     trust_checkpoint: bool,
 ):
     """Build the model named on the command line (lazy import: torch loads only when needed)."""
-    from leakaudit.models import load_model
+    from leakaudit.models import ModelSpec
 
-    return load_model(
-        model,
-        weights=weights,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        model_args=parse_key_values(model_arg, "--model-arg"),
-        trust_checkpoint=trust_checkpoint,
-    )
+    return ModelSpec(
+        model, weights=weights, num_classes=num_classes, in_chans=in_chans,
+        args=parse_key_values(model_arg, "--model-arg"), trust_checkpoint=trust_checkpoint,
+    ).load()  # fmt: skip

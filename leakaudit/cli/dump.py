@@ -25,6 +25,7 @@ from leakaudit.cli._common import (
     parse_shape,
 )
 from leakaudit.errors import ConfigError
+from leakaudit.models import ModelSpec
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:
@@ -76,16 +77,12 @@ def dump(
     if memory_format not in ("auto", "contiguous", "channels_last"):
         raise ConfigError(f"--memory-format must be auto, contiguous or channels_last, got {memory_format!r}.")
     settings = DumpSettings(
-        model=model,
+        model=ModelSpec(model, weights=weights, num_classes=num_classes, in_chans=in_chans, args=parse_key_values(model_arg, "--model-arg"), trust_checkpoint=trust_checkpoint),
         layer=layer,
         data=data,
         output=output,
-        weights=weights,
         tasks=tuple(parse_task_option(t) for t in task or ()),
         input_size=size,  # type: ignore[arg-type]
-        num_classes=num_classes,
-        in_chans=in_chans,
-        model_args=parse_key_values(model_arg, "--model-arg"),
         normalize=normalize,
         batch_size=batch_size,
         dtype=dtype,  # type: ignore[arg-type]
@@ -101,7 +98,6 @@ def dump(
         limit=limit,
         resume=resume,
         force=force,
-        trust_checkpoint=trust_checkpoint,
     )
     with LazyProgress() as bar:
         report = run_dump(settings, bar.callback(f"dump {layer or 'output'}"))

@@ -44,6 +44,7 @@ from leakaudit.cli.train import (
     input_size_option,
 )
 from leakaudit.errors import ConfigError
+from leakaudit.models import ModelSpec
 
 
 def parse_sweep(text: str | None) -> tuple[str, tuple[float, ...]] | None:
@@ -112,7 +113,7 @@ def harden(
         if value is not None:
             options[name] = value
     settings = HardenSettings(
-        model=model,
+        model=ModelSpec(model, weights=weights, num_classes=num_classes, in_chans=in_chans, args=parse_key_values(model_arg, "--model-arg"), trust_checkpoint=trust_checkpoint),
         data=data,
         layer=layer,
         output=output,
@@ -126,11 +127,6 @@ def harden(
         decoder_arch=decoder_arch,
         keep_stores=keep_stores,
         attack_epochs=attack_epochs,
-        weights=weights,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        model_args=parse_key_values(model_arg, "--model-arg"),
-        trust_checkpoint=trust_checkpoint,
         input_size=input_size_option(input_size),
         normalize=normalize,
         split=_parse_split(split),

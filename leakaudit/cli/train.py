@@ -30,6 +30,7 @@ from leakaudit.cli._common import (
 )
 from leakaudit.cli.dump import _parse_split
 from leakaudit.errors import ConfigError
+from leakaudit.models import ModelSpec
 
 # Options `train` and `harden` share, spelled as `dump` spells them.
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Data: digits, idx:DIR[:train|:test], folder:DIR, npz:FILE, hdf5:FILE.", show_default=False)]
@@ -112,15 +113,10 @@ def train(
     if len(task) != 1:
         raise ConfigError(f"train takes one --task NAME=SOURCE (the public task), got {len(task)}.")
     settings = TrainSettings(
-        model=model,
+        model=ModelSpec(model, weights=weights, num_classes=num_classes, in_chans=in_chans, args=parse_key_values(model_arg, "--model-arg"), trust_checkpoint=trust_checkpoint),
         data=data,
         output=output,
         task=parse_task_option(task[0]),
-        weights=weights,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        model_args=parse_key_values(model_arg, "--model-arg"),
-        trust_checkpoint=trust_checkpoint,
         input_size=input_size_option(input_size),
         normalize=normalize,
         split=_parse_split(split),

@@ -18,7 +18,6 @@ from leakaudit.dump.settings import DumpSettings
 from leakaudit.dump.tuning import Tuning, _format, forward_shapes, tune_forward
 from leakaudit.errors import ConfigError, LeakAuditError, OutputExistsError, UsageError
 from leakaudit.layers import OUTPUT, eval_mode, exported_split, forward_failure, resolve_layer, truncate
-from leakaudit.models import load_model
 from leakaudit.runtime import resolve_device
 from leakaudit.store import StoreWriter
 
@@ -97,7 +96,7 @@ def _check_paths(settings: DumpSettings, output: Path) -> None:
 
 def _split_layer(settings: DumpSettings) -> tuple[str, str | None]:
     """The layer to dump, and the split an exported client encoder was cut at (if it is one)."""
-    split = exported_split(settings.model)
+    split = exported_split(settings.model.spec)
     if settings.layer is None:
         if split is None:
             raise UsageError(
@@ -113,14 +112,7 @@ def _plan(settings: DumpSettings) -> _Plan:
     device = resolve_device(settings.device)
     # Seed before building the model: a randomly initialised model must be the same on resume.
     torch.manual_seed(settings.seed)
-    loaded = load_model(
-        settings.model,
-        weights=settings.weights,
-        num_classes=settings.num_classes,
-        in_chans=settings.in_chans,
-        model_args=settings.model_args,
-        trust_checkpoint=settings.trust_checkpoint,
-    )
+    loaded = settings.model.load()
     requested, split = _split_layer(settings)
     guard = _ModelGuard(loaded.module)
     try:
@@ -170,7 +162,7 @@ def _plan_loaded(
             "its first dimension is not the batch, so it cannot be dumped."
         )
     fingerprint = {
-        "model": settings.model,
+        "model": settings.model.spec,
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "model_options": loaded.options,
         "layer": layer,
@@ -189,10 +181,10 @@ def _plan_loaded(
         "store_inputs": settings.store_inputs,
     }
     attrs = {
-        "model_spec": settings.model,
+        "model_spec": settings.model.spec,
         "model_kind": loaded.kind,
         "model_options": loaded.options,
-        "weights": str(settings.weights or ""),
+        "weights": str(settings.model.weights or ""),
         "checkpoint_sha256": loaded.checkpoint_sha256 or "",
         "layer": layer,
         "truncation": truncation.method,

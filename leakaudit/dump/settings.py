@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from leakaudit.errors import ConfigError
+from leakaudit.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
 class DumpSettings:
     """Everything that defines a dump. Mirrors the options of ``leakaudit dump``."""
 
-    model: str
+    #: The model, its weights and architecture options (a bare spec string is taken as ``ModelSpec(spec)``).
+    model: ModelSpec
     #: The split layer; None only for a client encoder exported by ``harden`` (its output).
     layer: str | None
     data: str
     output: Path
-    weights: str | None = None
     tasks: tuple[tuple[str, str], ...] = ()
     input_size: tuple[int, int] | None = None
-    num_classes: int | None = None
-    in_chans: int | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
     normalize: str | None = None
     batch_size: int = 256
     dtype: Literal["float32", "float16"] = "float32"
@@ -43,9 +41,10 @@ class DumpSettings:
     store_inputs: bool = True
     resume: bool = False
     force: bool = False
-    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", ModelSpec(self.model))
         if self.layer is not None and not self.layer.strip():
             raise ConfigError(
                 f"--layer is empty ({self.layer!r}). Give a layer from `leakaudit layers MODEL`, or 'output' for the whole model."

@@ -10,10 +10,10 @@ same data, fractions and seed assigns to the same roles. :func:`batches` cuts ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from leakaudit.data import DataSource, Preprocess, Task, open_source, preprocess
 from leakaudit.distributed import Context
 from leakaudit.errors import ConfigError, DataError, UsageError
 from leakaudit.layers import OUTPUT, resolve_layer
-from leakaudit.models import LoadedModel, load_model
+from leakaudit.models import LoadedModel
+from leakaudit.models.spec import ModelSpec
 from leakaudit.recipes.base import Batch
 from leakaudit.training.engine import epoch_order, step_bounds, step_rows_of
 
@@ -51,32 +52,23 @@ def check_fit_options(
         raise ValueError(f"--limit must be positive, got {limit}.")
 
 
-def load_for_training(
-    spec: str,
-    *,
-    weights: str | None,
-    num_classes: int | None,
-    in_chans: int | None,
-    model_args: Mapping[str, Any],
-    trust_checkpoint: bool,
-    default_num_classes: int | None = None,
-) -> LoadedModel:
+def load_for_training(model: ModelSpec, *, default_num_classes: int | None = None) -> LoadedModel:
     """Build the model to train; ``default_num_classes`` is used where the model accepts it.
 
     Raises:
         UsageError: the model cannot be trained (an exported program has no trainable
             Python module).
     """
-    kwargs = dict(weights=weights, in_chans=in_chans, model_args=model_args, trust_checkpoint=trust_checkpoint)
-    if num_classes is None and default_num_classes is not None:
+    spec = model.spec
+    if model.num_classes is None and default_num_classes is not None:
         try:
-            loaded = load_model(spec, num_classes=default_num_classes, **kwargs)
+            loaded = dataclasses.replace(model, num_classes=default_num_classes).load()
         except (ConfigError, UsageError):
             # The spec takes no num_classes (an archive, a factory without it): build it as
             # given; a head of the wrong width is reported by check_outputs.
-            loaded = load_model(spec, **kwargs)
+            loaded = model.load()
     else:
-        loaded = load_model(spec, num_classes=num_classes, **kwargs)
+        loaded = model.load()
     if loaded.kind == "export":
         raise UsageError(
             f"{spec!r} is an exported program, which cannot be trained. Give the architecture "

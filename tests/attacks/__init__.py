@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from leakaudit.models import ModelSpec
+
 _CACHE: dict[str, Path] = {}
 TASKS = (("public", "parity"), ("private", "label"))
 
@@ -48,11 +50,10 @@ def _dump(output: Path, layer: str, weights: Path | None = None, limit: int | No
 
     dump(
         DumpSettings(
-            model="lenet5",
+            model=ModelSpec("lenet5", weights=str(weights) if weights else None),
             layer=layer,
             data="digits",
             output=output,
-            weights=str(weights) if weights else None,
             tasks=TASKS,
             limit=limit,
             force=True,

@@ -14,6 +14,7 @@ from leakaudit.attacks import ClassifierConfig, run_classifier
 from leakaudit.attacks.classifier import HEAD_CHOICES, continuation_head, raw_cnn
 from leakaudit.config import from_mapping
 from leakaudit.errors import ConfigError, DataError, NonFiniteError, UnknownNameError, UsageError
+from leakaudit.models import ModelSpec
 from leakaudit.registry import ATTACKS
 from leakaudit.store import open_store
 from tests.attacks import balanced_split, single_thread, synthetic_store, train_lenet_on_digits
@@ -166,7 +167,7 @@ def test_continuation_is_skipped_when_the_checkpoint_changed(tmp_path, small_dig
 
     weights = train_lenet_on_digits(small_digits_store, tmp_path / "w.safetensors", epochs=1)
     store_path = tmp_path / "w.h5"
-    dump(DumpSettings(model="lenet5", layer="pool2", data="digits", weights=str(weights), output=store_path,
+    dump(DumpSettings(model=ModelSpec("lenet5", weights=str(weights)), layer="pool2", data="digits", output=store_path,
                       tasks=(("private", "label"),), limit=300))  # fmt: skip
     shutil.copyfile(tmp_path / "w.safetensors", tmp_path / "backup.safetensors")
     train_lenet_on_digits(small_digits_store, weights, epochs=1, seed=1)  # overwrite: other bytes

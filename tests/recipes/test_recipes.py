@@ -20,7 +20,7 @@ from leakaudit.errors import NonFiniteError
 from leakaudit.export import load_hardened
 from leakaudit.harden import HardenSettings, harden
 from leakaudit.layers import split_model
-from leakaudit.models import load_model
+from leakaudit.models import ModelSpec, load_model
 from leakaudit.recipes import CenterLoss, CenterLossConfig
 from leakaudit.registry import RECIPES
 from leakaudit.store import open_store
@@ -87,7 +87,7 @@ def pretrained(tmp_path_factory) -> Path:
 
 def _harden(pretrained: Path, out: Path, method: str, **kwargs) -> object:
     defaults = dict(
-        model="lenet5", weights=str(pretrained), num_classes=2, data="digits", layer="conv3",
+        model=ModelSpec("lenet5", weights=str(pretrained), num_classes=2), data="digits", layer="conv3",
         output=out, method=method, tasks=TASKS, epochs=4, batch_size=64, patience=4,
     )
     defaults.update(kwargs)
@@ -119,7 +119,7 @@ def test_train_reaches_the_public_task_and_records_how(pretrained):
     # The weights load as `dump` loads them, and score the recorded accuracy on the test rows.
     loaded = load_model("lenet5", weights=pretrained, num_classes=2)
     store = pretrained.parent / "check.h5"
-    dump(DumpSettings(model="lenet5", weights=str(pretrained), num_classes=2, layer="conv3", data="digits",
+    dump(DumpSettings(model=ModelSpec("lenet5", weights=str(pretrained), num_classes=2), layer="conv3", data="digits",
                       output=store, tasks=(("public", "parity"),), with_outputs=True))
     with open_store(store) as s:
         test = s.rows("test")
@@ -184,8 +184,7 @@ def test_exported_encoder_equals_the_hardened_model_cut_at_the_layer(center_loss
     # … and from the hardened full model, rebuilt from model.json and cut at conv3.
     loaded, record = load_hardened(folder)
     from_model = tmp_path / "model.h5"
-    dump(DumpSettings(model=record["spec"], weights=str(folder / record["weights"]), num_classes=2,
-                      layer=record["layer"], data="digits", output=from_model, tasks=TASKS))
+    dump(DumpSettings(model=ModelSpec(record["spec"], weights=str(folder / record["weights"]), num_classes=2),                       layer=record["layer"], data="digits", output=from_model, tasks=TASKS))
     with open_store(from_encoder) as a, open_store(from_model) as b:
         assert a.layer_shape == b.layer_shape == (120, 1, 1)
         np.testing.assert_allclose(a.activations(), b.activations(), rtol=1e-5, atol=1e-6)
@@ -302,7 +301,7 @@ def test_digits_lambda_sweep_trades_intra_class_distance_for_private_accuracy(tm
         train(TrainSettings(model="lenet5", data="digits", output=base, task=("public", "parity"),
                             epochs=30, lr=3e-3, batch_size=64, patience=8))
         result = harden(HardenSettings(
-            model="lenet5", weights=str(base), num_classes=2, data="digits", layer="conv3",
+            model=ModelSpec("lenet5", weights=str(base), num_classes=2), data="digits", layer="conv3",
             output=tmp_path / "sweep", method="center-loss", tasks=TASKS,
             sweep=("lambda", (0.5, 0.7, 0.9, 0.99)), epochs=40, lr=3e-3, batch_size=64, patience=10,
         ))

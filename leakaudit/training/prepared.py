@@ -66,7 +66,7 @@ def load_for_training(
         UsageError: the model cannot be trained (an exported program has no trainable
             Python module).
     """
-    kwargs = dict(weights=weights, in_chans=in_chans, model_args=model_args, trust_checkpoint=trust_checkpoint)
+    kwargs: dict[str, Any] = dict(weights=weights, in_chans=in_chans, model_args=model_args, trust_checkpoint=trust_checkpoint)
     if num_classes is None and default_num_classes is not None:
         try:
             loaded = load_model(spec, num_classes=default_num_classes, **kwargs)

@@ -71,7 +71,7 @@ class FitResult:
     val_loss: float
     seconds: float
     seconds_per_epoch: float
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

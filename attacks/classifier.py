@@ -206,7 +206,7 @@ class ClassifierResult:
         if self.private_accuracy_raw is not None:
             metrics["private_accuracy_raw"] = self.private_accuracy_raw
         continuation = next((h for h in self.heads if h.name == "continuation" and h.ok), None)
-        if continuation is not None:
+        if continuation is not None and continuation.accuracy is not None:  # a trained head has its accuracy
             metrics["private_accuracy_continuation"] = continuation.accuracy
         return metrics
 
@@ -323,8 +323,9 @@ def continuation_head(store: ActivationStore, classes: int, z_example: torch.Ten
         raise UsageError(f"rebuilding the model failed ({type(exc).__name__})") from None
     head = split.head
     for module in head.modules():
-        if module is not head and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None) if module is not head else None
+        if reset is not None:
+            reset()
     head.eval()
     try:
         with torch.no_grad():
@@ -354,8 +355,8 @@ def _last_linear(head: nn.Module) -> tuple[str, nn.Linear] | None:
     graph = getattr(head, "graph", None)
     if graph is not None:  # the FX graph gives the order of calls, not of definitions
         for node in reversed(list(graph.nodes)):
-            if node.op == "call_module" and isinstance(head.get_submodule(node.target), nn.Linear):
-                return str(node.target), head.get_submodule(node.target)
+            if node.op == "call_module" and isinstance(module := head.get_submodule(node.target), nn.Linear):
+                return str(node.target), module
         return None
     linears = [(name, m) for name, m in head.named_modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
@@ -431,6 +432,11 @@ def _train_head(
         seconds=round(result.seconds, 3),
         seconds_per_epoch=round(result.seconds_per_epoch, 4),
     )
+
+
+def _val_accuracy(head: HeadResult) -> float:
+    assert head.val_accuracy is not None  # set on every trained head, the only ones compared
+    return head.val_accuracy
 
 
 def _build_head(
@@ -550,8 +556,9 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
             )
 
     trained = [h for h in heads if h.ok]
-    best = max(trained, key=lambda h: h.val_accuracy)  # selection on attacker-validation only
-    raw_best = max(raw_heads, key=lambda h: h.val_accuracy) if raw_heads else None
+    best = max(trained, key=_val_accuracy)  # selection on attacker-validation only
+    raw_best = max(raw_heads, key=_val_accuracy) if raw_heads else None
+    assert best.accuracy is not None and best.balanced_accuracy is not None  # a trained head is scored
     majority = int(np.bincount(train_y.numpy(), minlength=classes).argmax())
     raw_accuracy = raw_best.accuracy if raw_best is not None else None
     drop = relative("drop", best.accuracy, raw_accuracy)

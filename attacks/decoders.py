@@ -201,7 +201,8 @@ class DecoderResult:
         for f in dataclasses.fields(self):
             if f.name not in self._ARRAYS:
                 value = getattr(self, f.name)
-                data[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _plain(value)
+                is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
+                data[f.name] = dataclasses.asdict(value) if is_record else _plain(value)
         data.update(self.report_metrics())
         return data
 
@@ -223,7 +224,7 @@ class DecoderResult:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, list):
-        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v for v in value]
     return value
 
 
@@ -339,9 +340,9 @@ class MeanImageOutput(nn.Module):
         return torch.sigmoid(residual + self.base)
 
 
-def _zero(layer: nn.Module) -> nn.Module:
+def _zero(layer: nn.Conv2d | nn.ConvTranspose2d) -> nn.Module:
     nn.init.zeros_(layer.weight)
-    if getattr(layer, "bias", None) is not None:
+    if layer.bias is not None:
         nn.init.zeros_(layer.bias)
     return layer
 
@@ -578,6 +579,7 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
     per_image: dict[str, np.ndarray] = {"mean-image": baseline_ssim.astype(np.float32)}
     best_run: DecoderRun | None = None
     best_recon: torch.Tensor | None = None
+    best_val = -math.inf  # best_run's val_ssim, once there is one
     for arch in archs:
         torch.manual_seed(seed_for(config.seed, arch))  # initialisation of this decoder
         model = build_decoder(arch, layer_shape, input_shape, config.width, mean_image)
@@ -617,8 +619,8 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
         )
         runs.append(run)
         # Selection on attacker-validation only; keep just the leader's images in memory.
-        if best_run is None or run.val_ssim > best_run.val_ssim:
-            best_run, best_recon = run, recon
+        if best_run is None or fitted.val_score > best_val:
+            best_run, best_recon, best_val = run, recon, fitted.val_score
         del model
     assert best_run is not None and best_run.test is not None and best_recon is not None
     return DecoderResult(

@@ -330,7 +330,7 @@ def cached_dump(
 
     tasks = settings_kwargs.get("tasks", ())
     task_files = {src: _file_digest(Path(src[4:])) for _, src in tasks if src.startswith("map:") and Path(src[4:]).is_file()}
-    material = {
+    material: dict[str, Any] = {
         "tool": __version__,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(settings_kwargs.items())},
         "model": model_fingerprint(settings_kwargs["model"], settings_kwargs.get("weights")),
@@ -546,13 +546,14 @@ def _harden(config: AuditConfig, folder: Path, progress: Progress | None) -> tup
     """Harden the configured model; return the hardened model to audit and a summary."""
     from leakaudit.harden import HardenSettings, harden
 
+    assert config.harden is not None  # called only for a config with a harden section
     options = {k: v for k, v in config.harden.items() if k not in ("method", "epochs", "lr", "patience", "batch_size")}
     extra = {k: config.harden[k] for k in ("epochs", "lr", "patience", "batch_size") if k in config.harden}
     d = config.dump
     settings = HardenSettings(
         model=config.model, data=config.data, layer=config.layer, output=folder, method=str(config.harden["method"]),
-        tasks=tuple(config.tasks.items()), options=options, input_size=tuple(d.input_size) if d.input_size else None,
-        normalize=d.normalize, split=tuple(d.split), limit=d.limit, seed=d.seed, device=d.device, **extra,
+        tasks=tuple(config.tasks.items()), options=options, input_size=d.input_size or None,
+        normalize=d.normalize, split=d.split, limit=d.limit, seed=d.seed, device=d.device, **extra,
     )  # fmt: skip
     result = harden(settings, progress)
     run = result.runs[0]

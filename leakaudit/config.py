@@ -17,13 +17,16 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from leakaudit.errors import ConfigError, closest
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -194,7 +197,7 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {_show(value)}.")
         key_type, value_type = args if args else (Any, Any)
         return {coerce(k, key_type, path): coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return from_mapping(annotation, value, path)
     return value
 

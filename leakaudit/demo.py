@@ -67,6 +67,7 @@ def run_demo(output: Path, *, force: bool = False, progress: Progress | None = N
     from leakaudit.audit import AuditConfig, BaselineSection, ModelSection, run_audit
     from leakaudit.gate import evaluate, parse_policy
     from leakaudit.html_report import render, tsne_embedding
+    from leakaudit.models import ModelSpec
     from leakaudit.pipeline import step
     from leakaudit.registry import ATTACKS
     from leakaudit.report import Report, load_report
@@ -80,7 +81,7 @@ def run_demo(output: Path, *, force: bool = False, progress: Progress | None = N
         staging = stage.path
         weights = staging / "lenet5.safetensors"
         trained = train(
-            TrainSettings(model="lenet5", data="digits", output=weights, task=("public", TASKS["public"]), epochs=epochs, lr=3e-3, patience=8),
+            TrainSettings(model=ModelSpec("lenet5"), data="digits", output=weights, task=("public", TASKS["public"]), epochs=epochs, lr=3e-3, patience=8),
             progress,
         )
         # Every head and the raw-X references, with the budgets cut to fit a demo (the

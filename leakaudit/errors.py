@@ -126,7 +126,8 @@ class FileSystemError(LeakAuditError):
     def __init__(self, path: str | os.PathLike | None, exc: OSError, *, action: str | None = None) -> None:
         code = exc.errno if isinstance(exc.errno, int) else None
         self.errno = code
-        self.exit_code, fix = _OS_ERRORS.get(code, (EXIT_RUNTIME, "Check the path and the file system."))
+        unknown = (EXIT_RUNTIME, "Check the path and the file system.")
+        self.exit_code, fix = _OS_ERRORS.get(code, unknown) if code is not None else unknown
         reason = os.strerror(code) if code is not None else "the operating system refused it"
         if path is None:
             what = f"file system error{f' on {action}' if action else ''}"

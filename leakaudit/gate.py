@@ -116,7 +116,8 @@ def not_a_number(value: Any) -> str | None:
     if isinstance(value, bool):  # before the number test: bool is an int subclass
         return f"a boolean ({str(value).lower()}), not a number"
     if not isinstance(value, (int, float)):
-        kind = {str: "a string", list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
+        kinds: dict[type, str] = {str: "a string", list: "a list", dict: "a mapping"}
+        kind = kinds.get(type(value), f"a {type(value).__name__}")
         return f"{kind}, not a number"
     if not math.isfinite(value):
         return "not a finite number"
@@ -132,6 +133,7 @@ def evaluate(metrics: Mapping[str, Any], thresholds: list[Threshold]) -> Verdict
         if problem is not None:
             checks.append(Check(t.metric, None, t.describe(), False, problem))
             continue
+        assert value is not None  # not_a_number() returned None: a finite int or float
         low_ok = t.min is None or value >= t.min
         high_ok = t.max is None or value <= t.max
         reason = "" if low_ok and high_ok else (f"below {t.min:g}" if not low_ok else f"above {t.max:g}")

@@ -176,6 +176,7 @@ def recipe_configs(settings: HardenSettings) -> tuple[Plugin, list[tuple[str, An
         raise ConfigError(f"--sweep {key} needs at least one value.")
     if len(set(sweep_values)) != len(sweep_values):
         raise ConfigError(f"--sweep {key} repeats a value.")
+    assert cls is not None  # a recipe without a config has no fields: its sweep was refused above
     spelled = option_name(name).lstrip("-")
     for value in sweep_values:
         # Whole numbers as ints: they fit int settings (center_dim) and float ones alike.
@@ -332,13 +333,15 @@ def harden(
             if is_main:
                 folder.mkdir(exist_ok=True)
             model.load_state_dict(initial)
-            result = _run_one(
+            run = _run_one(
                 settings, plugin, config, label, loaded, model, layer, tuple(layer_shape), data, device,
                 baseline_val, baseline_test, folder, output / label if label else output, progress, on_epoch, group,
             )
-            results.append(result)
+            results.append(run)
         if settings.evaluates:
             from leakaudit.sweep import privacy_table
+
+            assert private is not None  # chosen above whenever settings.evaluates
 
             table = privacy_table(
                 settings, loaded, layer, data, private, initial, results, stage, output, baseline_test, progress

@@ -22,6 +22,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -401,7 +402,7 @@ def _is_script_chain(module: nn.Module) -> bool:
     import re
 
     try:
-        code = module.code
+        code = cast(str, module.code)  # a ScriptModule's forward as Python source; Module.__getattr__ is typed Tensor | Module
     except (AttributeError, RuntimeError):
         return False
     children = [name for name, _ in module.named_children()]

@@ -79,7 +79,7 @@ def audit_defaults(registry: Registry, tasks: Sequence[str]) -> list[Step]:
 def metric_steps(names: Sequence[str] | None, settings: Mapping[str, Mapping[str, Any]]) -> list[Step]:
     """``names`` (every registered metric, not explicit, when ``None``) with their settings."""
     explicit = names is not None
-    return [step(METRICS, n, settings.get(n), n, explicit=explicit) for n in (names if explicit else METRICS.names())]
+    return [step(METRICS, n, settings.get(n), n, explicit=explicit) for n in (names if names is not None else METRICS.names())]
 
 
 def parse_settings(items: Sequence[str], registry: Registry | None = None) -> dict[str, Any] | dict[str, dict[str, Any]]:

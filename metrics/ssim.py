@@ -170,16 +170,17 @@ def _as_tensor(value: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 
 def _integer_range(value: torch.Tensor | np.ndarray) -> float | None:
     """scikit-image's ``dtype_range`` span of an integer image's dtype, None for floats."""
-    dtype = value.dtype
+    info: torch.iinfo | np.iinfo
     if isinstance(value, torch.Tensor):
+        dtype = value.dtype
         if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
             return None
         info = torch.iinfo(dtype)
     else:
-        dtype = np.asarray(value).dtype if not isinstance(value, np.ndarray) else dtype
-        if dtype.kind not in "ui":
+        np_dtype = np.asarray(value).dtype
+        if np_dtype.kind not in "ui":
             return None
-        info = np.iinfo(dtype)
+        info = np.iinfo(np_dtype)
     return float(int(info.max) - int(info.min))
 
 

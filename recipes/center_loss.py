@@ -110,6 +110,7 @@ class CenterLoss(Objective):
                 centers[j] = members.mean(0)
         self.centers = centers.to(context.device)
         if self.mean is not None:
+            assert self.components is not None  # set with the mean, from the same SVD
             self.mean = self.mean.to(context.device)
             self.components = self.components.to(context.device)
 
@@ -117,6 +118,7 @@ class CenterLoss(Objective):
         flat = z.flatten(1)
         if self.components is None:
             return flat
+        assert self.mean is not None  # set with the components
         return (flat - self.mean) @ self.components.T
 
     def center_loss(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ COMMAND_MODULES = (
 
 
 class _LeakAuditGroup(TyperGroup):
-    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any | None:
+    # The base class is typed with typer's vendored (private) click Context; typer.Context subclasses it.
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any | None:  # type: ignore[override]
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             _note_json_on_stdout(command)
@@ -186,4 +187,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -98,15 +98,15 @@ def attack(
                   "--device": ("device", device), "--seed": ("seed", seed), "--precision": ("precision", precision)}  # fmt: skip
     wanted: dict[str, Path] = {}
     for item in artifact or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
+        key, sep, text = item.partition("=")
+        if not sep or not key or not text:
             raise UsageError(f"--artifact expects NAME=PATH, got {item!r}.")
-        wanted[key] = Path(value)
-    for option, (key, value) in {"--grid": ("grid", grid), "--reconstructions": ("reconstructions", reconstructions)}.items():
-        if value is not None:
+        wanted[key] = Path(text)
+    for option, (key, given) in {"--grid": ("grid", grid), "--reconstructions": ("reconstructions", reconstructions)}.items():
+        if given is not None:
             if key not in plugin.artifacts:
                 raise UsageError(f"{option} {_applies_to(ATTACKS, lambda p, key=key: key in p.artifacts, name)}")
-            wanted[key] = value
+            wanted[key] = given
     for key in wanted:
         if key not in plugin.artifacts:
             raise UsageError(f"attack {name!r} writes no artifact {key!r}; it writes: {', '.join(plugin.artifacts) or 'none'}.")

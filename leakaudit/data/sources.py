@@ -87,7 +87,7 @@ class _FolderImages:
                 with Image.open(path) as image:
                     image = image.convert(self.mode)
                     if image.size != (self.size[1], self.size[0]):
-                        image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                        image = image.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
                     array = np.asarray(image, dtype=np.uint8)
             except OSError as exc:
                 raise DataError(f"cannot read image {str(path)!r}: {exc}.") from None
@@ -249,7 +249,8 @@ def _array_source(spec: str, container: Mapping, keys: Sequence[str], where: str
         labels, names = _encode_labels(arrays[label_key], f"{where}:{label_key}", declared)
     elif declared is not None:
         raise DataError(f"{where}:{names_key} names classes, but there is no label array ({', '.join(LABEL_KEYS)}) for them.")
-    return DataSource(spec, tuple(int(c) for c in chw), labels, names, arrays, _images=view)
+    c, h, w = (int(v) for v in chw)
+    return DataSource(spec, (c, h, w), labels, names, arrays, _images=view)
 
 
 def _npz(spec: str, path: Path) -> DataSource:

@@ -16,11 +16,13 @@ stage's error stops the others and reaches the caller.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -127,7 +129,7 @@ class _Pipeline:
         self.reader = _Worker(self._read_batches, "leakaudit-reader")
         self.writer_thread = _Worker(self._write_results, "leakaudit-writer")
         self.forward_workers = [
-            _Worker(lambda i=i: self._run_forward(i), f"leakaudit-forward-{i}") for i in range(1, self.passes)
+            _Worker(functools.partial(self._run_forward, i), f"leakaudit-forward-{i}") for i in range(1, self.passes)
         ]
 
     def run(self) -> DumpReport:
@@ -253,7 +255,8 @@ class _Pipeline:
                     return
                 for other in others:  # the main thread's pass reports the other workers' errors
                     other.check()
-                begin, x = item
+                # What _read_batches puts: (first row, rows), an array until prep.images runs, then a tensor.
+                begin, x = cast(tuple[int, Any], item)
                 if self.inline:
                     x = prep.images(x)
                     t_prep = time.perf_counter()
@@ -336,6 +339,8 @@ def _forward_with_capture(
         return encoder(x), module(x)
     with LayerCapture(module, layer) as hook:
         y, z = hook.run(x)
+    # The model's output is a tensor here as on the other paths (nothing checks it per batch);
+    # the layer's was checked to be one when the plan truncated the model at it.
     if z is None:
-        return capture(module, layer, x), y
-    return z, y
+        return capture(module, layer, x), cast(torch.Tensor, y)
+    return cast(torch.Tensor, z), cast(torch.Tensor, y)

@@ -93,6 +93,7 @@ def _dump_distributed(
         if plan is not None:
             plan.guard.restore()
     distributed.agree(error)
+    assert plan is not None  # agree() re-raised any rank's failure, so this rank has planned
     if ctx.is_main:
         try:
             shards = [shard_path(output, rank, ctx.world_size) for rank in range(ctx.world_size)]

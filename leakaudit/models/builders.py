@@ -8,7 +8,7 @@ import inspect
 import re
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,7 @@ def _build_python(spec: str, where: str, factory_name: str, kwargs: dict[str, An
 
 
 def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], spec: str) -> nn.Module:
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):

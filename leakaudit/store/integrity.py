@@ -92,7 +92,7 @@ def _raw_extent(dataset: h5py.Dataset) -> tuple[int, int] | None:
 def _blocks(dataset: h5py.Dataset, fd: int | None, *, what: str) -> Iterator[Any]:
     """The dataset's stored bytes in order, in blocks of about :data:`_HASH_BLOCK` bytes."""
     extent = _raw_extent(dataset) if fd is not None else None
-    if extent is not None:
+    if fd is not None and extent is not None:
         offset, size = extent
         if hasattr(os, "posix_fadvise") and size:
             os.posix_fadvise(fd, offset, size, os.POSIX_FADV_SEQUENTIAL)

@@ -24,7 +24,7 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -61,6 +61,8 @@ class StoreWriter:
             that another dump completed meanwhile is never replaced without it.
     """
 
+    file: h5py.File  # opened in __init__ (created, or reopened on resume)
+
     def __init__(
         self,
         path: Path,
@@ -90,7 +92,7 @@ class StoreWriter:
         self.rows_done = 0
         self._datasets: dict[str, h5py.Dataset] | None = None
         self._layout: dict[str, tuple[int | None, np.dtype, tuple[int, ...]]] = {}
-        self._direct: _DirectWriter | None | bool = None  # None: not tried yet; False: unavailable
+        self._direct: _DirectWriter | Literal[False] | None = None  # None: not tried yet; False: unavailable
         self._identity: int | None = None  # an open descriptor of the .partial file this writer made
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = DumpLock(self.path)  # before anything is touched: the loser changes nothing
@@ -258,6 +260,7 @@ class StoreWriter:
             self._write_rows("outputs", start, outputs)
 
     def _write_rows(self, name: str, start: int, values: np.ndarray) -> None:
+        assert self._datasets is not None  # looked up by write(), the only caller
         dataset = self._datasets[name]
         if name not in self._layout:  # asking HDF5 costs more than a write: once per dataset
             contiguous = dataset.chunks is None and not dataset.is_virtual
@@ -457,7 +460,7 @@ class _DirectWriter:
 
 
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
-    view = memoryview(data)
+    view = data.data  # memoryview(data); numpy's stubs do not declare ndarray's buffer protocol
     while view.nbytes:
         written = os.pwrite(fd, view, offset)
         if written <= 0:

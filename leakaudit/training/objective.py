@@ -126,7 +126,8 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    total = correct = 0
+    total = 0
+    correct: float = 0  # a count, summed as a float over ranks
     loss_sum = 0.0
     parts_sum: dict[str, float] = {}
     zs: list[torch.Tensor] = []

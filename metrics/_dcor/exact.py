@@ -42,7 +42,7 @@ def _distances(gi: torch.Tensor, ni: torch.Tensor, gj: torch.Tensor, nj: torch.T
     inv_j = nj.clamp_min(torch.finfo(nj.dtype).tiny).rsqrt()
     d2.mul_(inv_i[:, None]).mul_(inv_j[None, :])
     # Also zeroes what rounding pushed below 0.
-    torch.nn.functional.threshold_(d2, _TIE_EPS * torch.finfo(d2.dtype).eps, 0.0)
+    torch.threshold_(d2, _TIE_EPS * torch.finfo(d2.dtype).eps, 0.0)
     if same:
         d2.fill_diagonal_(0.0)
     return d2.sqrt_().mul_(inv_i.rsqrt()[:, None]).mul_(inv_j.rsqrt()[None, :])

@@ -59,7 +59,7 @@ from leakaudit.training.prepared import (
     ROLE_VAL,
     PreparedData,
     batches,
-    check_fit_options,
+    check_fit_settings,
     check_group,
     check_outputs,
     load_for_training,
@@ -128,15 +128,7 @@ class HardenSettings:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", ModelSpec(self.model))
-        try:
-            check_fit_options(
-                epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, patience=self.patience,
-                split=self.split, limit=self.limit,
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_fit_settings(self)
         if self.attack_epochs is not None and self.attack_epochs <= 0:
             raise ConfigError(f"--attack-epochs must be positive, got {self.attack_epochs}.")
 

@@ -28,7 +28,7 @@ from leakaudit.training.objective import Progress, accuracy_on, divergence_messa
 from leakaudit.training.prepared import (
     ROLE_TEST,
     PreparedData,
-    check_fit_options,
+    check_fit_settings,
     check_group,
     check_outputs,
     load_for_training,
@@ -61,15 +61,7 @@ class TrainSettings:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", ModelSpec(self.model))
-        try:
-            check_fit_options(
-                epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, patience=self.patience,
-                split=self.split, limit=self.limit,
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_fit_settings(self)
         if Path(self.output).suffix != ".safetensors":
             raise ConfigError(f"-o must name a .safetensors file, got {str(self.output)!r}.")
 

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,22 +35,31 @@ ROLE_TRAIN, ROLE_VAL, ROLE_TEST = roles.ATTACKER_TRAIN, roles.ATTACKER_VALIDATIO
 # --------------------------------------------------------------------------- settings
 
 
-def check_fit_options(
-    *, epochs: int, batch_size: int, lr: float | None, patience: int, split: Sequence[float], limit: int | None
-) -> None:
-    """Validate the options every training command shares (raises ``ValueError``)."""
+def check_fit_settings(settings: Any) -> None:
+    """Settle and validate what every training command's settings share (``TrainSettings``, ``HardenSettings``).
+
+    A bare spec string given as ``model`` becomes ``ModelSpec(spec)``; the options are checked
+    as the command line spells them.
+
+    Raises:
+        ConfigError: the first option out of range.
+    """
+    if isinstance(settings.model, str):
+        object.__setattr__(settings, "model", ModelSpec(settings.model))
+    epochs, batch_size, lr, patience = settings.epochs, settings.batch_size, settings.lr, settings.patience
+    split, limit = settings.split, settings.limit
     if epochs <= 0:
-        raise ValueError(f"--epochs must be positive, got {epochs}.")
+        raise ConfigError(f"--epochs must be positive, got {epochs}.")
     if batch_size < 2:
-        raise ValueError(f"--batch-size must be at least 2, got {batch_size}.")
+        raise ConfigError(f"--batch-size must be at least 2, got {batch_size}.")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"--lr must be a positive number, got {lr}.")
+        raise ConfigError(f"--lr must be a positive number, got {lr}.")
     if patience <= 0:
-        raise ValueError(f"--patience must be positive, got {patience}.")
+        raise ConfigError(f"--patience must be positive, got {patience}.")
     if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
-        raise ValueError(f"--split needs three positive fractions TRAIN,VAL,TEST summing to 1, got {tuple(split)}.")
+        raise ConfigError(f"--split needs three positive fractions TRAIN,VAL,TEST summing to 1, got {tuple(split)}.")
     if limit is not None and limit <= 0:
-        raise ValueError(f"--limit must be positive, got {limit}.")
+        raise ConfigError(f"--limit must be positive, got {limit}.")
 
 
 def load_for_training(model: ModelSpec, *, default_num_classes: int | None = None) -> LoadedModel:

@@ -32,16 +32,16 @@ def list_plugins(
     table.add_column("name", style="bold")
     table.add_column("what it does")
     table.add_column("options")
-    if any(p["reports"] or p["artifacts"] for p in described):
-        table.add_column("reports (gate names) · artifacts")
     for plugin in described:
         options = ", ".join(
             f"{o['name']}={o['default']!r}" if not o["required"] else o["name"] for o in plugin["options"]
         )
-        outputs = ", ".join(plugin["reports"])
+        what = plugin["description"]
+        if plugin["reports"]:
+            what += "\nreports: " + ", ".join(plugin["reports"])
         if plugin["artifacts"]:
-            outputs += " · " + ", ".join(plugin["artifacts"])
-        table.add_row(plugin["name"], plugin["description"], options, *([outputs] if len(table.columns) > 3 else []))
+            what += "\nwrites: " + ", ".join(plugin["artifacts"])
+        table.add_row(plugin["name"], what, options)
     console().print(table)
 
 

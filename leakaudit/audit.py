@@ -525,7 +525,7 @@ def run_audit(
                     )
                 (staging / "baseline").mkdir()
                 other = audit_store(base_store, config, staging / "baseline", progress, on_warning)
-                Report.from_dict(stage.rebase(other.to_dict())).save(staging / "baseline" / "report.json")
+                other.save(staging / "baseline" / "report.json")
             report.set_baseline(other.subject, other.metrics)
         if harden_record is not None:
             report.sections["harden"] = harden_record
@@ -538,7 +538,9 @@ def run_audit(
         embedding = tsne_embedding(subject_store, seed=config.dump.seed)
         # Rendered from the staged paths, which exist now (the page embeds the files they name).
         atomic_write_text(staging / "report.html", render(report.to_dict(), verdict=verdict, embedding=embedding))
-        written = Report.from_dict(stage.rebase(report.to_dict())).save(staging / "report.json")
+        report.save(staging / "report.json")
+        stage.rebase_records()  # this report, the baseline's, the hardened model's records
+        written = load_report(staging / "report.json")
     return AuditResult(output, output / "report.json", output / "report.html", verdict, reused, written["metrics"])
 
 

@@ -124,8 +124,6 @@ def run_demo(output: Path, *, force: bool = False, progress: Progress | None = N
         embedding = tsne_embedding(main.sections["audit"]["subject_store"], seed=0)
         # Rendered from the staged paths, which exist now (the page embeds the files they name).
         atomic_write_text(staging / "report.html", render(main.to_dict(), verdict=verdict, embedding=embedding))
-        Report.from_dict(stage.rebase(main.to_dict())).save(staging / "report.json")
-        for folder in reports:  # point the audits' recorded paths at the final folder
-            path = staging / folder / "report.json"
-            Report.from_dict(stage.rebase(load_report(path))).save(path)
+        main.save(staging / "report.json")
+        stage.rebase_records()  # every audit's records name files in this folder
     return DemoResult(output, rows, verdict, output / "report.json", output / "report.html")

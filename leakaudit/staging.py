@@ -36,6 +36,27 @@ class Stage:
             return str(self.output) + value[len(str(self.path)) :]
         return value
 
+    def rebase_records(self) -> list[Path]:
+        """Point the paths in every JSON record written inside the staging folder at the destination.
+
+        Reports, ``harden.json`` and ``model.json`` name the files beside them by absolute path;
+        each record that names the staging folder is rewritten (atomically, in the layout the
+        tool writes records in). Returns the records rewritten.
+        """
+        import json
+
+        from leakaudit._io import atomic_write_text
+
+        rewritten = []
+        for record in sorted(self.path.rglob("*.json")):
+            text = record.read_text(encoding="utf-8")
+            if str(self.path) not in text:
+                continue
+            data = self.rebase(json.loads(text))
+            atomic_write_text(record, json.dumps(data, indent=2) + "\n")
+            rewritten.append(record)
+        return rewritten
+
     def rebase_store(self, store: str | Path) -> None:
         """Point a staged store's recorded model paths at the destination, and re-seal its attributes.
 

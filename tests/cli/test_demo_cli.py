@@ -31,8 +31,23 @@ def test_demo_trains_hardens_audits_and_compares(cli, tmp_path, monkeypatch):
     assert report["gate"]["passed"] is True
     html = (out / "report.html").read_text()
     assert "Scrunch λ .9" in html and "data:image/png;base64," in html
-    # Recorded paths point at the final folder, never at the staging one.
-    assert ".tmp-" not in (out / "baseline" / "report.json").read_text()
+    # Recorded paths point at the final folder, never at the staging one: reports and the
+    # hardened models' records alike.
+    records = sorted(out.rglob("*.json"))
+    assert any(p.name == "harden.json" for p in records) and any(p.name == "model.json" for p in records)
+    for record in records:
+        assert ".tmp-" not in record.read_text(), record
+    # Every audit's page shows its decoder's scores (once read from a key runs do not have) and its grid.
+    for folder in ("baseline", "shredder", "scrunch", "nopeek"):
+        page = (out / folder / "report.html").read_text()
+        assert "data:image/png;base64," in page
+        recon = page[page.index("Reconstruction attack"):]
+        assert "<td>upsample</td><td class=\"num\">0." in recon
+    # Every number of the comparison can be gated by the name it is shown under.
+    from leakaudit.glossary import names
+
+    assert set(report["comparison"]["columns"]) <= set(names())
+    assert report["metrics"]["private_accuracy_drop_continuation"] == rows["Scrunch λ .9"]["private_accuracy_drop_continuation"]
     assert (out / "policy.yaml").read_text().startswith("thresholds:")
 
     # A second run refuses to replace the results without --force, and leaves them as they were.

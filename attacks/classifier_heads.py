@@ -94,8 +94,8 @@ def continuation_head(store: ActivationStore, classes: int, z_example: torch.Ten
         UsageError: the model cannot be rebuilt or split there; the message says why.
     """
     from leakaudit._io import sha256_file
-    from leakaudit.layers import split_model
     from leakaudit.models import load_model
+    from leakaudit.split import split_model
 
     attrs = store.attrs
     spec, layer = attrs.get("model_spec"), attrs.get("layer")

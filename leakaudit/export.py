@@ -34,8 +34,9 @@ from torch import nn
 from leakaudit import __version__
 from leakaudit._io import atomic_write_bytes, atomic_write_text, sha256_file
 from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
-from leakaudit.layers import PROGRAM_RECORD, PROGRAM_SCHEMA, split_model
+from leakaudit.layers import PROGRAM_RECORD, PROGRAM_SCHEMA
 from leakaudit.models import LoadedModel, ModelSpec
+from leakaudit.split import split_model
 
 MODEL_SCHEMA = "leakaudit.model"
 MODEL_SCHEMA_VERSION = 1

@@ -47,11 +47,11 @@ from leakaudit.export import (
     staged_dir,
     write_json,
 )
-from leakaudit.layers import split_model
 from leakaudit.models.spec import ModelSpec
 from leakaudit.recipes.base import EpochStats, Objective, RecipeContext
 from leakaudit.registry import RECIPES, Plugin
 from leakaudit.runtime import resolve_device, seed_everything
+from leakaudit.split import split_model
 from leakaudit.training.objective import Progress, divergence_message, evaluate, fit, snapshot, z_capture
 from leakaudit.training.prepared import (
     ROLE_TEST,

@@ -19,10 +19,10 @@ from leakaudit.dump import DumpSettings, dump
 from leakaudit.errors import NonFiniteError
 from leakaudit.export import load_hardened
 from leakaudit.harden import HardenSettings, harden
-from leakaudit.layers import split_model
 from leakaudit.models import ModelSpec, load_model
 from leakaudit.recipes import CenterLoss, CenterLossConfig
 from leakaudit.registry import RECIPES
+from leakaudit.split import split_model
 from leakaudit.store import open_store
 from leakaudit.train import TrainSettings, train
 

@@ -33,8 +33,9 @@ import pytest
 import torch
 from torch import nn
 
-from leakaudit.layers import OUTPUT, capture, graph_node_names, list_layers, split_model, truncate
+from leakaudit.layers import OUTPUT, capture, graph_node_names, list_layers, truncate
 from leakaudit.models import LeNet5
+from leakaudit.split import split_model
 
 ROWS = 64
 SIZE = 16

@@ -75,7 +75,29 @@ def save_weights(module: nn.Module | Mapping[str, torch.Tensor], path: Path, met
     # loader restores every key strictly anyway.
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     # Serialised in memory, then written by the one atomic writer, whose errors name ``path``.
-    atomic_write_bytes(Path(path), save(tensors, metadata=dict(metadata or {})))
+    atomic_write_bytes(Path(path), canonical_metadata(save(tensors, metadata=dict(metadata or {}))))
+
+
+def canonical_metadata(data: bytes) -> bytes:
+    """``data`` (a serialised safetensors file) with its metadata keys in sorted order.
+
+    safetensors writes the metadata mapping in hash-map order, which varies from call to call,
+    so two saves of the same tensors and metadata could differ in bytes; the same settings must
+    give the same bytes. Only the order inside ``__metadata__`` changes: the header keeps its
+    length (padding included) and every tensor's offsets, so the file reads back the same.
+    """
+    import struct
+
+    (size,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + size]
+    parsed = json.loads(header)
+    if "__metadata__" not in parsed:
+        return data
+    parsed["__metadata__"] = dict(sorted(parsed["__metadata__"].items()))
+    text = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) != len(header.rstrip(b" ")):  # written differently than safetensors does: leave it
+        return data
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]
 
 
 def write_json(path: Path, data: Any) -> None:

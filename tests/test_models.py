@@ -207,3 +207,24 @@ def test_the_model_record_beside_trained_weights_supplies_their_options(tmp_path
         (tmp_path / "parity.json").write_text(text)
         with pytest.raises(CheckpointError, match="shape mismatch"):
             load_model("lenet5", weights=weights)
+
+
+def test_saved_weights_are_the_same_bytes_every_time(tmp_path):
+    """safetensors writes metadata in hash-map order; the tool's writer must not let that vary."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from leakaudit.export import save_weights
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    metadata = {"leakaudit": "harden", "method": "nopeek", "spec": "lenet5"}
+    digests = set()
+    for i in range(24):
+        path = tmp_path / f"w{i}.safetensors"
+        save_weights(state, path, metadata=metadata)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "w0.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+        assert torch.equal(f.get_tensor("w"), state["w"]) and torch.equal(f.get_tensor("b"), state["b"])

@@ -8,12 +8,11 @@ recorded spec and retrained; ``raw_cnn`` is the reference trained on raw X.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from leakaudit.errors import LeakAuditError, UsageError
+from leakaudit.errors import UsageError
 from leakaudit.store import ActivationStore
 
 
@@ -93,31 +92,9 @@ def continuation_head(store: ActivationStore, classes: int, z_example: torch.Ten
     Raises:
         UsageError: the model cannot be rebuilt or split there; the message says why.
     """
-    from leakaudit._io import sha256_file
-    from leakaudit.models import load_model
-    from leakaudit.split import split_model
+    from leakaudit.attacks._provenance import rebuild_split
 
-    attrs = store.attrs
-    spec, layer = attrs.get("model_spec"), attrs.get("layer")
-    if not spec or not layer:
-        raise UsageError("the store records no model spec or layer to rebuild the model from")
-    weights = attrs.get("weights") or None
-    if weights:
-        if not Path(weights).is_file():
-            raise UsageError(f"the checkpoint {weights!r} recorded in the store is not there any more")
-        recorded = attrs.get("checkpoint_sha256") or ""
-        if recorded and sha256_file(weights) != recorded:
-            raise UsageError(f"the checkpoint {weights!r} changed since the dump (its SHA-256 differs from the store's)")
-    options = attrs.get("model_options") or {}
-    if not isinstance(options, dict):
-        raise UsageError("the store's model_options are not a mapping")
-    try:
-        loaded = load_model(str(spec), weights=weights, model_args=options)
-        split = split_model(loaded.module, str(layer))
-    except LeakAuditError as exc:
-        raise UsageError(str(exc).rstrip(".")) from None
-    except Exception as exc:  # noqa: BLE001 - user factories may fail in any way; the head is then skipped
-        raise UsageError(f"rebuilding the model failed ({type(exc).__name__})") from None
+    split = rebuild_split(store)
     head = split.head
     for module in head.modules():
         reset = getattr(module, "reset_parameters", None) if module is not head else None

@@ -92,7 +92,7 @@ def continuation_head(store: ActivationStore, classes: int, z_example: torch.Ten
     Raises:
         UsageError: the model cannot be rebuilt or split there; the message says why.
     """
-    from leakaudit.attacks._provenance import rebuild_split
+    from leakaudit.provenance import rebuild_split
 
     split = rebuild_split(store)
     head = split.head

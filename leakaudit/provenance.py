@@ -1,4 +1,4 @@
-"""The model a store was dumped from, rebuilt from the store's provenance for the attacks that need it.
+"""The model a store was dumped from, rebuilt from the store's provenance (for the plugins that need it).
 
 The continuation head retrains what follows the split; the white-box inversion runs the
 encoder itself; the substitute attack takes the encoder's architecture only. All of them must

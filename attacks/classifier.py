@@ -66,10 +66,13 @@ from leakaudit.glossary import relative
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.threat import Scope, Threat, leaked_pairs
 from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 
 HEADS = ("linear", "mlp", "conv", "continuation")
-HEAD_CHOICES = (*HEADS, "best")
+#: The heads that know nothing of the model (``fresh``): the continuation head knows its architecture.
+FRESH_HEADS = ("linear", "mlp", "conv")
+HEAD_CHOICES = (*HEADS, "best", "fresh")
 RAW_HEADS = ("raw-linear", "raw-cnn")
 
 
@@ -79,7 +82,8 @@ class ClassifierConfig:
 
     Attributes:
         task: the store's task to attack (``--task``).
-        head: ``linear``, ``mlp``, ``conv``, ``continuation`` or ``best`` (all of them).
+        head: ``linear``, ``mlp``, ``conv``, ``continuation``, ``best`` (all of them) or ``fresh``
+            (all but ``continuation``, the one head whose attacker knows the model's architecture).
         raw_reference: also train the task on raw X (needs ``/inputs``) for ``private_accuracy_raw``.
         epochs: the most epochs per head; early stopping usually ends sooner.
         batch_size: rows per step.
@@ -194,7 +198,15 @@ class ClassifierResult:
         data = {"attack": self.attack, **data}
         data["private_accuracy"] = self.accuracy
         data["private_chance"] = self.chance
+        data["threat"] = self.threat.to_dict()
         return data
+
+    @property
+    def threat(self) -> Threat:
+        """The attacker behind the headline: the best head's (the continuation head knows the architecture)."""
+        knows = "architecture" if self.best_head == "continuation" else "nothing"
+        train, val = self.rows["attacker-train"], self.rows["attacker-validation"]
+        return leaked_pairs(f"(Z, {self.task} label)", train, val, knows=knows)
 
     def report_metrics(self) -> dict[str, float]:
         """The numbers the report records; the raw-X one only when a reference ran.
@@ -327,6 +339,17 @@ def _audit_default(tasks: Sequence[str]) -> dict[str, Any]:
     return {"task": "private" if "private" in tasks else tasks[0]}
 
 
+def _threat(config: ClassifierConfig) -> Threat:
+    return Threat("architecture" if config.head in ("best", "continuation") else "nothing", "pairs")
+
+
+def _narrow(config: ClassifierConfig, scope: Scope) -> ClassifierConfig | None:
+    """Within a scope whose attacker knows nothing of the model: the fresh heads only."""
+    if config.head == "best" and scope.allows(Threat("nothing", "pairs")):
+        return dataclasses.replace(config, head="fresh")
+    return None
+
+
 @ATTACKS.register(
     "classifier",
     config=ClassifierConfig,
@@ -338,6 +361,8 @@ def _audit_default(tasks: Sequence[str]) -> dict[str, Any]:
     },
     audit_default=_audit_default,
     html=lambda result: classifier_html(result),
+    threat=_threat,
+    narrow=_narrow,
 )
 def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: Progress | None = None) -> ClassifierResult:
     """Retrain classifiers on Z for a task of the store; report the strongest (Scrunch §3.2).
@@ -374,7 +399,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         z = _Data(*(as_tensor(read_activations(store, r, role)) for r, role in _roles(rows)))
 
     warnings_: list[str] = []
-    names = HEADS if config.head == "best" else (config.head,)
+    names = {"best": HEADS, "fresh": FRESH_HEADS}.get(config.head, (config.head,))
     heads: list[HeadResult] = []
     for name in names:
         torch.manual_seed(seed_for(config.seed, name))  # initialisation of this head
@@ -382,7 +407,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
             model, data = _build_head(name, store, layer_shape, classes, z)
         except UsageError as exc:
             reason = str(exc).rstrip(".")
-            if config.head != "best":
+            if config.head not in ("best", "fresh"):
                 raise UsageError(f"the {name} head cannot be used on {str(store.path)!r}: {reason}.") from None
             heads.append(HeadResult(name=name, input="Z", status="skipped", reason=reason))
             warnings_.append(f"classifier head {name!r} skipped: {reason}.")

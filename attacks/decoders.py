@@ -59,6 +59,7 @@ from leakaudit.errors import DataError, UnknownNameError
 from leakaudit.registry import ATTACKS, Artifact, Needs
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.threat import Threat, leaked_pairs
 from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 
 ARCH_CHOICES = (*ARCHS, "best")
@@ -86,6 +87,10 @@ class DecoderConfig:
         seed: seeds initialisation and minibatch order (results are deterministic per seed).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         precision: ``fp32``, or ``bf16`` to train under bfloat16 autocast (scores stay float32).
+        leaked: the shares of the attacker's pairs it holds, e.g. ``0.01,0.1,1`` (NoPeek's "leaked
+            subset of samples"): the decoders are trained again on that share of attacker-train
+            (and of attacker-validation, to select), nested subsets drawn with ``seed``; the
+            headline is always the attacker holding them all (1, added when missing).
     """
 
     arch: str = "best"
@@ -100,8 +105,10 @@ class DecoderConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    leaked: tuple[float, ...] | str = (1.0,)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "leaked", _fractions(self.leaked))
         if self.arch not in ARCH_CHOICES:
             raise UnknownNameError("decoder", self.arch, ARCH_CHOICES, hint=f"Decoders: {', '.join(ARCH_CHOICES)}.")
         if self.precision not in PRECISIONS:
@@ -114,6 +121,23 @@ class DecoderConfig:
             positive(name, getattr(self, name))
         positive("lr", self.lr)
         positive("weight_decay", self.weight_decay, allow_zero=True)
+
+
+def _fractions(value: tuple[float, ...] | str) -> tuple[float, ...]:
+    """``"0.01,0.1,1"`` or a sequence → sorted unique shares in (0, 1], always with 1."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        shares = {float(item) for item in items if str(item).strip()}
+    except (TypeError, ValueError):
+        raise ValueError(f"leaked: expected shares in (0, 1] such as 0.01,0.1,1, got {value!r}.") from None
+    bad = [f for f in shares if not 0.0 < f <= 1.0]
+    if bad:
+        raise ValueError(f"leaked: every share must be in (0, 1]; got {bad[0]!r}.")
+    return tuple(sorted(shares | {1.0}))
+
+
+#: Fewest pairs a leaked share may leave in a role: fewer cannot fit or select a decoder.
+MIN_LEAKED_ROWS = 8
 
 
 @dataclass
@@ -176,6 +200,8 @@ class DecoderResult:
         reconstructions: the best decoder's test reconstructions, float32 [N, C, H, W].
         ssim_per_image: per decoder (and ``mean-image``), SSIM of each test image.
         mean_image_array: the attacker-train mean image [C, H, W].
+        leaked: with shares below 1 (``leaked``), the curve: one point per share, with the rows
+            it held, the chosen decoder and its test scores.
     """
 
     runs: list[DecoderRun]
@@ -187,6 +213,7 @@ class DecoderResult:
     layer_shape: list[int]
     config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    leaked: list[dict[str, Any]] = field(default_factory=list)
     test_rows: np.ndarray | None = field(default=None, repr=False)
     reconstructions: np.ndarray | None = field(default=None, repr=False)
     ssim_per_image: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -203,7 +230,12 @@ class DecoderResult:
                 is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
                 data[f.name] = dataclasses.asdict(value) if is_record else _plain(value)
         data.update(self.report_metrics())
+        data["threat"] = self.threat.to_dict()
         return data
+
+    @property
+    def threat(self) -> Threat:
+        return leaked_pairs("(X, Z)", self.rows["attacker-train"], self.rows["attacker-validation"])
 
     def report_metrics(self) -> dict[str, float]:
         """The report.json numbers (DESIGN.md names), for the strongest decoder."""
@@ -280,6 +312,7 @@ def _losses(config: DecoderConfig):
     "decoder",
     config=DecoderConfig,
     needs=Needs(inputs=True, task=None),
+    threat=Threat("nothing", "pairs"),
     metrics={
         "ssim_mean": "mean SSIM of the strongest decoder's reconstructions",
         "ssim_p95": "95th-percentile SSIM of the strongest decoder's reconstructions",
@@ -335,11 +368,74 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
 
     mean_image = x_train.mean(dim=0)
     baseline, baseline_ssim = score_images(mean_image.expand_as(x_test), x_test)
-    loss_fn, val_loss_fn, score_fn = _losses(config)
+    trained = _train_decoders(
+        (z_train, x_train), (z_val, x_val), (z_test, x_test), layer_shape, input_shape, config, device, autocast, progress
+    )
+    per_image: dict[str, np.ndarray] = {"mean-image": baseline_ssim.astype(np.float32), **trained.per_image}
+    curve = []
+    if len(config.leaked) > 1:
+        # Nested shares: the attacker holding 1 % holds a subset of the one holding 10 %.
+        generator = np.random.default_rng(seed_for(config.seed, "leaked"))
+        train_order, val_order = generator.permutation(len(z_train)), generator.permutation(len(z_val))
+        for share in config.leaked:
+            if share == 1.0:
+                point, held = trained, (len(z_train), len(z_val))
+            else:
+                held = tuple(max(MIN_LEAKED_ROWS, math.ceil(share * n)) for n in (len(z_train), len(z_val)))
+                if held[0] > len(z_train) or held[1] > len(z_val):
+                    raise DataError(
+                        f"leaked share {share:g} needs at least {MIN_LEAKED_ROWS} attacker-train and attacker-validation "
+                        f"rows; the store has {len(z_train):,} and {len(z_val):,}. Use a larger share or a larger store."
+                    )
+                t, v = np.sort(train_order[: held[0]]), np.sort(val_order[: held[1]])
+                labelled = (lambda what, done, total, share=share: progress(f"{what} ({share:g} leaked)", done, total)) if progress else None
+                point = _train_decoders(
+                    (z_train[t], x_train[t]), (z_val[v], x_val[v]), (z_test, x_test),
+                    layer_shape, input_shape, config, device, autocast, labelled,
+                )  # fmt: skip
+            assert point.best.test is not None
+            curve.append({
+                "share": share,
+                "pairs": {"attacker-train": held[0], "attacker-validation": held[1]},
+                "threat": leaked_pairs("(X, Z)", held[0], held[1], of=f"{share:.0%} of").to_dict(),
+                "best": point.best.arch,
+                **dataclasses.asdict(point.best.test),
+            })  # fmt: skip
+    best = trained.best
+    assert best.test is not None
+    return DecoderResult(
+        runs=trained.runs,
+        best=best.arch,
+        scores=best.test,
+        mean_image=baseline,
+        rows=rows.sizes(),
+        input_shape=list(input_shape),
+        layer_shape=list(layer_shape),
+        config=dataclasses.asdict(config),
+        leaked=curve,
+        test_rows=rows.test,
+        reconstructions=trained.reconstructions.numpy(),
+        ssim_per_image=per_image,
+        mean_image_array=mean_image.numpy(),
+    )
 
+
+@dataclass
+class _Trained:
+    runs: list[DecoderRun]
+    best: DecoderRun
+    reconstructions: torch.Tensor
+    per_image: dict[str, np.ndarray]
+
+
+def _train_decoders(train, val, test, layer_shape, input_shape, config: DecoderConfig, device, autocast, progress) -> _Trained:
+    """Train the configured decoders on ``train`` pairs, select on ``val`` SSIM, score on ``test``."""
+    (z_train, x_train), (z_val, x_val), (z_test, x_test) = train, val, test
+    mean_image = x_train.mean(dim=0)
+    loss_fn, val_loss_fn, score_fn = _losses(config)
     archs = ARCHS if config.arch == "best" else (config.arch,)
     runs: list[DecoderRun] = []
-    per_image: dict[str, np.ndarray] = {"mean-image": baseline_ssim.astype(np.float32)}
+    per_image: dict[str, np.ndarray] = {}
     best_run: DecoderRun | None = None
     best_recon: torch.Tensor | None = None
     best_val = -math.inf  # best_run's val_ssim, once there is one
@@ -386,20 +482,7 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
             best_run, best_recon, best_val = run, recon, fitted.val_score
         del model
     assert best_run is not None and best_run.test is not None and best_recon is not None
-    return DecoderResult(
-        runs=runs,
-        best=best_run.arch,
-        scores=best_run.test,
-        mean_image=baseline,
-        rows=rows.sizes(),
-        input_shape=list(input_shape),
-        layer_shape=list(layer_shape),
-        config=dataclasses.asdict(config),
-        test_rows=rows.test,
-        reconstructions=best_recon.numpy(),
-        ssim_per_image=per_image,
-        mean_image_array=mean_image.numpy(),
-    )
+    return _Trained(runs, best_run, best_recon, per_image)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -103,8 +103,10 @@ def decoder_renderables(result: Any) -> list[Any]:
         _num(m.mse, 4), "", "", "",
     )  # fmt: skip
     table.caption = "* strongest on attacker-validation (val: mean SSIM there) · epochs: run (best) · PSNR in dB"
+    curve = [leaked_renderable(result.leaked)] if result.leaked else []
     return [
         table,
+        *curve,
         Text(
         f"ssim_mean {_num(result.scores.ssim_mean)} · ssim_p95 {_num(result.scores.ssim_p95)} · psnr "
         f"{_num(result.scores.psnr, 2)} ({result.best}) · ssim_p95_mean_image {_num(result.mean_image.ssim_p95)}"
@@ -144,4 +146,43 @@ def decoder_html(decoder: Mapping[str, Any]) -> str:
     uri = png_data_uri(decoder["grid"]) if decoder.get("grid") else None
     if uri:
         block += f"<div class='card'><div class='sub'>originals (top) and reconstructions (bottom), test rows</div><img class='recon' alt='reconstruction grid' src='{uri}'/></div>"
-    return block
+    return block + leaked_html(decoder.get("leaked") or [])
+
+
+def leaked_renderable(curve: list[Mapping[str, Any]]) -> Any:
+    """The terminal table of the decoder's leaked-pairs curve (its ``leaked`` points)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="decoder against the number of leaked pairs")
+    for column in ("share", "pairs (train/val)", "decoder", "SSIM", "p95", "PSNR"):
+        table.add_column(column, justify="left" if column == "decoder" else "right")
+    for point in curve:
+        held = point["pairs"]
+        table.add_row(
+            f"{point['share']:g}", f"{held['attacker-train']:,}/{held['attacker-validation']:,}", str(point["best"]),
+            _num(point["ssim_mean"]), _num(point["ssim_p95"]), _num(point["psnr"], 2),
+        )  # fmt: skip
+    return table
+
+
+def leaked_html(curve: list[Mapping[str, Any]]) -> str:
+    """The HTML report's plot and table of the decoder's leaked-pairs curve."""
+    import math
+
+    from leakaudit.html_report import svg_lines, table
+
+    if not curve:
+        return ""
+    pairs = [int(p["pairs"]["attacker-train"]) for p in curve]
+    plot = svg_lines(
+        [math.log10(n) for n in pairs],
+        {"SSIM mean": [p["ssim_mean"] for p in curve], "SSIM p95": [p["ssim_p95"] for p in curve]},
+        "reconstruction against leaked pairs", "log10 leaked attacker-train pairs",
+    )  # fmt: skip
+    rows = [(f"{p['share']:g}", n, p["best"], p["ssim_mean"], p["ssim_p95"], p["psnr"]) for p, n in zip(curve, pairs)]
+    return (
+        "<h3>Against the number of leaked pairs</h3>"
+        + f"<div class='card'>{plot}</div>"
+        + table(["share", "attacker-train pairs", "decoder", "SSIM mean", "SSIM p95", "PSNR dB"], rows, numeric=(1, 3, 4, 5))
+    )

@@ -16,6 +16,13 @@ an optional baseline and hardening, and the policy::
     baseline: {weights: baseline.safetensors}   # or {report: baseline/report.json}
     harden: {method: center-loss, lambda: 0.9}  # optional: harden, then audit the result
     policy: policy.yaml                    # or an inline {thresholds: ...}
+    threat: {knows: weights, holds: pairs} # optional: the attackers in scope (default: all)
+
+``threat`` bounds the attackers the audit takes into account (:mod:`leakaudit.threat`): at most
+what an attacker ``knows`` of the encoder (``nothing``, ``architecture``, ``weights``) and at
+most what it ``holds`` (``none``, ``unpaired``, ``pairs``). Attacks outside it are left out (or
+narrowed: the classifier without its continuation head when the attacker knows nothing); the
+headline numbers are the strongest in-scope attack's, with the attack named beside them.
 
 A checkpoint that needs unpickling (a pickled module, or weights saved with pickled
 objects) is refused unless the audit file allows it with ``model: {spec: ..., trust_checkpoint:
@@ -40,8 +47,9 @@ from leakaudit.config import from_mapping, load_yaml, positive
 from leakaudit.dump_cache import cache_dir, cached_dump
 from leakaudit.errors import ConfigError, UntrustedCheckpointError
 from leakaudit.models.spec import ModelSpec
-from leakaudit.pipeline import Step, audit_defaults, metric_steps, parse_list
+from leakaudit.pipeline import Step, audit_defaults, metric_steps, parse_list, scoped
 from leakaudit.registry import ATTACKS, METRICS
+from leakaudit.threat import Scope
 
 if TYPE_CHECKING:
     from leakaudit.report import Report
@@ -111,9 +119,11 @@ class AuditConfig:
     policy: Any = None
     cache: str | None = None
     base_dir: Path = Path(".")
+    threat: Scope = Scope()
+    out_of_scope: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-_TOP_KEYS = ("model", "weights", "layer", "data", "tasks", "dump", "attacks", "metrics", "baseline", "harden", "policy", "cache")
+_TOP_KEYS = ("model", "weights", "layer", "data", "tasks", "dump", "attacks", "metrics", "baseline", "harden", "policy", "cache", "threat")
 
 
 def _resolve_path(value: str | None, base: Path) -> str | None:
@@ -180,7 +190,9 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
         str(name): (f"map:{_resolve_path(src[4:], base_dir)}" if src.startswith("map:") else src) for name, src in tasks.items()
     }
     dump = from_mapping(DumpSection, data.get("dump"), "dump")
+    scope = Scope.parse(data.get("threat"), "threat")
     attacks = _parse_attacks(data.get("attacks"), tasks)
+    attacks_in_scope, out_of_scope = scoped(attacks, scope)
     metrics = _parse_metrics(data.get("metrics"))
     baseline = None
     if data.get("baseline") is not None:
@@ -209,9 +221,18 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
     if cache is not None and not isinstance(cache, str):
         raise ConfigError(f"cache: expected a folder name, got {cache!r}.")
     return AuditConfig(
-        model, data["layer"], _resolve_data(data["data"], base_dir), tasks, dump, attacks, metrics,
-        baseline, harden, policy, _resolve_path(cache, base_dir), base_dir,
+        model, data["layer"], _resolve_data(data["data"], base_dir), tasks, dump, tuple(attacks_in_scope), metrics,
+        baseline, harden, policy, _resolve_path(cache, base_dir), base_dir, scope, out_of_scope,
     )  # fmt: skip
+
+
+def with_scope(config: AuditConfig, knows: str | None = None, holds: str | None = None) -> AuditConfig:
+    """``config`` with its threat scope changed (the CLI's ``--knows`` / ``--holds``), attacks re-scoped."""
+    if knows is None and holds is None:
+        return config
+    scope = Scope.parse({"knows": knows or config.threat.knows, "holds": holds or config.threat.holds}, "threat")
+    attacks, left_out = scoped(config.attacks, scope)
+    return dataclasses.replace(config, attacks=tuple(attacks), threat=scope, out_of_scope={**config.out_of_scope, **left_out})
 
 
 def _parse_attacks(items: Any, tasks: Mapping[str, str]) -> tuple[Step, ...]:
@@ -317,6 +338,9 @@ def audit_store(
         report = Report(subject_of(store))
         steps = [*config.attacks, *(config.metrics if config.metrics is not None else metric_steps(None, {}))]
         where = (lambda s: pipeline.audit_artifacts(s, artifacts_dir)) if artifacts_dir is not None else None
+        report.sections["threat_scope"] = config.threat.to_dict()
+        if config.out_of_scope:
+            report.sections["out_of_scope"] = dict(config.out_of_scope)
         pipeline.run(store, steps, report, progress=progress, on_warning=on_warning, artifacts=where)
     return report
 

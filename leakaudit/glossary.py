@@ -44,6 +44,15 @@ DERIVED: tuple[Derived, ...] = (
     Derived("ssim_p95_drop", "drop", "ssim_p95", "ssim_p95", "baseline", "1 − ssim_p95 / ssim_p95 of the baseline"),
 )  # fmt: skip
 
+#: The headline numbers of leakage, larger when more leaks, that several attacks can measure:
+#: a report's value is the strongest in-scope attack's (:meth:`leakaudit.report.Report.headline`).
+HEADLINE: dict[str, str] = {
+    "private_accuracy": "test accuracy of the strongest in-scope attack on Z for the private task (see the report's headline)",
+    "ssim_mean": "mean SSIM of the strongest in-scope reconstruction attack (see the report's headline)",
+    "ssim_p95": "95th-percentile SSIM of the strongest in-scope reconstruction attack (see the report's headline)",
+    "psnr": "PSNR (dB) of the strongest in-scope reconstruction attack (see the report's headline)",
+}
+
 #: Numbers the core itself records (not a plugin): the model's public accuracy as evaluated by
 #: ``harden`` while training, which an audit or a sweep carries into its report.
 CORE: dict[str, str] = {
@@ -55,7 +64,7 @@ def names() -> dict[str, str]:
     """Every number a report can hold, with what it means: core, plugins' and derived ones."""
     from leakaudit.registry import ATTACKS, METRICS
 
-    table = dict(CORE)
+    table = {**CORE, **HEADLINE}
     for registry in (ATTACKS, METRICS):
         for plugin in registry:
             for name, meaning in plugin.metrics.items():

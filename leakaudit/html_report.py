@@ -199,6 +199,15 @@ def _plugin_section(key: str, result: Any) -> str | None:
     return plugin.html(result) if plugin.html is not None else None
 
 
+def _attacker(pick: Mapping[str, Any] | None) -> str:
+    """The attack a headline number came from, and its attacker, for the metrics table."""
+    if not pick:
+        return ""
+    threat = pick.get("threat") or {}
+    name = str(pick.get("attack", "")).partition(":")[2]
+    return html.escape(f"{name} (knows {threat.get('knows')} · holds {threat.get('holds')})")
+
+
 def render(
     report: Mapping[str, Any],
     *,
@@ -249,13 +258,21 @@ def render(
 
     metric_rows = []
     meanings = glossary.names()
+    headline = report.get("headline", {})
     for name in [n for n in meanings if n in metrics] + sorted(set(metrics) - set(meanings)):
         if name not in metrics:
             continue
         base = baseline.get(name)
         delta = None if base is None else metrics[name] - base
-        metric_rows.append((f"<code>{html.escape(name)}</code>", metrics[name], base, delta, meanings.get(name, "")))
-    sections.append("<h2>Metrics</h2>" + table(["metric", "value", "baseline", "change", "meaning"], metric_rows, numeric=(1, 2, 3)))
+        metric_rows.append((f"<code>{html.escape(name)}</code>", metrics[name], base, delta, _attacker(headline.get(name)), meanings.get(name, "")))
+    header = ["metric", "value", "baseline", "change", "attack (attacker)", "meaning"]
+    block = "<h2>Metrics</h2>" + table(header, metric_rows, numeric=(1, 2, 3))
+    scope = report.get("threat_scope")
+    if scope:
+        block += f"<p class='sub'>threat scope: attackers that know at most {html.escape(str(scope.get('knows')))} and hold at most {html.escape(str(scope.get('holds')))}</p>"
+    for name, reason in (report.get("out_of_scope") or {}).items():
+        block += f"<p class='sub'>left out: attack <code>{html.escape(name)}</code> — {html.escape(reason)}</p>"
+    sections.append(block)
 
     comparison = report.get("comparison")
     if comparison:

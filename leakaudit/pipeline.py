@@ -20,6 +20,7 @@ from leakaudit.errors import ConfigError, DataError, UsageError
 from leakaudit.registry import ATTACKS, METRICS, Plugin, Registry
 from leakaudit.report import Report, load_report, subject_of
 from leakaudit.store import ActivationStore, open_store
+from leakaudit.threat import Scope
 
 Progress = Callable[[str, float, "float | None"], None]
 Warn = Callable[[str], None]
@@ -68,9 +69,13 @@ def parse_list(registry: Registry, items: Any, where: str) -> list[Step]:
 
 
 def audit_defaults(registry: Registry, tasks: Sequence[str]) -> list[Step]:
-    """What an audit runs of ``registry`` when its file lists none: each plugin's ``audit_default``."""
+    """What an audit runs of ``registry`` when its file lists none: each plugin's ``audit_default``.
+
+    Not ``explicit``: a default the store cannot serve, or outside the audit's threat scope, is
+    left out with the reason rather than failing the audit.
+    """
     return [
-        Step(p, p.configure(p.audit_default(list(tasks)), p.name))
+        Step(p, p.configure(p.audit_default(list(tasks)), p.name), explicit=False)
         for p in registry
         if p.audit_default is not None
     ]
@@ -118,6 +123,30 @@ def applies(step: Step, store: ActivationStore) -> str | None:
     if step.plugin.check is not None:
         return step.plugin.check(store, step.config)
     return None
+
+
+def scoped(steps: Sequence[Step], scope: Scope) -> tuple[list[Step], dict[str, str]]:
+    """The ``steps`` an audit with threat ``scope`` runs, and those it leaves out with why.
+
+    An attack whose attacker is outside the scope is narrowed to a config within it where its
+    plugin offers one (``narrow``), else left out; one the user named (``explicit``) is an error.
+    """
+    kept: list[Step] = []
+    left_out: dict[str, str] = {}
+    for s in steps:
+        threat = s.plugin.threat_for(s.config)
+        reason = scope.why_not(threat) if threat is not None else None
+        if reason is None:
+            kept.append(s)
+            continue
+        narrowed = s.plugin.narrow(s.config, scope) if s.plugin.narrow is not None else None
+        if narrowed is not None and scope.allows(s.plugin.threat_for(narrowed)):
+            kept.append(Step(s.plugin, narrowed, s.explicit))
+        elif s.explicit:
+            raise ConfigError(f"{s.plugin.family} {s.plugin.name!r} is outside the threat scope: {reason}. Remove it or widen the scope.")
+        else:
+            left_out[s.plugin.name] = reason
+    return kept, left_out
 
 
 def run_step(step: Step, store: ActivationStore, progress: Progress | None = None, *, baseline: ActivationStore | None = None) -> Any:

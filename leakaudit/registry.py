@@ -19,7 +19,12 @@ The core never looks behind a plugin's name. What it needs to run one is declare
 * ``audit_default`` — whether (and with which settings) an audit runs it when the audit file
   lists none;
 * ``html`` — its section of the HTML report, rendered from its result's JSON form (optional:
-  every plugin's numbers appear in the report's metrics table regardless).
+  every plugin's numbers appear in the report's metrics table regardless);
+* ``threat`` — for an attack, the attacker it plays (:class:`leakaudit.threat.Threat`: what it
+  knows of the encoder and what data it holds), or a function of its config giving it; an audit
+  skips attacks outside its threat scope, or first asks ``narrow(config, scope)`` for a config
+  within it (``None``: there is none). Its result's JSON form carries the same ``threat``, with
+  the rows it held.
 
 An attack or metric is called as ``target(store, config, progress)`` (``baseline=`` too when it
 needs one) and returns a result with ``to_dict()`` (its JSON form, whose ``config`` or
@@ -85,6 +90,12 @@ class Plugin:
     audit_default: Callable[[Sequence[str]], Mapping[str, Any]] | None = None
     check: Callable[[Any, Any], str | None] | None = None
     html: Callable[[Mapping[str, Any]], str] | None = None
+    threat: Any = None
+    narrow: Callable[[Any, Any], Any] | None = None
+
+    def threat_for(self, config: Any) -> Any:
+        """The :class:`~leakaudit.threat.Threat` this plugin plays with ``config`` (``None`` for metrics)."""
+        return self.threat(config) if callable(self.threat) else self.threat
 
     def configure(self, settings: Mapping[str, Any] | None = None, where: str = "") -> Any:
         """The plugin's config from ``settings`` (unknown keys refused, YAML path in errors)."""
@@ -123,6 +134,8 @@ class Registry:
         audit_default: Callable[[Sequence[str]], Mapping[str, Any]] | None = None,
         check: Callable[[Any, Any], str | None] | None = None,
         html: Callable[[Mapping[str, Any]], str] | None = None,
+        threat: Any = None,
+        narrow: Callable[[Any, Any], Any] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``target`` under ``name`` (kebab-case, as the CLI spells it).
 
@@ -139,7 +152,7 @@ class Registry:
             doc = (target.__doc__ or "").strip().splitlines()
             self._plugins[name] = Plugin(
                 self.family, name, target, config, doc[0] if doc else "", needs, dict(metrics or {}),
-                dict(artifacts or {}), tuple(comparable), audit_default, check, html,
+                dict(artifacts or {}), tuple(comparable), audit_default, check, html, threat, narrow,
             )  # fmt: skip
             return target
 

@@ -8,10 +8,15 @@ Layout (schema ``leakaudit.report`` version 1)::
       "subject": {store path, model spec, layer, data spec, checkpoint SHA-256, rows},
       "metrics": {"private_accuracy": 0.93, "dcor": 0.71, ...},   # flat: name → number
       "results": {"attack:classifier": {...}, "metric:dcor": {...}},  # full typed results
-      "baseline": {"subject": {...}, "metrics": {...}}               # optional
+      "baseline": {"subject": {...}, "metrics": {...}},              # optional
+      "headline": {"ssim_p95": {"value": 0.41, "attack": "attack:inversion", "threat": {...}}},
+      "threat_scope": {"knows": "weights", "holds": "pairs"}         # optional: an audit's scope
     }
 
 ``metrics`` is what gates and reports read; ``results`` keeps each plugin's full output.
+A headline number (``private_accuracy``, ``ssim_mean``, ``ssim_p95``, ``psnr``) that several
+attacks measure is the strongest in-scope attack's; ``headline`` says which attack, playing
+which attacker (:mod:`leakaudit.threat`), it came from.
 Every command that produces numbers builds a :class:`Report` (merging into the store's
 existing report where there is one) and writes it once. The names are those of
 :mod:`leakaudit.glossary`.
@@ -30,6 +35,7 @@ from typing import Any
 from leakaudit import __version__
 from leakaudit._io import atomic_write_text
 from leakaudit.errors import ConfigError, UsageError
+from leakaudit.threat import Scope, result_threat
 
 REPORT_SCHEMA = "leakaudit.report"
 REPORT_SCHEMA_VERSION = 1
@@ -140,7 +146,7 @@ def check_mergeable(path: str | Path, subject: Mapping[str, Any]) -> dict[str, A
     )
 
 
-_TOP = ("schema", "schema_version", "tool_version", "updated", "subject", "metrics", "results", "baseline")
+_TOP = ("schema", "schema_version", "tool_version", "updated", "subject", "metrics", "results", "baseline", "headline")
 
 
 @dataclass
@@ -166,15 +172,51 @@ class Report:
         from leakaudit.glossary import derive
 
         table = dict(self.measured)
-        table.update(derive(self.measured, (self.baseline or {}).get("metrics")))
+        for name, pick in self.headline().items():
+            numbers = self.results[pick["attack"]]["report_metrics"]
+            table[name] = pick["value"]
+            if f"{name}_ci95" in numbers:
+                table[f"{name}_ci95"] = numbers[f"{name}_ci95"]
+        table.update(derive(table, (self.baseline or {}).get("metrics")))
         for name, value in self.carried.items():
             table.setdefault(name, value)
         return table
 
     def add(self, key: str, result: Any, **extra: Any) -> None:
         """Record a plugin's result under ``key`` (``attack:NAME``, ``metric:NAME``), replacing an earlier one."""
+        numbers = result.report_metrics()
         self.results[key] = {**result.to_dict(), **extra}
-        self.measure(result.report_metrics())
+        if "threat" in self.results[key]:  # an attack: a candidate for the headline numbers
+            self.results[key]["report_metrics"] = {k: v for k, v in numbers.items() if v is not None}
+        self.measure(numbers)
+
+    @property
+    def scope(self) -> Scope:
+        """The threat scope the report's headline numbers cover (every attacker unless an audit bounded it)."""
+        return Scope.parse(self.sections.get("threat_scope"), "threat_scope")
+
+    def headline(self) -> dict[str, dict[str, Any]]:
+        """Each headline number (:data:`leakaudit.glossary.HEADLINE`) as the strongest in-scope attack measured it.
+
+        ``{name: {"value", "attack" (its result key), "threat"}}``, for the names some attack that
+        declares its threat reported; the others keep the value last measured. Ties go to the
+        first attack in key order, so the choice does not depend on the order attacks ran in.
+        """
+        from leakaudit.glossary import HEADLINE
+
+        scope = self.scope
+        picks: dict[str, dict[str, Any]] = {}
+        for key in sorted(self.results):
+            result = self.results[key]
+            threat = result_threat(result)
+            numbers = result.get("report_metrics")
+            if threat is None or not isinstance(numbers, Mapping) or not scope.allows(threat):
+                continue
+            for name in HEADLINE:
+                value = numbers.get(name)
+                if isinstance(value, (int, float)) and (name not in picks or value > picks[name]["value"]):
+                    picks[name] = {"value": float(value), "attack": key, "threat": threat.to_dict()}
+        return picks
 
     def measure(self, numbers: Mapping[str, float | None]) -> None:
         for name, value in numbers.items():
@@ -199,6 +241,9 @@ class Report:
             "metrics": self.metrics,
             "results": dict(self.results),
         }
+        headline = self.headline()
+        if headline:
+            data["headline"] = headline
         if self.baseline is not None:
             data["baseline"] = self.baseline
         data.update(self.sections)

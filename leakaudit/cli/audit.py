@@ -15,33 +15,43 @@ def audit(
     audit_file: Annotated[Path, typer.Argument(metavar="AUDIT.yaml", help="The audit: model, layer, data, tasks, attacks, metrics, baseline, policy.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: AUDIT-out beside the current directory).")] = None,
     force: ForceOpt = False,
+    knows: Annotated[Optional[str], typer.Option("--knows", help="Threat scope: the most an attacker knows of the encoder: nothing, architecture or weights (default: the file's threat, else weights).", show_default=False)] = None,
+    holds: Annotated[Optional[str], typer.Option("--holds", help="Threat scope: the most data an attacker holds: none, unpaired or pairs (default: the file's threat, else pairs).", show_default=False)] = None,
 ) -> None:
     """Run the whole audit of AUDIT.yaml; write report.json, report.html and the verdict.
 
-    Exits 1 when the audit's policy fails, like `leakaudit gate`.
+    Exits 1 when the audit's policy fails, like `leakaudit gate`. The headline numbers
+    (private_accuracy, ssim_mean, ssim_p95, psnr) are the strongest in-scope attack's; the
+    table names the attack and its attacker beside each.
     """
     from rich.table import Table
 
-    from leakaudit.audit import load_audit, run_audit
+    from leakaudit.audit import load_audit, run_audit, with_scope
     from leakaudit.glossary import names
+    from leakaudit.threat import Threat
 
-    config = load_audit(audit_file)
+    config = with_scope(load_audit(audit_file), knows, holds)
     output = output or Path(f"{audit_file.stem}-out")
     with LazyProgress() as bar:
         result = run_audit(config, output, force=force, progress=bar.update, on_warning=warn)
     table = Table(title=f"leakaudit audit — {config.model.spec} at {config.layer}")
-    for column in ("metric", "value", "baseline", "meaning"):
+    for column in ("metric", "value", "baseline", "attack (attacker)", "meaning"):
         table.add_column(column)
     import json
 
     report = json.loads(result.report.read_text())
     baseline = (report.get("baseline") or {}).get("metrics", {})
     meanings = names()
+    headline = report.get("headline", {})
     for name, value in report["metrics"].items():
         base = baseline.get(name)
-        table.add_row(name, f"{value:.4g}", "" if base is None else f"{base:.4g}", meanings.get(name, ""))
+        pick = headline.get(name)
+        source = f"{pick['attack'].partition(':')[2]} ({Threat.from_dict(pick['threat']).label()})" if pick else ""
+        table.add_row(name, f"{value:.4g}", "" if base is None else f"{base:.4g}", source, meanings.get(name, ""))
     out = console()
     out.print(table)
+    for name, reason in report.get("out_of_scope", {}).items():
+        out.print(f"left out: attack {name} — {reason}", highlight=False)
     reused = ", ".join(f"{k} {'reused' if v else 'dumped'}" for k, v in result.reused.items())
     out.print(f"stores: {reused}; wrote {result.report} and {result.html}", highlight=False)
     if result.verdict is not None:

@@ -106,7 +106,7 @@ def test_classifier_and_decoder_results_declare_their_attacker(cli, small_digits
 
 def test_decoder_leaked_shares_give_a_nested_curve(cli, small_digits_store, tmp_path):
     report_path = tmp_path / "r.json"
-    args = ("attack", small_digits_store, "--decoder", "upsample", "--set", "epochs=2", "--set", "leaked=0.1,0.5", "--report", report_path)
+    args = ("attack", small_digits_store, "--decoder", "upsample", "--set", "epochs=2", "--leaked", "0.1,0.5", "--report", report_path)
     result = cli(*args)
     assert result.exit_code == 0, result.output
     decoder = json.loads(report_path.read_text())["results"]["attack:decoder"]

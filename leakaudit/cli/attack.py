@@ -67,6 +67,7 @@ def attack(
     decoder: Annotated[Optional[str], typer.Option("--decoder", metavar="[upsample|alexnet|resnet|best]", help="Shorthand for --attack decoder --set arch=ARCH: reconstruct X from Z; alone it means best (all three decoders).", show_default=False)] = None,
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="Classifier: the store's task to attack.  [default: private]", show_default=False)] = None,
     head: Annotated[Optional[str], typer.Option("--head", help="Classifier head: linear, mlp, conv, continuation, best (all) or fresh (all but continuation).  [default: best]", show_default=False)] = None,
+    leaked: Annotated[Optional[str], typer.Option("--leaked", metavar="SHARES", help="Decoder: also train on these shares of the attacker's pairs, e.g. 0.01,0.1,1: SSIM/PSNR against the number of leaked pairs.", show_default=False)] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help="Decoder loss: mse or mse+ssim.  [default: mse]", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Most epochs per model; early stopping on attacker-validation usually ends sooner.  [default: 200 classifier, 100 decoder]", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Rows per training step.  [default: 128 classifier, 64 decoder]", show_default=False)] = None,
@@ -93,7 +94,7 @@ def attack(
         raise UsageError("give exactly one of --attack NAME, --classifier and --decoder [ARCH].")
     name = str(chosen[0])
     plugin = ATTACKS.get(name)
-    shorthands = {"--task": ("task", task), "--head": ("head", head), "--loss": ("loss", loss), "--epochs": ("epochs", epochs),
+    shorthands = {"--task": ("task", task), "--head": ("head", head), "--loss": ("loss", loss), "--leaked": ("leaked", leaked), "--epochs": ("epochs", epochs),
                   "--batch-size": ("batch_size", batch_size), "--lr": ("lr", lr), "--patience": ("patience", patience),
                   "--device": ("device", device), "--seed": ("seed", seed), "--precision": ("precision", precision)}  # fmt: skip
     wanted: dict[str, Path] = {}

@@ -12,14 +12,8 @@ from PIL import Image
 from skimage.metrics import structural_similarity as skimage_ssim
 
 from leakaudit.attacks import DecoderConfig, run_decoder
-from leakaudit.attacks.decoders import (
-    ARCHS,
-    build_decoder,
-    geometry,
-    image_grid,
-    save_grid,
-    save_reconstructions,
-)
+from leakaudit.attacks.decoders import ARCHS, build_decoder, geometry
+from leakaudit.attacks.reconstructions import image_grid, save_grid, save_reconstructions
 from leakaudit.config import from_mapping
 from leakaudit.errors import ConfigError, DataError, StoreError, UnknownNameError
 from leakaudit.registry import ATTACKS

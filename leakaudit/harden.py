@@ -366,7 +366,23 @@ def harden(
         from leakaudit.sweep import retarget_stores
 
         retarget_stores(output, table, stage_name)
+    if is_main:
+        _retarget_sent(output, results, stage_name)
     return result
+
+
+def _retarget_sent(output: Path, runs: list[RunResult], stage_name: str) -> None:
+    """Point the ``--record-sent`` stores' weights from the staging folder at ``output``, where they now lie.
+
+    The attacks that rebuild the model from a store's provenance (the continuation head,
+    :func:`leakaudit.provenance.rebuild_split`) must find the weights after the swap.
+    """
+    from leakaudit.staging import Stage
+
+    stage = Stage(output, output.with_name(stage_name))
+    for run in runs:
+        for name in (run.sent or {}).values():
+            stage.rebase_store(run.folder / name)
 
 
 @contextlib.contextmanager

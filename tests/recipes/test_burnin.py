@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from leakaudit._io import sha256_file
 from leakaudit.cli import app
+from leakaudit.provenance import rebuild_split
 from leakaudit.store import open_store
 
 COMMON = [
@@ -53,6 +56,22 @@ def test_recorded_stores_verify_and_match_the_dumped_model(burnin_run):
             assert z.shape[0] == 240 and np.isfinite(z).all()
     with open_store(out / sent["epoch-0"]) as first, open_store(out / sent["end"]) as last:
         assert not np.allclose(first.activations(), last.activations())  # an epoch of training moved the encoder
+
+
+def test_recorded_stores_name_weights_that_exist_after_the_swap(burnin_run):
+    out, record = burnin_run
+    for name in record["runs"][0]["sent"].values():
+        with open_store(out / name, verify="all") as store:  # the re-sealed attributes still verify
+            weights = Path(store.attrs["weights"])
+            assert weights.parent == (out / name).parent  # not the staging folder, which is gone
+            assert weights.is_file()
+            assert sha256_file(weights) == store.attrs["checkpoint_sha256"]
+            split = rebuild_split(store)  # what the continuation head and white-box attacks do
+            rows = store.rows("test")[:8]
+            x = torch.from_numpy(store.inputs(rows)).float()
+            with torch.no_grad():
+                z = split.encoder(x).flatten(1).numpy()
+            np.testing.assert_allclose(z, store.activations(rows).reshape(len(rows), -1), rtol=1e-4, atol=1e-5)
 
 
 def test_recording_does_not_change_the_training_run(burnin_run, tmp_path):

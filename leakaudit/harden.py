@@ -126,9 +126,13 @@ class HardenSettings:
     lr: float | None = None
     patience: int = 5
     force: bool = False
+    #: epochs after which the activations the server receives are written as stores (0: before training).
+    record_sent: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_fit_settings(self)
+        if any(e < 0 or e > self.epochs for e in self.record_sent):
+            raise ConfigError(f"--record-sent epochs must lie in 0..{self.epochs} (--epochs), got {list(self.record_sent)}.")
         if self.attack_epochs is not None and self.attack_epochs <= 0:
             raise ConfigError(f"--attack-epochs must be positive, got {self.attack_epochs}.")
 
@@ -193,6 +197,8 @@ class RunResult:
     files: dict[str, str]
     seconds: float
     privacy: dict[str, Any] | None = None
+    burn_in: dict[str, Any] | None = None
+    sent: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +214,8 @@ class RunResult:
             "seconds": round(self.seconds, 3),
             "history": [h.to_dict() for h in self.history],
             **({"privacy": self.privacy} if self.privacy is not None else {}),
+            **({"burn_in": self.burn_in} if self.burn_in is not None else {}),
+            **({"sent": self.sent} if self.sent is not None else {}),
         }
 
 
@@ -266,6 +274,8 @@ def harden(
     started = time.perf_counter()
     plugin, runs = recipe_configs(settings)
     output = Path(settings.output)
+    if settings.record_sent and distributed.world_size_from_env() > 1:
+        raise UsageError("--record-sent does not run under torchrun; run it in one process.")
     if settings.evaluates and distributed.world_size_from_env() > 1:
         raise UsageError(
             "the privacy evaluation (--sweep, --evaluate) does not run under torchrun; pass --no-evaluate, "
@@ -356,7 +366,23 @@ def harden(
         from leakaudit.sweep import retarget_stores
 
         retarget_stores(output, table, stage_name)
+    if is_main:
+        _retarget_sent(output, results, stage_name)
     return result
+
+
+def _retarget_sent(output: Path, runs: list[RunResult], stage_name: str) -> None:
+    """Point the ``--record-sent`` stores' weights from the staging folder at ``output``, where they now lie.
+
+    The attacks that rebuild the model from a store's provenance (the continuation head,
+    :func:`leakaudit.provenance.rebuild_split`) must find the weights after the swap.
+    """
+    from leakaudit.staging import Stage
+
+    stage = Stage(output, output.with_name(stage_name))
+    for run in runs:
+        for name in (run.sent or {}).values():
+            stage.rebase_store(run.folder / name)
 
 
 @contextlib.contextmanager
@@ -391,6 +417,19 @@ def _run_one(
     objective: Objective = plugin.target(config, context)
     lr = settings.lr if settings.lr is not None else objective.default_lr
     description = f"{settings.method} {label}".strip()
+    if settings.record_sent and not objective.trains_model:
+        raise UsageError(f"--record-sent records a trained encoder; {settings.method} does not train the model.")
+    # A recipe may fit the model on the client alone before training (NoPeek's burn-in).
+    before_training = getattr(objective, "before_training", None)
+    burn_in = before_training(model, data, device, settings.batch_size, settings.seed) if before_training else None
+    sent: dict[str, str] = {}
+
+    def epoch_done(stats: EpochStats) -> None:
+        if stats.epoch in settings.record_sent:
+            sent[f"epoch-{stats.epoch}"] = _record_sent(settings, loaded, model, layer, data, folder, f"epoch-{stats.epoch}")
+        if on_epoch is not None:
+            on_epoch(label, stats)
+
     outcome = fit(
         model,
         objective,
@@ -403,7 +442,7 @@ def _run_one(
         generator=generator,
         progress=progress,
         description=description,
-        on_epoch=(lambda stats: on_epoch(label, stats)) if on_epoch is not None else None,
+        on_epoch=epoch_done,
         group=group,
     )
     record = model_record(
@@ -436,6 +475,8 @@ def _run_one(
     # (under torchrun each rank draws for its own rows: seed + rank).
     torch.manual_seed(settings.seed + (group.rank if group is not None else 0))
     test = evaluate(model, objective, data, data.rows(ROLE_TEST), batch_size=settings.batch_size, device=device, group=group)
+    if settings.record_sent:
+        sent["end"] = _record_sent(settings, loaded, model, layer, data, folder, "end")
     files = {"model.safetensors": "model.safetensors", "model.json": "model.json"}
     with distributed.agreed(group):
         if is_main:
@@ -452,7 +493,40 @@ def _run_one(
         lr=lr,
         files=files,
         seconds=time.perf_counter() - started,
+        burn_in=burn_in,
+        sent=sent or None,
     )
+
+
+def _record_sent(settings: HardenSettings, loaded, model: torch.nn.Module, layer: str, data: PreparedData,
+                 folder: Path, name: str) -> str:
+    """Dump what the encoder would send now into ``folder/sent/NAME.h5``, as ``leakaudit dump`` writes stores.
+
+    The model's current weights go to ``sent/NAME.safetensors`` (the store's provenance names
+    them); torch's random state is put back, so recording does not change the training run.
+    """
+    from leakaudit.dump import DumpSettings, dump
+
+    sent = folder / "sent"
+    sent.mkdir(exist_ok=True)
+    weights = sent / f"{name}.safetensors"
+    save_weights(model, weights, metadata={"leakaudit": "harden --record-sent", "method": settings.method})
+    spec = ModelSpec.from_options(settings.model.spec, loaded.options, weights=str(weights),
+                                  trust_checkpoint=settings.model.trust_checkpoint)
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        dump(DumpSettings(
+            spec, layer, data=settings.data, output=sent / f"{name}.h5", tasks=tuple(settings.tasks),
+            input_size=data.prep.input_size, normalize=settings.normalize, split=settings.split, seed=settings.seed,
+            device=settings.device, limit=settings.limit, memory_format="contiguous",
+            threads=torch.get_num_threads(), workers=1, force=True,
+        ))
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+    return f"sent/{name}.h5"
 
 
 def _write_run(
@@ -536,4 +610,5 @@ def _settings_dict(settings: HardenSettings, loaded, data: PreparedData, layer: 
         "lr": settings.lr,
         "patience": settings.patience,
         "limit": settings.limit,
+        "record_sent": list(settings.record_sent),
     }

@@ -61,6 +61,19 @@ def parse_sweep(text: str | None) -> tuple[str, tuple[float, ...]] | None:
     return name.strip(), numbers
 
 
+def parse_epochs(text: str | None) -> tuple[int, ...]:
+    """``1,2,5`` → (1, 2, 5)."""
+    if text is None:
+        return ()
+    try:
+        epochs = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        epochs = ()
+    if not epochs:
+        raise ConfigError(f"--record-sent expects epochs E1,E2,... (e.g. 1,2,5), got {text!r}.")
+    return epochs
+
+
 def harden(
     model: ModelArg,
     layer: Annotated[str, typer.Option("--layer", "-l", help="Split layer (a module name; see `leakaudit layers MODEL`).", show_default=False)],
@@ -96,6 +109,8 @@ def harden(
     patience: PatienceOpt = 5,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    burn_in: Annotated[Optional[int], typer.Option("--burn-in", help="nopeek: fit the encoder on the client alone for STEPS steps to decorrelated targets before training (the paper's burn-in).")] = None,
+    record_sent: Annotated[Optional[str], typer.Option("--record-sent", help="Epochs (e.g. 1,2,5; 0 = before training) after which the activations the server receives are written as stores in OUTDIR/sent/, plus the end.")] = None,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
     trust_checkpoint: TrustOpt = False,
@@ -109,7 +124,7 @@ def harden(
 
     options: dict[str, Any] = parse_key_values(option, "--option")
     for name, value in (("lambda", lambda_), ("center_alpha", center_alpha), ("center_dim", center_dim),
-                        ("center_scale", center_scale), ("alpha", alpha), ("against", against)):
+                        ("center_scale", center_scale), ("alpha", alpha), ("against", against), ("burn_in", burn_in)):
         if value is not None:
             options[name] = value
     settings = HardenSettings(
@@ -138,6 +153,7 @@ def harden(
         lr=lr,
         patience=patience,
         force=force,
+        record_sent=parse_epochs(record_sent),
     )
     check_outputs_before_training(output, json_out, force)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the group

@@ -24,6 +24,7 @@ def audit(
 
     from leakaudit.audit import load_audit, run_audit
     from leakaudit.glossary import names
+    from leakaudit.intervals import format_interval, interval_name, is_interval_name
 
     config = load_audit(audit_file)
     output = output or Path(f"{audit_file.stem}-out")
@@ -37,9 +38,13 @@ def audit(
     report = json.loads(result.report.read_text())
     baseline = (report.get("baseline") or {}).get("metrics", {})
     meanings = names()
-    for name, value in report["metrics"].items():
+    metrics = report["metrics"]
+    for name, value in metrics.items():
+        if is_interval_name(name):
+            continue  # shown beside its number
         base = baseline.get(name)
-        table.add_row(name, f"{value:.4g}", "" if base is None else f"{base:.4g}", meanings.get(name, ""))
+        shown = f"{value:.4g} {format_interval(metrics[interval_name(name)], '.4g')}" if interval_name(name) in metrics else f"{value:.4g}"
+        table.add_row(name, shown, "" if base is None else f"{base:.4g}", meanings.get(name, ""))
     out = console()
     out.print(table)
     reused = ", ".join(f"{k} {'reused' if v else 'dumped'}" for k, v in result.reused.items())

@@ -144,19 +144,31 @@ def percentile_interval(values: Any, q: float, **options: Any) -> Interval | Non
     return bootstrap_interval(percentile, [np.asarray(values)], **options)
 
 
+def balanced_accuracy(correct: np.ndarray, codes: np.ndarray, classes: int, axis: int = -1) -> np.ndarray:
+    """Mean recall over the classes present, along ``axis`` of per-row correctness and class codes 0..K−1.
+
+    Hits and rows per (resample, class) come from two bincounts over the whole batch of
+    resamples, not a pass per class.
+    """
+    c, y = np.moveaxis(np.asarray(correct, dtype=np.float64), axis, -1), np.moveaxis(np.asarray(codes), axis, -1)
+    lead = c.shape[:-1]
+    count = int(np.prod(lead))
+    bins = (y.astype(np.int64) + classes * np.arange(count, dtype=np.int64).reshape(*lead, 1)).ravel()
+    hits = np.bincount(bins, weights=c.ravel(), minlength=count * classes).reshape(*lead, classes)
+    rows = np.bincount(bins, minlength=count * classes).reshape(*lead, classes)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(hits / rows, axis=-1)  # a class absent from a resample is NaN there, and skipped
+
+
 def balanced_accuracy_interval(correct: Any, labels: Any, **options: Any) -> Interval | None:
     """The interval of the balanced accuracy: mean recall over the classes present in a resample."""
-    labels = np.asarray(labels).reshape(-1)
-    classes = np.unique(labels)
+    _, codes = np.unique(np.asarray(labels).reshape(-1), return_inverse=True)  # classes as 0..K−1
+    classes = int(codes.max()) + 1 if codes.size else 0
 
-    def balanced(c: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-        recalls = []
-        for k in classes:
-            member = y == k
-            recalls.append(np.sum(c * member, axis=axis) / np.sum(member, axis=axis))  # NaN where k is absent
-        return np.nanmean(np.stack(recalls), axis=0)
+    def statistic(c: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return balanced_accuracy(c, y, classes, axis=axis)
 
-    return bootstrap_interval(balanced, [np.asarray(correct, dtype=np.float64), labels], **options)
+    return bootstrap_interval(statistic, [np.asarray(correct, dtype=np.float64), codes.astype(np.float64)], **options)
 
 
 def drop_interval(correct: Any, reference_correct: Any, **options: Any) -> Interval | None:

@@ -72,6 +72,22 @@ def test_accuracy_interval_agrees_with_wilson_and_the_mean_with_student_t():
     assert bca == pytest.approx(list(t), abs=0.03)
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # the resample without class 1
+def test_vectorised_balanced_accuracy_matches_scikit_learn_on_each_resample():
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, 120)
+    labels[labels == 3] = 2  # class 3 never occurs: codes 0..2 over the labels present
+    pred = np.where(rng.random(120) < 0.7, labels, rng.integers(0, 4, 120))
+    idx = rng.integers(0, 120, (5, 120))
+    idx[0] = np.flatnonzero(labels != 1)[rng.integers(0, np.sum(labels != 1), 120)]  # a resample without class 1
+    _, codes = np.unique(labels, return_inverse=True)
+    got = intervals.balanced_accuracy((pred == labels)[idx], codes[idx], 3)
+    for row, value in zip(idx, got):
+        assert value == pytest.approx(balanced_accuracy_score(labels[row], pred[row]))
+
+
 def test_balanced_accuracy_and_drop_reduce_to_what_they_are_defined_as():
     rng = np.random.default_rng(3)
     correct = rng.random(300) < 0.8

@@ -40,12 +40,16 @@ def gate(
         write_json(verdict.to_dict(), json_out)
     if json_out != "-":
         table = Table(title="leakaudit gate — " + ("[green]passed[/green]" if verdict.passed else "[red]failed[/red]"))
-        # The threshold names the end of the interval it judged (``lower95 ≥ 0.15``).
-        for column in ("metric", "value", "95 % interval", "threshold", "verdict"):
-            table.add_column(column, no_wrap=column in ("metric", "95 % interval"))
+        # The threshold names the end of the interval it judged (``lower95 ≥ 0.15``); the interval
+        # column is there when some threshold judges one.
+        intervals = any(c.use != "point" for c in verdict.checks)
+        columns = ("metric", "value", *(("95 % interval",) if intervals else ()), "threshold", "verdict")
+        for column in columns:
+            table.add_column(column, no_wrap=column in ("metric", "value", "95 % interval"))
         for c in verdict.checks:
             mark = "[green]pass[/green]" if c.passed else f"[red]fail[/red] ({c.reason})"
-            table.add_row(c.metric, c.shown(), c.shown_interval(), c.threshold, mark)
+            cells = (c.metric, c.shown(), *((c.shown_interval(),) if intervals else ()), c.threshold, mark)
+            table.add_row(*cells)
         console().print(table)
     if not verdict.passed:
         raise typer.Exit(EXIT_GATE_FAILED)

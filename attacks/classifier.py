@@ -22,6 +22,12 @@ these is ``private_accuracy_raw``, the reference that ``private_accuracy_drop`` 
 1 − private_accuracy / private_accuracy_raw is normalised by. ``private_chance`` is the
 accuracy of always predicting the most frequent attacker-train class.
 
+Every accuracy comes with a 95 % interval (``<name>_ci95``), a bootstrap over the test rows
+(:mod:`leakaudit.intervals`) with the trained heads held fixed. The drops have one too,
+``private_accuracy_drop_ci95``: each resample scores the attack and its raw-X reference on
+the same rows, so the interval keeps what the two share (rows hard for both) — the ratio of
+two separate intervals would not be a 95 % interval of the drop.
+
 An attack that scores below chance has not learnt the task (a constant guess beats it), so
 its low accuracy and high drop say nothing about privacy; the result then carries a warning
 saying so, which the command line and the HTML report show. A reference on raw X below
@@ -62,7 +68,8 @@ from leakaudit.attacks.display import classifier_html
 from leakaudit.config import positive
 from leakaudit.data import check_task_roles
 from leakaudit.errors import UnknownNameError, UsageError
-from leakaudit.glossary import relative
+from leakaudit.glossary import relative, with_intervals
+from leakaudit.intervals import accuracy_interval, balanced_accuracy_interval, drop_interval
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
@@ -127,6 +134,8 @@ class HeadResult:
         input: ``Z`` (activations) or ``X`` (raw inputs).
         status: ``ok`` or ``skipped``.
         reason: why a head was skipped.
+        accuracy_ci95: the 95 % bootstrap interval of ``accuracy`` over test rows.
+        balanced_accuracy_ci95: that of ``balanced_accuracy``.
     """
 
     name: str
@@ -141,6 +150,8 @@ class HeadResult:
     params: int | None = None
     seconds: float | None = None
     seconds_per_epoch: float | None = None
+    accuracy_ci95: list[float] | None = None
+    balanced_accuracy_ci95: list[float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -168,6 +179,12 @@ class ClassifierResult:
         private_accuracy_drop: 1 − accuracy / private_accuracy_raw.
         config: the settings used.
         warnings: what the user should know (skipped heads, missing reference).
+        accuracy_ci95: the 95 % interval of ``accuracy`` (the best head's).
+        balanced_accuracy_ci95: that of ``balanced_accuracy``.
+        private_accuracy_raw_ci95: that of ``private_accuracy_raw``.
+        private_accuracy_drop_ci95: that of ``private_accuracy_drop``, resampling the rows of
+            both attackers together.
+        private_accuracy_drop_continuation_ci95: the same for the continuation head's drop.
     """
 
     task: str
@@ -186,6 +203,11 @@ class ClassifierResult:
     private_accuracy_drop: float | None
     config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    accuracy_ci95: list[float] | None = None
+    balanced_accuracy_ci95: list[float] | None = None
+    private_accuracy_raw_ci95: list[float] | None = None
+    private_accuracy_drop_ci95: list[float] | None = None
+    private_accuracy_drop_continuation_ci95: list[float] | None = None
 
     attack = "classifier"
 
@@ -197,6 +219,7 @@ class ClassifierResult:
         data = dataclasses.asdict(self)
         data = {"attack": self.attack, **data}
         data["private_accuracy"] = self.accuracy
+        data["private_accuracy_ci95"] = self.accuracy_ci95
         data["private_chance"] = self.chance
         data["threat"] = self.threat.to_dict()
         return data
@@ -208,19 +231,31 @@ class ClassifierResult:
         train, val = self.rows["attacker-train"], self.rows["attacker-validation"]
         return leaked_pairs(f"(Z, {self.task} label)", train, val, knows=knows)
 
-    def report_metrics(self) -> dict[str, float]:
-        """The numbers the report records; the raw-X one only when a reference ran.
+    def report_metrics(self) -> dict[str, Any]:
+        """The numbers the report records, each with its ``_ci95`` interval; the raw-X ones only when a reference ran.
 
         ``private_accuracy_drop`` is not among them: the report derives it
-        (:mod:`leakaudit.glossary`), from these, as it derives every drop.
+        (:mod:`leakaudit.glossary`), from these, as it derives every drop. Its interval is
+        here, because only the per-row values behind both numbers define it.
         """
-        metrics = {"private_accuracy": self.accuracy, "private_chance": self.chance}
+        metrics: dict[str, Any] = {
+            "private_accuracy": self.accuracy,
+            "private_accuracy_ci95": self.accuracy_ci95,
+            "private_balanced_accuracy": self.balanced_accuracy,
+            "private_balanced_accuracy_ci95": self.balanced_accuracy_ci95,
+            "private_chance": self.chance,
+        }
         if self.private_accuracy_raw is not None:
             metrics["private_accuracy_raw"] = self.private_accuracy_raw
+            metrics["private_accuracy_raw_ci95"] = self.private_accuracy_raw_ci95
+            metrics["private_accuracy_drop_ci95"] = self.private_accuracy_drop_ci95
         continuation = next((h for h in self.heads if h.name == "continuation" and h.ok), None)
         if continuation is not None and continuation.accuracy is not None:  # a trained head has its accuracy
             metrics["private_accuracy_continuation"] = continuation.accuracy
-        return metrics
+            metrics["private_accuracy_continuation_ci95"] = continuation.accuracy_ci95
+            if self.private_accuracy_raw is not None:
+                metrics["private_accuracy_drop_continuation_ci95"] = self.private_accuracy_drop_continuation_ci95
+        return {name: value for name, value in metrics.items() if value is not None}
 
     def render(self) -> list[Any]:
         """Rich renderables for the terminal (see :mod:`leakaudit.attacks.display`)."""
@@ -267,7 +302,8 @@ def _train_head(
     config: ClassifierConfig,
     device: torch.device,
     progress: Progress | None,
-) -> HeadResult:
+) -> tuple[HeadResult, np.ndarray]:
+    """The trained, test-scored head, and whether it got each test row right (for the drops' intervals)."""
     train_y, val_y, test_y = labels
     description = f"classifier {name}"
     result = fit(
@@ -287,10 +323,11 @@ def _train_head(
         on_progress=(lambda done, total: progress(description, done, total)) if progress else None,
     )
     pred = predict(model, data.test, device).argmax(dim=1).numpy()
-    return HeadResult(
+    correct = pred == test_y
+    head = HeadResult(
         name=name,
         input=input_name,
-        accuracy=float(np.mean(pred == test_y)),
+        accuracy=float(np.mean(correct)),
         balanced_accuracy=balanced_accuracy(pred, test_y),
         val_accuracy=result.val_score,
         epochs=result.epochs,
@@ -298,7 +335,10 @@ def _train_head(
         params=parameter_count(model),
         seconds=round(result.seconds, 3),
         seconds_per_epoch=round(result.seconds_per_epoch, 4),
+        accuracy_ci95=accuracy_interval(correct),
+        balanced_accuracy_ci95=balanced_accuracy_interval(correct, test_y),
     )
+    return head, correct
 
 
 def _val_accuracy(head: HeadResult) -> float:
@@ -353,12 +393,17 @@ def _narrow(config: ClassifierConfig, scope: Scope) -> ClassifierConfig | None:
 @ATTACKS.register(
     "classifier",
     config=ClassifierConfig,
-    metrics={
-        "private_accuracy": "best accuracy of a classifier retrained on Z for the private task",
-        "private_accuracy_raw": "accuracy of the same task trained on raw X",
-        "private_accuracy_continuation": "test accuracy of the Scrunch paper's attacker: the rest of the model, retrained",
-        "private_chance": "accuracy of always predicting the most frequent private class",
-    },
+    metrics=with_intervals(
+        {
+            "private_accuracy": "best accuracy of a classifier retrained on Z for the private task",
+            "private_balanced_accuracy": "balanced accuracy (mean recall over classes) of that classifier",
+            "private_accuracy_raw": "accuracy of the same task trained on raw X",
+            "private_accuracy_continuation": "test accuracy of the Scrunch paper's attacker: the rest of the model, retrained",
+            "private_chance": "accuracy of always predicting the most frequent private class",
+        },
+        "private_accuracy", "private_balanced_accuracy", "private_accuracy_raw", "private_accuracy_continuation",
+        "private_accuracy_drop", "private_accuracy_drop_continuation",
+    ),
     audit_default=_audit_default,
     html=lambda result: classifier_html(result),
     threat=_threat,
@@ -401,6 +446,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     warnings_: list[str] = []
     names = {"best": HEADS, "fresh": FRESH_HEADS}.get(config.head, (config.head,))
     heads: list[HeadResult] = []
+    correct: dict[str, np.ndarray] = {}  # per trained head, whether it got each test row right
     for name in names:
         torch.manual_seed(seed_for(config.seed, name))  # initialisation of this head
         try:
@@ -412,7 +458,8 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
             heads.append(HeadResult(name=name, input="Z", status="skipped", reason=reason))
             warnings_.append(f"classifier head {name!r} skipped: {reason}.")
             continue
-        heads.append(_train_head(name, "Z", model, data, labels, config, device, progress))
+        head, correct[name] = _train_head(name, "Z", model, data, labels, config, device, progress)
+        heads.append(head)
         del model, data
 
     raw_heads: list[HeadResult] = []
@@ -427,7 +474,8 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
                     model, data = linear_head(math.prod(input_shape), classes), _flat(x)
                 else:
                     model, data = raw_cnn(input_shape, classes), x.transformed(Standardizer.fit(x.train, per_channel=True))
-                raw_heads.append(_train_head(name, "X", model, data, labels, config, device, progress))
+                head, correct[name] = _train_head(name, "X", model, data, labels, config, device, progress)
+                raw_heads.append(head)
             del x
         else:
             warnings_.append(
@@ -444,6 +492,11 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     drop = relative("drop", best.accuracy, raw_accuracy)
     chance = float(np.mean(test_y == majority))
     warnings_ += below_chance_warnings(config.task, best.accuracy, raw_accuracy, chance)
+    drop_ci95 = continuation_drop_ci95 = None
+    if raw_best is not None:
+        drop_ci95 = drop_interval(correct[best.name], correct[raw_best.name])
+        if "continuation" in correct:
+            continuation_drop_ci95 = drop_interval(correct["continuation"], correct[raw_best.name])
     return ClassifierResult(
         task=config.task,
         class_names=class_names,
@@ -461,6 +514,11 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         private_accuracy_drop=drop,
         config=dataclasses.asdict(config),
         warnings=warnings_,
+        accuracy_ci95=best.accuracy_ci95,
+        balanced_accuracy_ci95=best.balanced_accuracy_ci95,
+        private_accuracy_raw_ci95=raw_best.accuracy_ci95 if raw_best is not None else None,
+        private_accuracy_drop_ci95=drop_ci95,
+        private_accuracy_drop_continuation_ci95=continuation_drop_ci95,
     )
 
 

@@ -53,6 +53,7 @@ from leakaudit.attacks.display import decoder_html
 from leakaudit.attacks.reconstructions import save_grid, save_reconstructions
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError
+from leakaudit.glossary import with_intervals
 from leakaudit.registry import ATTACKS, Artifact, Needs
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
@@ -138,7 +139,12 @@ MIN_LEAKED_ROWS = 8
 
 @dataclass
 class ImageScores:
-    """Scores of reconstructions against the test images (data range 1)."""
+    """Scores of reconstructions against the test images (data range 1).
+
+    Each score has its 95 % interval (``<score>_ci95``, ``[lo, hi]``): a bootstrap over the
+    test images (:mod:`leakaudit.intervals`), the reconstructions held fixed; ``None`` with
+    fewer than two images.
+    """
 
     ssim_mean: float
     ssim_p5: float
@@ -146,16 +152,43 @@ class ImageScores:
     ssim_p95: float
     psnr: float
     mse: float
+    ssim_mean_ci95: list[float] | None = None
+    ssim_p5_ci95: list[float] | None = None
+    ssim_p50_ci95: list[float] | None = None
+    ssim_p95_ci95: list[float] | None = None
+    psnr_ci95: list[float] | None = None
+    mse_ci95: list[float] | None = None
+
+    #: The scores that have an interval, in field order.
+    SCORES = ("ssim_mean", "ssim_p5", "ssim_p50", "ssim_p95", "psnr", "mse")
 
     @classmethod
     def from_per_image(cls, ssim: np.ndarray, mse: np.ndarray) -> ImageScores:
+        from leakaudit.intervals import mean_interval, percentile_interval
         from leakaudit.metrics.ssim import ssim_percentiles
 
         percentiles = ssim_percentiles(ssim, (5, 50, 95))
         p5, p50, p95 = (percentiles[q] for q in (5, 50, 95))
         # An exact reconstruction has MSE 0; cap its PSNR at 100 dB instead of infinity.
         psnr = 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
-        return cls(float(ssim.mean()), float(p5), float(p50), float(p95), float(psnr.mean()), float(mse.mean()))
+        return cls(
+            ssim_mean=float(ssim.mean()),
+            ssim_p5=float(p5),
+            ssim_p50=float(p50),
+            ssim_p95=float(p95),
+            psnr=float(psnr.mean()),
+            mse=float(mse.mean()),
+            ssim_mean_ci95=mean_interval(ssim),
+            ssim_p5_ci95=percentile_interval(ssim, 5),
+            ssim_p50_ci95=percentile_interval(ssim, 50),
+            ssim_p95_ci95=percentile_interval(ssim, 95),
+            psnr_ci95=mean_interval(psnr),
+            mse_ci95=mean_interval(mse),
+        )
+
+    def interval(self, score: str) -> list[float] | None:
+        """The 95 % interval of ``score`` (a name of :attr:`SCORES`)."""
+        return getattr(self, score + "_ci95")
 
 
 @dataclass
@@ -233,14 +266,19 @@ class DecoderResult:
     def threat(self) -> Threat:
         return leaked_pairs("(X, Z)", self.rows["attacker-train"], self.rows["attacker-validation"])
 
-    def report_metrics(self) -> dict[str, float]:
-        """The report.json numbers (DESIGN.md names), for the strongest decoder."""
-        return {
-            "ssim_mean": self.scores.ssim_mean,
-            "ssim_p95": self.scores.ssim_p95,
-            "psnr": self.scores.psnr,
-            "ssim_p95_mean_image": self.mean_image.ssim_p95,
-        }
+    def report_metrics(self) -> dict[str, Any]:
+        """The report.json numbers (DESIGN.md names), for the strongest decoder, each with its ``_ci95``."""
+        metrics: dict[str, Any] = {}
+        for name, scores, score in (
+            ("ssim_mean", self.scores, "ssim_mean"),
+            ("ssim_p95", self.scores, "ssim_p95"),
+            ("psnr", self.scores, "psnr"),
+            ("ssim_p95_mean_image", self.mean_image, "ssim_p95"),
+        ):
+            metrics[name] = getattr(scores, score)
+            if scores.interval(score) is not None:
+                metrics[name + "_ci95"] = scores.interval(score)
+        return metrics
 
     def render(self) -> list[Any]:
         """Rich renderables for the terminal (see :mod:`leakaudit.attacks.display`)."""
@@ -309,12 +347,15 @@ def _losses(config: DecoderConfig):
     config=DecoderConfig,
     needs=Needs(inputs=True, task=None),
     threat=Threat("nothing", "pairs"),
-    metrics={
-        "ssim_mean": "mean SSIM of the strongest decoder's reconstructions",
-        "ssim_p95": "95th-percentile SSIM of the strongest decoder's reconstructions",
-        "psnr": "PSNR (dB) of the strongest decoder's reconstructions",
-        "ssim_p95_mean_image": "95th-percentile SSIM of predicting the mean image (the no-information floor)",
-    },
+    metrics=with_intervals(
+        {
+            "ssim_mean": "mean SSIM of the strongest decoder's reconstructions",
+            "ssim_p95": "95th-percentile SSIM of the strongest decoder's reconstructions",
+            "psnr": "PSNR (dB) of the strongest decoder's reconstructions",
+            "ssim_p95_mean_image": "95th-percentile SSIM of predicting the mean image (the no-information floor)",
+        },
+        "ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image",
+    ),
     artifacts={
         "grid": Artifact(
             "PNG of test originals above their reconstructions", "reconstructions.png",

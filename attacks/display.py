@@ -2,6 +2,9 @@
 
 Each result's ``render()`` returns rich renderables; ``leakaudit attack`` prints them, and
 prints a plain table of the numbers for a plugin whose results do not render themselves.
+A score's 95 % interval (bootstrap over test rows) is shown beside it: under the value in a
+classifier's table, in a table of its own for the decoders (six scores each would not fit
+a terminal's width), and after every headline number.
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Narrow terminals shrink columns; numbers must not be cut to "0.6…".
-_MIN_WIDTH = {"head": 12, "decoder": 10, "test acc": 6, "balanced": 8, "val acc": 6, "epochs": 8, "s/epoch": 6,
-              "SSIM": 5, "p5": 5, "p50": 5, "p95": 5, "PSNR": 5, "MSE": 6, "val": 5, "s/ep": 5}  # fmt: skip
+# Narrow terminals shrink columns; numbers must not be cut to "0.6…" (nor intervals to "91.2–9…").
+_MIN_WIDTH = {"head": 12, "decoder": 10, "test acc": 9, "balanced": 9, "val acc": 6, "epochs": 8, "s/epoch": 6,
+              "SSIM": 5, "p5": 5, "p50": 5, "p95": 5, "PSNR": 5, "MSE": 6, "val": 5, "s/ep": 5, "score": 9}  # fmt: skip
 
 
 def _pct(value: float | None) -> str:
@@ -20,6 +23,25 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(interval: Any, digits: int = 3) -> str:
+    """`` [0.912, 0.948]`` after a headline number; nothing when there is no interval."""
+    from leakaudit.intervals import format_interval, interval_problem
+
+    return "" if interval_problem(interval) is not None else " " + format_interval(interval, f".{digits}f")
+
+
+def _pct_ci(value: float | None, interval: Any) -> Any:
+    """A percentage with its interval on the line below, dimmed: ``93.1%`` / ``91.2–94.8``."""
+    from rich.text import Text
+
+    from leakaudit.intervals import interval_problem
+
+    cell = Text(_pct(value))
+    if value is not None and interval_problem(interval) is None:
+        cell.append(f"\n{100 * interval[0]:.1f}–{100 * interval[1]:.1f}", style="dim")
+    return cell
 
 
 def _time(value: float | None) -> str:
@@ -51,8 +73,8 @@ def classifier_renderables(result: Any) -> list[Any]:
             table.add_row(
                 head.name + mark,
                 head.input,
-                _pct(head.accuracy),
-                _pct(head.balanced_accuracy),
+                _pct_ci(head.accuracy, head.accuracy_ci95),
+                _pct_ci(head.balanced_accuracy, head.balanced_accuracy_ci95),
                 _pct(head.val_accuracy),
                 f"{head.epochs} ({head.best_epoch})",
                 _time(head.seconds_per_epoch),
@@ -63,14 +85,15 @@ def classifier_renderables(result: Any) -> list[Any]:
             table.add_row(head.name, head.input, "—", "—", "—", "—", "—", f"skipped ({len(skipped) + 1})")
             skipped.append(f"({len(skipped) + 1}) {head.name}: {head.reason}")
     table.add_row("chance", "", _pct(result.chance), _pct(result.chance_balanced), "", "", "", "majority class")
-    table.caption = "* strongest on attacker-validation · epochs: run (best)"
+    table.caption = "* strongest on attacker-validation · epochs: run (best) · under each accuracy its 95 % interval (test rows)"
     return [
         table,
         *(Text(f"skipped {line}") for line in skipped),
         Text(
-        f"private_accuracy {_num(result.accuracy)} ({result.best_head}) · private_accuracy_raw "
-        f"{_num(result.private_accuracy_raw)} ({result.raw_best_head or 'no /inputs'}) · private_accuracy_drop "
-        f"{_num(result.private_accuracy_drop)} · private_chance {_num(result.chance)}"
+        f"private_accuracy {_num(result.accuracy)}{_ci(result.accuracy_ci95)} ({result.best_head}) · private_accuracy_raw "
+        f"{_num(result.private_accuracy_raw)}{_ci(result.private_accuracy_raw_ci95)} ({result.raw_best_head or 'no /inputs'}) · "
+        f"private_accuracy_drop {_num(result.private_accuracy_drop)}{_ci(result.private_accuracy_drop_ci95)} · "
+        f"private_chance {_num(result.chance)}"
         ),
     ]
 
@@ -103,46 +126,66 @@ def decoder_renderables(result: Any) -> list[Any]:
         _num(m.mse, 4), "", "", "",
     )  # fmt: skip
     table.caption = "* strongest on attacker-validation (val: mean SSIM there) · epochs: run (best) · PSNR in dB"
+    s, m = result.scores, result.mean_image
     curve = [leaked_renderable(result.leaked)] if result.leaked else []
     return [
         table,
+        decoder_interval_table(result),
         *curve,
         Text(
-        f"ssim_mean {_num(result.scores.ssim_mean)} · ssim_p95 {_num(result.scores.ssim_p95)} · psnr "
-        f"{_num(result.scores.psnr, 2)} ({result.best}) · ssim_p95_mean_image {_num(result.mean_image.ssim_p95)}"
+        f"ssim_mean {_num(s.ssim_mean)}{_ci(s.ssim_mean_ci95)} · ssim_p95 {_num(s.ssim_p95)}{_ci(s.ssim_p95_ci95)} · psnr "
+        f"{_num(s.psnr, 2)}{_ci(s.psnr_ci95, 2)} ({result.best}) · ssim_p95_mean_image {_num(m.ssim_p95)}{_ci(m.ssim_p95_ci95)}"
         ),
     ]
+
+
+def decoder_interval_table(result: Any) -> Any:
+    """The 95 % intervals of every decoder's scores: one row per score, one column per decoder."""
+    from rich import box
+    from rich.table import Table
+
+    from leakaudit.intervals import format_interval
+
+    scored = [(run.arch + (" *" if run.arch == result.best else ""), run.test) for run in result.runs if run.test]
+    scored.append(("mean-image", result.mean_image))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"95 % intervals, bootstrap over the {result.rows['test']:,} test images")
+    table.add_column("score", min_width=_MIN_WIDTH["score"])
+    for name, _ in scored:
+        table.add_column(name, justify="right", no_wrap=True)
+    for score, digits in (("ssim_mean", 3), ("ssim_p5", 3), ("ssim_p50", 3), ("ssim_p95", 3), ("psnr", 2), ("mse", 4)):
+        table.add_row(score, *(format_interval(scores.interval(score), f".{digits}f") for _, scores in scored))
+    return table
 
 
 def classifier_html(classifier: Mapping[str, Any]) -> str:
     """The HTML report's section for a classifier result (its JSON form)."""
     import html
 
-    from leakaudit.html_report import fmt, table
+    from leakaudit.html_report import fmt, table, with_interval
 
     heads = [
-        (h["name"], h["input"], h.get("accuracy"), h.get("balanced_accuracy"), h.get("epochs"), h.get("reason") or "")
+        (h["name"], h["input"], with_interval(h.get("accuracy"), h.get("accuracy_ci95")),
+         with_interval(h.get("balanced_accuracy"), h.get("balanced_accuracy_ci95")), h.get("epochs"), h.get("reason") or "")
         for h in [*classifier.get("heads", []), *classifier.get("raw_heads", [])]
-    ]
+    ]  # fmt: skip
     return (
         f"<h2>Classifier attack on task <code>{html.escape(str(classifier.get('task')))}</code></h2>"
         f"<div class='sub'>strongest head: <b>{html.escape(str(classifier.get('best_head')))}</b>, chance {fmt(classifier.get('chance'))}</div>"
-        + table(["head", "input", "test accuracy", "balanced", "epochs", "note"], heads, numeric=(2, 3, 4))
+        + table(["head", "input", "test accuracy [95 % interval]", "balanced [95 % interval]", "epochs", "note"], heads, numeric=(2, 3, 4))
     )
 
 
 def decoder_html(decoder: Mapping[str, Any]) -> str:
     """The HTML report's section for a decoder result (its JSON form), with the reconstruction grid."""
-    from leakaudit.html_report import png_data_uri, table
+    from leakaudit.html_report import png_data_uri, table, with_interval
 
-    runs = [
-        (r.get("arch"), (r.get("test") or {}).get("ssim_mean"), (r.get("test") or {}).get("ssim_p95"),
-         (r.get("test") or {}).get("psnr"), r.get("epochs"), r.get("reason") or "")
-        for r in decoder.get("runs", [])
-    ]  # fmt: skip
-    mean = decoder.get("mean_image") or {}
-    runs.append(("mean image (no information)", mean.get("ssim_mean"), mean.get("ssim_p95"), mean.get("psnr"), None, ""))
-    block = "<h2>Reconstruction attack</h2>" + table(["decoder", "SSIM mean", "SSIM p95", "PSNR dB", "epochs", "note"], runs, numeric=(1, 2, 3, 4))
+    def scores(test: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(with_interval(test.get(name), test.get(name + "_ci95")) for name in ("ssim_mean", "ssim_p95", "psnr"))
+
+    runs = [(r.get("arch"), *scores(r.get("test") or {}), r.get("epochs"), r.get("reason") or "") for r in decoder.get("runs", [])]
+    runs.append(("mean image (no information)", *scores(decoder.get("mean_image") or {}), None, ""))
+    header = ["decoder", "SSIM mean [95 % interval]", "SSIM p95 [95 % interval]", "PSNR dB [95 % interval]", "epochs", "note"]
+    block = "<h2>Reconstruction attack</h2>" + table(header, runs, numeric=(1, 2, 3, 4))
     uri = png_data_uri(decoder["grid"]) if decoder.get("grid") else None
     if uri:
         block += f"<div class='card'><div class='sub'>originals (top) and reconstructions (bottom), test rows</div><img class='recon' alt='reconstruction grid' src='{uri}'/></div>"

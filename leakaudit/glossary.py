@@ -7,6 +7,12 @@ and those names join this glossary. Or it is *derived* here, from numbers of the
 same report and its baseline (``mi_drop`` from ``mi_xz`` on both sides). Reports, the gate,
 the CLI's tables, sweeps and the HTML report all read names from :func:`names`, so every
 number shown anywhere can be gated by the name it is shown under.
+
+A number that comes with a 95 % interval has a second name, ``<name>_ci95``, holding
+``[lo, hi]`` (:mod:`leakaudit.intervals`); the plugin that measures the interval declares
+that name too (:func:`with_intervals`), so the gate knows which numbers it may judge by an
+end of their interval. A derived drop has an interval only where a plugin measured one
+from the per-row values behind both of its numbers; the ratio of two intervals is not one.
 """
 
 from __future__ import annotations
@@ -72,6 +78,30 @@ def names() -> dict[str, str]:
     for derived in DERIVED:
         table.setdefault(derived.name, derived.meaning)
     return table
+
+
+def with_intervals(metrics: Mapping[str, str], *measured: str) -> dict[str, str]:
+    """``metrics`` (a plugin's names and meanings) with ``<name>_ci95`` added for each of ``measured``.
+
+    Raises:
+        KeyError: a name in ``measured`` is neither in ``metrics`` nor derived here.
+    """
+    from leakaudit.intervals import interval_name
+
+    derived = {d.name for d in DERIVED}
+    table = dict(metrics)
+    for name in measured:
+        if name not in metrics and name not in derived:
+            raise KeyError(f"{name!r} has an interval but is not among the plugin's metrics")
+        table[interval_name(name)] = f"95 % interval [lo, hi] of {name} (bootstrap over test rows)"
+    return table
+
+
+def has_interval(name: str, known: Mapping[str, str] | None = None) -> bool:
+    """Whether some plugin reports a 95 % interval for ``name``."""
+    from leakaudit.intervals import interval_name
+
+    return interval_name(name) in (known if known is not None else names())
 
 
 def relative(kind: str, value: float | None, reference: float | None) -> float | None:

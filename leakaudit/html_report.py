@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from leakaudit import __version__, glossary
+from leakaudit.intervals import format_interval, interval_name, interval_problem, is_interval_name
 
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -49,7 +50,17 @@ def fmt(value: Any, digits: int = 4) -> str:
         if not math.isfinite(value):
             return str(value)
         return f"{value:.{digits}g}"
+    if interval_problem(value) is None:  # a [lo, hi] interval, as a sweep's row may hold
+        return format_interval(value, f".{digits - 1}g")
     return html.escape(str(value))
+
+
+def with_interval(value: Any, interval: Any, digits: int = 4) -> str:
+    """A table cell: the value, and its 95 % interval beside it in grey when there is one."""
+    shown = fmt(value, digits)
+    if value is None or interval_problem(interval) is not None:
+        return f"<span>{shown}</span>"
+    return f"<span>{shown} <span class='muted'>{format_interval(interval, f'.{digits - 1}g')}</span></span>"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
@@ -187,6 +198,12 @@ def tsne_embedding(store_path: str | Path, *, max_points: int = 800, seed: int =
 # --------------------------------------------------------------------------- page
 
 
+def _compared(check: Mapping[str, Any]) -> str:
+    """What a gate check compared: ``point``, or ``lower95 = 0.1211``."""
+    use, compared = check.get("use", "point"), check.get("compared")
+    return str(use) if use == "point" or not isinstance(compared, (int, float)) else f"{use} = {compared:.4g}"
+
+
 def _plugin_section(key: str, result: Any) -> str | None:
     """The HTML section the plugin behind ``key`` (``attack:NAME``) renders for its result, if it declares one."""
     from leakaudit.registry import FAMILIES
@@ -235,13 +252,14 @@ def render(
     if verdict is not None:
         passed = bool(verdict.get("passed"))
         rows = [
-            (c["metric"], c.get("value"), c["threshold"], f"<span class='{'pass' if c['passed'] else 'fail'}'>"
+            (c["metric"], c.get("value"), c.get("interval"), _compared(c), c["threshold"],
+             f"<span class='{'pass' if c['passed'] else 'fail'}'>"
              f"{'pass' if c['passed'] else 'fail ' + html.escape(c.get('reason', ''))}</span>")
             for c in verdict.get("checks", [])
         ]  # fmt: skip
         sections.append(
             f"<h2>Verdict</h2><div class='verdict {'pass' if passed else 'fail'}'>{'Gate passed' if passed else 'Gate failed'}</div>"
-            + table(["metric", "value", "threshold", "verdict"], rows, numeric=(1,))
+            + table(["metric", "value", "95 % interval", "compared", "threshold", "verdict"], rows, numeric=(1, 2))
         )
     else:
         sections.append("<h2>Verdict</h2><div class='verdict none'>No policy was applied</div>")
@@ -259,14 +277,17 @@ def render(
     metric_rows = []
     meanings = glossary.names()
     headline = report.get("headline", {})
+    # An interval is shown beside its number, not as a row of its own.
     for name in [n for n in meanings if n in metrics] + sorted(set(metrics) - set(meanings)):
-        if name not in metrics:
+        if name not in metrics or is_interval_name(name):
             continue
-        base = baseline.get(name)
-        delta = None if base is None else metrics[name] - base
-        metric_rows.append((f"<code>{html.escape(name)}</code>", metrics[name], base, delta, _attacker(headline.get(name)), meanings.get(name, "")))
-    header = ["metric", "value", "baseline", "change", "attack (attacker)", "meaning"]
-    block = "<h2>Metrics</h2>" + table(header, metric_rows, numeric=(1, 2, 3))
+        value, base = metrics[name], baseline.get(name)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, base))
+        delta = value - base if numbers else None
+        interval = metrics.get(interval_name(name))
+        metric_rows.append((f"<code>{html.escape(name)}</code>", value, interval, base, delta, _attacker(headline.get(name)), meanings.get(name, "")))
+    header = ["metric", "value", "95 % interval", "baseline", "change", "attack (attacker)", "meaning"]
+    block = "<h2>Metrics</h2>" + table(header, metric_rows, numeric=(1, 2, 3, 4))
     scope = report.get("threat_scope")
     if scope:
         block += f"<p class='sub'>threat scope: attackers that know at most {html.escape(str(scope.get('knows')))} and hold at most {html.escape(str(scope.get('holds')))}</p>"

@@ -34,7 +34,8 @@ from typing import Any
 
 from leakaudit import __version__
 from leakaudit._io import atomic_write_text
-from leakaudit.errors import ConfigError, UsageError
+from leakaudit.errors import ConfigError, LeakAuditError, UsageError
+from leakaudit.intervals import as_interval, interval_name, is_interval_name
 from leakaudit.threat import Scope, result_threat
 
 REPORT_SCHEMA = "leakaudit.report"
@@ -169,14 +170,17 @@ class Report:
 
     @property
     def metrics(self) -> dict[str, float]:
-        from leakaudit.glossary import derive
+        from leakaudit.glossary import DERIVED, derive
 
         table = dict(self.measured)
         for name, pick in self.headline().items():
             numbers = self.results[pick["attack"]]["report_metrics"]
             table[name] = pick["value"]
-            if f"{name}_ci95" in numbers:
-                table[f"{name}_ci95"] = numbers[f"{name}_ci95"]
+            # Its interval, and those of the drops derived from it, come from the same attack or not at all.
+            for companion in (interval_name(name), *(interval_name(d.name) for d in DERIVED if d.value == name)):
+                table.pop(companion, None)
+                if companion in numbers:
+                    table[companion] = numbers[companion]
         table.update(derive(table, (self.baseline or {}).get("metrics")))
         for name, value in self.carried.items():
             table.setdefault(name, value)
@@ -218,10 +222,27 @@ class Report:
                     picks[name] = {"value": float(value), "attack": key, "threat": threat.to_dict()}
         return picks
 
-    def measure(self, numbers: Mapping[str, float | None]) -> None:
+    def measure(self, numbers: Mapping[str, Any]) -> None:
+        """Record numbers (and ``<name>_ci95`` intervals ``[lo, hi]``); ``None`` values are skipped.
+
+        An interval belongs to the value it was measured with: a different value of ``name``
+        recorded without an interval removes the earlier ``name_ci95`` rather than leave it
+        beside a number it does not describe.
+
+        Raises:
+            LeakAuditError: an interval that is not ``[lo, hi]`` of finite numbers with lo ≤ hi.
+        """
         for name, value in numbers.items():
-            if value is not None:
-                self.measured[name] = float(value)
+            if value is None:
+                continue
+            if is_interval_name(name):
+                self.measured[name] = _interval(name, value)
+                continue
+            value = float(value)
+            stale = interval_name(name)
+            if stale not in numbers and self.measured.get(name, value) != value:
+                self.measured.pop(stale, None)
+            self.measured[name] = value
 
     def carry(self, numbers: Mapping[str, float | None]) -> None:
         for name, value in numbers.items():
@@ -257,6 +278,9 @@ class Report:
         derived_names = {d.name for d in DERIVED}
         metrics = dict(data.get("metrics", {}))
         measured = {k: v for k, v in metrics.items() if k not in derived_names}
+        for name, value in measured.items():
+            if is_interval_name(name):
+                measured[name] = _interval(f"report metrics.{name}", value, ConfigError)
         baseline = data.get("baseline")
         rederived = derive(measured, (baseline or {}).get("metrics"))
         carried = {k: v for k, v in metrics.items() if k in derived_names and k not in rederived}
@@ -276,6 +300,14 @@ class Report:
         data = self.to_dict()
         atomic_write_text(Path(path), json.dumps(data, indent=2, default=_default) + "\n")
         return data
+
+
+def _interval(name: str, value: Any, error: type[LeakAuditError] = LeakAuditError) -> list[float]:
+    """``value`` as an interval ``[lo, hi]``, or ``error`` saying what ``name`` holds instead."""
+    try:
+        return as_interval(value)
+    except ValueError as exc:
+        raise error(f"{name}: expected an interval [lo, hi] of finite numbers with lo ≤ hi; it is {exc}.") from None
 
 
 def new_report(subject: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,8 @@ EXAMPLES = ROOT / "examples"
 def test_example_policy_and_audit_file_parse():
     policy = load_policy(EXAMPLES / "policy.yaml")
     assert {t.metric for t in policy} >= {"private_accuracy_drop", "public_accuracy_normalized"}
+    uses = {t.metric: t.use for t in policy}
+    assert uses["private_accuracy_drop"] == "lower95" and uses["ssim_p95"] == "upper95"
     config = load_audit(EXAMPLES / "custom-model" / "audit.yaml")
     assert config.layer == "encoder" and config.harden["method"] == "center-loss"
     assert config.model.spec.endswith("model.py:build")
@@ -33,6 +35,7 @@ def test_github_workflow_audits_gates_and_uploads():
     commands = "\n".join(step.get("run", "") for step in steps)
     assert "leakaudit audit examples/custom-model/audit.yaml" in commands
     assert "leakaudit gate" in commands and "--junit" in commands and "GITHUB_STEP_SUMMARY" in commands
+    assert "--policy examples/policy.yaml" in commands  # the policy that gates on lower95
     assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in steps)
 
 

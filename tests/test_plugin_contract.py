@@ -178,9 +178,15 @@ def test_runs_on_a_tiny_store_and_returns_what_it_declared(plugin, tiny_store, t
     assert set(plugin.comparable) <= set(recorded), f"comparable settings missing from to_dict()['config']: {data.keys()}"
     numbers = result.report_metrics()
     assert numbers and set(numbers) <= set(plugin.metrics), f"undeclared: {sorted(set(numbers) - set(plugin.metrics))}"
+    from leakaudit.intervals import interval_problem, is_interval_name
+
     for metric, value in numbers.items():
+        if is_interval_name(metric):  # an interval [lo, hi] of finite numbers
+            assert value is None or interval_problem(value) is None, (metric, value)
+            continue
         assert value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), (metric, value)
-    assert {k for k, v in numbers.items() if v is not None and math.isfinite(v)} <= set(report.metrics)
+    recorded = {k for k, v in numbers.items() if v is not None and (is_interval_name(k) or math.isfinite(v))}
+    assert recorded <= set(report.metrics)
     warnings = getattr(result, "warnings", None) or []
     assert all(isinstance(w, str) and w for w in warnings)
     render = getattr(result, "render", None)

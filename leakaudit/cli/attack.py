@@ -212,8 +212,11 @@ def _show(result: Any) -> None:
     table = Table(title=f"attack {getattr(result, 'attack', '')}".strip())
     for column in ("metric", "value", "meaning"):
         table.add_column(column)
+    from leakaudit.intervals import format_interval, interval_problem
+
     for metric, value in result.report_metrics().items():
-        table.add_row(metric, "—" if value is None else f"{value:.4g}", meanings.get(metric, ""))
+        shown = format_interval(value, ".4g") if interval_problem(value) is None else "—" if value is None else f"{value:.4g}"
+        table.add_row(metric, shown, meanings.get(metric, ""))
     out.print(table)
 
 
@@ -228,10 +231,16 @@ def _check_ranks_agree(numbers: list[dict[str, float]], rel: float = 1e-6) -> No
     """
     import math
 
+    def close(a: Any, b: Any) -> bool:  # numbers, or the two ends of intervals [lo, hi]
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            pairs = isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+            return pairs and all(close(x, y) for x, y in zip(a, b))
+        return isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=rel, abs_tol=rel)
+
     for rank, mine in enumerate(numbers[1:], start=1):
         for name, value in numbers[0].items():
             other = mine.get(name)
-            if other is None or not math.isclose(value, other, rel_tol=rel, abs_tol=rel):
+            if other is None or not close(value, other):
                 raise LeakAuditError(
                     f"rank {rank} computed {name} = {other} where rank 0 computed {value}; the ranks did not train "
                     "the same model, so nothing was written. Run again; report it if it repeats."

@@ -28,6 +28,7 @@ def audit(
 
     from leakaudit.audit import load_audit, run_audit, with_scope
     from leakaudit.glossary import names
+    from leakaudit.intervals import format_interval, interval_name, is_interval_name
     from leakaudit.threat import Threat
 
     config = with_scope(load_audit(audit_file), knows, holds)
@@ -43,11 +44,15 @@ def audit(
     baseline = (report.get("baseline") or {}).get("metrics", {})
     meanings = names()
     headline = report.get("headline", {})
-    for name, value in report["metrics"].items():
+    metrics = report["metrics"]
+    for name, value in metrics.items():
+        if is_interval_name(name):
+            continue  # shown beside its number
         base = baseline.get(name)
+        shown = f"{value:.4g} {format_interval(metrics[interval_name(name)], '.4g')}" if interval_name(name) in metrics else f"{value:.4g}"
         pick = headline.get(name)
         source = f"{pick['attack'].partition(':')[2]} ({Threat.from_dict(pick['threat']).label()})" if pick else ""
-        table.add_row(name, f"{value:.4g}", "" if base is None else f"{base:.4g}", source, meanings.get(name, ""))
+        table.add_row(name, shown, "" if base is None else f"{base:.4g}", source, meanings.get(name, ""))
     out = console()
     out.print(table)
     for name, reason in report.get("out_of_scope", {}).items():

@@ -13,7 +13,7 @@ from leakaudit.errors import EXIT_GATE_FAILED
 
 def gate(
     report: Annotated[Path, typer.Argument(metavar="REPORT.json", help="A report written by attack, metrics or audit.", show_default=False)],
-    policy: Annotated[Path, typer.Option("--policy", "-p", help="Policy YAML: thresholds: {metric: {min: X, max: Y}}.", show_default=False)],
+    policy: Annotated[Path, typer.Option("--policy", "-p", help="Policy YAML: thresholds: {metric: {min: X, max: Y, use: point|lower95|upper95}}.", show_default=False)],
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML (one test case per threshold).")] = None,
     summary: Annotated[Optional[Path], typer.Option("--summary", help="Write a Markdown table (GitHub step summary, PR comment).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the verdict as JSON ('-' for stdout).")] = None,
@@ -40,12 +40,16 @@ def gate(
         write_json(verdict.to_dict(), json_out)
     if json_out != "-":
         table = Table(title="leakaudit gate — " + ("[green]passed[/green]" if verdict.passed else "[red]failed[/red]"))
-        for column in ("metric", "value", "threshold", "verdict"):
-            table.add_column(column)
+        # The threshold names the end of the interval it judged (``lower95 ≥ 0.15``); the interval
+        # column is there when some threshold judges one.
+        intervals = any(c.use != "point" for c in verdict.checks)
+        columns = ("metric", "value", *(("95 % interval",) if intervals else ()), "threshold", "verdict")
+        for column in columns:
+            table.add_column(column, no_wrap=column in ("metric", "value", "95 % interval"))
         for c in verdict.checks:
-            value = c.shown()
             mark = "[green]pass[/green]" if c.passed else f"[red]fail[/red] ({c.reason})"
-            table.add_row(c.metric, value, c.threshold, mark)
+            cells = (c.metric, c.shown(), *((c.shown_interval(),) if intervals else ()), c.threshold, mark)
+            table.add_row(*cells)
         console().print(table)
     if not verdict.passed:
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -54,15 +54,30 @@ def test_result_serialises_to_json_with_report_names(trained_result):
     assert data["attack"] == "classifier" and data["task"] == "private"
     assert data["private_accuracy"] == trained_result.accuracy
     assert {h["name"] for h in data["heads"]} == {"linear", "mlp", "conv", "continuation"}
-    names = set(trained_result.report_metrics())
+    metrics = trained_result.report_metrics()
+    names = set(metrics)
     assert {"private_accuracy", "private_accuracy_raw", "private_chance"} <= names
-    assert names <= {"private_accuracy", "private_accuracy_raw", "private_chance", "private_accuracy_continuation"}
+    points = {"private_accuracy", "private_balanced_accuracy", "private_accuracy_raw", "private_chance", "private_accuracy_continuation"}
+    assert {n for n in names if not n.endswith("_ci95")} <= points
+    # Every accuracy has its interval, around it; so do the drops, which the report derives.
+    with_interval = {"private_accuracy", "private_balanced_accuracy", "private_accuracy_raw", "private_accuracy_continuation",
+                     "private_accuracy_drop", "private_accuracy_drop_continuation"}  # fmt: skip
+    assert {n[: -len("_ci95")] for n in names if n.endswith("_ci95")} == with_interval
+    for name in with_interval & names:
+        lo, hi = metrics[name + "_ci95"]
+        assert lo <= metrics[name] <= hi and hi - lo < 0.2, name
+    assert data["private_accuracy_ci95"] == metrics["private_accuracy_ci95"]
+    for head in data["heads"] + data["raw_heads"]:
+        assert head["accuracy_ci95"][0] <= head["accuracy"] <= head["accuracy_ci95"][1], head["name"]
+        assert head["balanced_accuracy_ci95"][0] <= head["balanced_accuracy"] <= head["balanced_accuracy_ci95"][1]
     # The drop is derived by the report (leakaudit.glossary), like every drop, and agrees with the result's own.
     from leakaudit.report import Report
 
     report = Report({})
     report.add("attack:classifier", trained_result)
     assert report.metrics["private_accuracy_drop"] == trained_result.private_accuracy_drop
+    lo, hi = report.metrics["private_accuracy_drop_ci95"]
+    assert lo <= report.metrics["private_accuracy_drop"] <= hi
     continuation = next(h for h in trained_result.heads if h.name == "continuation")
     if continuation.ok:
         assert report.metrics["private_accuracy_drop_continuation"] == 1.0 - continuation.accuracy / trained_result.private_accuracy_raw
@@ -86,6 +101,9 @@ def test_same_seed_same_result_other_seed_other_model(small_digits_store):
 
     first, second = run(0), run(0)
     assert first == second
+    # The intervals too, to the byte: the bootstrap's resampling is seeded.
+    assert json.dumps(first["accuracy_ci95"]) == json.dumps(second["accuracy_ci95"])
+    assert first["accuracy_ci95"][0] < first["accuracy"] < first["accuracy_ci95"][1]
     assert run(1)["val_accuracy"] != first["val_accuracy"] or run(1)["accuracy"] != first["accuracy"]
 
 

@@ -70,14 +70,33 @@ def test_noise_z_reconstructs_no_better_than_the_mean_image(noise_store):
 def test_result_json_and_report_metrics(trained_result):
     data = json.loads(json.dumps(trained_result.to_dict()))
     assert data["attack"] == "decoder" and data["best"] == "upsample"
-    assert set(data["scores"]) == {"ssim_mean", "ssim_p5", "ssim_p50", "ssim_p95", "psnr", "mse"}
+    scores = ("ssim_mean", "ssim_p5", "ssim_p50", "ssim_p95", "psnr", "mse")
+    assert set(data["scores"]) == {*scores, *(s + "_ci95" for s in scores)}
     assert "reconstructions" not in data and "test_rows" not in data
+    s, m = trained_result.scores, trained_result.mean_image
     assert trained_result.report_metrics() == {
-        "ssim_mean": trained_result.scores.ssim_mean,
-        "ssim_p95": trained_result.scores.ssim_p95,
-        "psnr": trained_result.scores.psnr,
-        "ssim_p95_mean_image": trained_result.mean_image.ssim_p95,
-    }
+        "ssim_mean": s.ssim_mean, "ssim_mean_ci95": s.ssim_mean_ci95,
+        "ssim_p95": s.ssim_p95, "ssim_p95_ci95": s.ssim_p95_ci95,
+        "psnr": s.psnr, "psnr_ci95": s.psnr_ci95,
+        "ssim_p95_mean_image": m.ssim_p95, "ssim_p95_mean_image_ci95": m.ssim_p95_ci95,
+    }  # fmt: skip
+    for scored in (data["scores"], data["mean_image"], *(r["test"] for r in data["runs"])):
+        for score in scores:
+            lo, hi = scored[score + "_ci95"]
+            assert lo <= scored[score] <= hi, score
+
+
+def test_score_intervals_are_bootstraps_of_the_per_image_values(trained_result):
+    from leakaudit.intervals import mean_interval, percentile_interval
+
+    ssim = trained_result.ssim_per_image["upsample"].astype(np.float64)
+    s = trained_result.scores
+    assert s.ssim_p95_ci95 == pytest.approx(percentile_interval(ssim, 95), abs=1e-6)  # float32 storage of ssim
+    assert s.ssim_p5_ci95 == pytest.approx(percentile_interval(ssim, 5), abs=1e-6)
+    # The mean's bootstrap interval is close to the normal one, mean ± 1.96·sd/√n.
+    half = 1.96 * ssim.std(ddof=1) / np.sqrt(len(ssim))
+    assert s.ssim_mean_ci95 == pytest.approx([ssim.mean() - half, ssim.mean() + half], abs=0.25 * half)
+    assert mean_interval(ssim) == pytest.approx(s.ssim_mean_ci95, abs=1e-6)
 
 
 def test_reconstructions_and_grid_are_written(tmp_path, trained_digits_store, trained_result):
@@ -194,4 +213,5 @@ def test_same_seed_same_reconstructions(small_digits_store):
     first, second = run(0), run(0)
     np.testing.assert_array_equal(first.reconstructions, second.reconstructions)
     assert first.scores == second.scores
+    assert json.dumps(first.report_metrics()) == json.dumps(second.report_metrics())  # intervals included, to the byte
     assert not np.array_equal(run(1).reconstructions, first.reconstructions)

@@ -140,6 +140,7 @@ def test_a_value_that_is_not_a_finite_number_fails_the_gate(cli, tmp_path, value
     check = verdict["checks"][0]
     assert verdict["passed"] is False and check == {
         "metric": "private_accuracy_drop", "value": None, "threshold": "≥ 0.15", "passed": False, "reason": reason,
+        "use": "point", "interval": None, "compared": None,
     }  # fmt: skip
     assert verdict["checks"][1]["passed"] is True
     junit = (tmp_path / "gate.xml").read_text()

@@ -295,8 +295,21 @@ def invert(
 # --------------------------------------------------------------------------- the attack
 
 
+def _too_small(store: ActivationStore) -> str | None:
+    shape = store.input_shape or ()
+    if len(shape) == 3 and min(shape[1:]) < SSIM_MIN_SIDE:
+        return (
+            f"the stored images are {shape[1]}×{shape[2]}; SSIM's Gaussian window needs at least "
+            f"{SSIM_MIN_SIDE}×{SSIM_MIN_SIDE}"
+        )
+    return None
+
+
 def _check(store: ActivationStore, config: InversionConfig) -> str | None:
-    """Why the attack cannot run on ``store`` (the encoder cannot be rebuilt), or ``None``."""
+    """Why the attack cannot run on ``store`` (images too small, encoder not rebuildable), or ``None``."""
+    too_small = _too_small(store)
+    if too_small:
+        return too_small
     try:
         _rebuild(store, config)
     except UsageError as exc:
@@ -378,12 +391,10 @@ def run_inversion(store: ActivationStore, config: InversionConfig, progress: Pro
     device = resolve_device(config.device)
     if not store.has_inputs:
         store.inputs(np.arange(0))  # raises the store's StoreError, which says which dump option adds them
+    too_small = _too_small(store)
+    if too_small:
+        raise DataError(f"{too_small}. Dump with a larger --input-size.")
     input_shape = tuple(int(s) for s in store.input_shape or ())
-    if min(input_shape[1:]) < SSIM_MIN_SIDE:
-        raise DataError(
-            f"the stored images are {input_shape[1]}×{input_shape[2]}; SSIM's Gaussian window needs at least "
-            f"{SSIM_MIN_SIDE}×{SSIM_MIN_SIDE}. Dump with a larger --input-size."
-        )
     rows = attack_rows(store)
     targets = _sample_rows(rows.test, config.rows, config.seed)
     z_test = torch.from_numpy(read_activations(store, targets, "test"))

@@ -224,10 +224,10 @@ def test_a_normalized_dump_is_inverted_in_the_stored_space(model_kinds, tmp_path
 
 
 def test_identity_encoder_is_inverted_to_ssim_099(tmp_path):
-    store_path = _dump(tmp_path / "identity.h5", "tests.attacks.test_inversion:identity_first", "inp")
+    store_path = _dump(tmp_path / "identity.h5", "tests.attacks.test_inversion:identity_first", "inp", limit=300)
     with open_store(store_path) as store:
         np.testing.assert_array_equal(store.activations(np.arange(4)), store.inputs(np.arange(4)))
-        result = run_inversion(store, InversionConfig(**FAST))
+        result = run_inversion(store, InversionConfig(**{**FAST, "steps": 60}))
     assert result.scores.ssim_mean >= 0.99
     assert result.encoder["reproduction_error"] == 0.0 and not result.warnings
 
@@ -331,7 +331,7 @@ def test_cli_untrusted_archive_is_one_error_line_and_a_skip_reason(cli, tmp_path
 
     archive = tmp_path / "full.pt"
     torch.save(NestedNet(), archive)
-    store_path = _dump(tmp_path / "pickled.h5", ModelSpec(str(archive), trust_checkpoint=True), "features")
+    store_path = _dump(tmp_path / "pickled.h5", ModelSpec(str(archive), trust_checkpoint=True), "features", input_size=(16, 16))
     result = cli("attack", store_path, "--attack", "inversion", "--set", "steps=5", "--set", "rows=4", "--set", "device=cpu")
     assert result.exit_code == 2
     line = error_line(result)

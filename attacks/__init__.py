@@ -4,12 +4,14 @@ Importing this package registers them in :data:`leakaudit.registry.ATTACKS`:
 
 * ``classifier`` — :func:`run_classifier`, retrain a classifier on Z for a private task.
 * ``decoder`` — :func:`run_decoder`, reconstruct X from Z and score the reconstructions.
+* ``inversion`` — :func:`run_inversion`, white-box: optimise X̂ until the encoder maps it to Z.
 """
 
 from __future__ import annotations
 
 from leakaudit.attacks.classifier import ClassifierConfig, ClassifierResult, HeadResult, run_classifier
 from leakaudit.attacks.decoders import DecoderConfig, DecoderResult, ImageScores, run_decoder
+from leakaudit.attacks.inversion import InversionConfig, InversionResult, run_inversion
 
 __all__ = [
     "ClassifierConfig",
@@ -18,6 +20,9 @@ __all__ = [
     "DecoderResult",
     "HeadResult",
     "ImageScores",
+    "InversionConfig",
+    "InversionResult",
     "run_classifier",
     "run_decoder",
+    "run_inversion",
 ]

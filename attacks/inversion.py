@@ -47,12 +47,15 @@ import torch
 
 from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
 from leakaudit.attacks._training import Progress
-from leakaudit.attacks.decoders import SSIM_MIN_SIDE, ImageScores, save_grid, save_reconstructions, score_images
+from leakaudit.attacks.decoders import SSIM_MIN_SIDE, ImageScores, score_images
+from leakaudit.attacks.reconstructions import save_grid, save_reconstructions
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UntrustedCheckpointError, UsageError
+from leakaudit.glossary import with_intervals
 from leakaudit.registry import ATTACKS, Artifact, Needs
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.threat import Threat
 
 #: Relative difference between E(stored X) and stored Z above which the tool warns that the
 #: rebuilt encoder is not the function that produced Z (float32 forward passes on another
@@ -157,15 +160,11 @@ class InversionResult:
     @property
     def threat(self) -> dict[str, Any]:
         """The declared threat model: white-box, no data of its own."""
-        return {
-            "knows": "weights",
-            "holds": "none",
-            "rows": 0,
-            "source": (
-                f"no rows: it sees only Z of the {self.rows['inverted']:,} test rows it inverts; "
-                "the mean-image reference is the tool's, from attacker-train"
-            ),
-        }
+        source = (
+            f"no rows: it sees only Z of the {self.rows['inverted']:,} test rows it inverts; "
+            "the mean-image reference is the tool's, from attacker-train"
+        )
+        return Threat("weights", "none", 0, source).to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"attack": self.attack, "threat": self.threat}
@@ -177,9 +176,14 @@ class InversionResult:
         data.update(self.report_metrics())
         return data
 
-    def report_metrics(self) -> dict[str, float]:
-        """The report.json numbers (DESIGN.md names) of the reconstructions."""
-        return {"ssim_mean": self.scores.ssim_mean, "ssim_p95": self.scores.ssim_p95, "psnr": self.scores.psnr}
+    def report_metrics(self) -> dict[str, Any]:
+        """The report.json numbers (DESIGN.md names) of the reconstructions, each with its ``_ci95``."""
+        metrics: dict[str, Any] = {}
+        for name in ("ssim_mean", "ssim_p95", "psnr"):
+            metrics[name] = getattr(self.scores, name)
+            if self.scores.interval(name) is not None:
+                metrics[name + "_ci95"] = self.scores.interval(name)
+        return metrics
 
     def render(self) -> list[Any]:
         """Rich renderables for the terminal."""
@@ -356,11 +360,17 @@ def _reproduction_error(encoder: Any, x: torch.Tensor, z: torch.Tensor) -> float
     "inversion",
     config=InversionConfig,
     needs=Needs(inputs=True, task=None, model=True),
-    metrics={
-        "ssim_mean": "mean SSIM of the strongest attack's reconstructions",
-        "ssim_p95": "95th-percentile SSIM of the strongest attack's reconstructions",
-        "psnr": "PSNR (dB) of the strongest attack's reconstructions",
-    },
+    threat=Threat("weights", "none"),
+    metrics=with_intervals(
+        {
+            "ssim_mean": "mean SSIM of the white-box inversions",
+            "ssim_p95": "95th-percentile SSIM of the white-box inversions",
+            "psnr": "PSNR (dB) of the white-box inversions",
+        },
+        "ssim_mean", "ssim_p95", "psnr",
+    ),
+    # In an audit by default, on a seeded sample of test rows: its cost grows with each row.
+    audit_default=lambda tasks: {"rows": 128},
     artifacts={
         "grid": Artifact(
             "PNG of test originals above their white-box inversions", "inversion.png",

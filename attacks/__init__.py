@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from leakaudit.attacks.classifier import ClassifierConfig, ClassifierResult, HeadResult, run_classifier
 from leakaudit.attacks.decoders import DecoderConfig, DecoderResult, ImageScores, run_decoder
+from leakaudit.attacks.substitute import SubstituteConfig, SubstituteResult, run_substitute  # noqa: F401 - registers `substitute`
 
 __all__ = [
     "ClassifierConfig",

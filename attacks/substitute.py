@@ -27,11 +27,14 @@ SDAR, NDSS 2025):
    (E'(X_aux), X_aux) and applied to the real test Z.
 
 Model selection uses held-out auxiliary rows only (a fifth of each side): the alignment keeps
-the epoch with the lowest held-out loss, the decoder the epoch with the best SSIM on held-out
-substitute pairs. Scores are the decoder attack's (:func:`leakaudit.attacks.decoders.score_images`:
-per-image SSIM and PSNR on test rows), beside the mean-image floor (the attacker-train mean),
-so the numbers mean the same for every attack. Why alignment and not UnSplit's alternating
-optimisation, with the measurements, is in ``benchmarks/RESULTS-attacks.md``.
+the epoch with the lowest held-out loss; the decoder's epoch (the untrained one, which predicts
+the mean image, included) is chosen on a cycle gain over held-out observed Z
+(:func:`_cycle_gain`), since the attacker holds no pair to validate on. Scores are the decoder
+attack's (:func:`leakaudit.attacks.decoders.score_images`: per-image SSIM and PSNR on test rows),
+beside the mean-image floor (the attacker-train mean), so the numbers mean the same for every
+attack. Alignment was chosen because it trains a decoder once and decodes every test row in one
+pass; UnSplit's alternating optimisation over the test Z is not implemented, so the two are not
+compared yet. Measurements are in ``benchmarks/RESULTS-attacks.md``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,18 @@ SDAR, NDSS 2025):
 Model selection uses held-out auxiliary rows only (a fifth of each side): the alignment keeps
 the epoch with the lowest held-out loss; the decoder's epoch (the untrained one, which predicts
 the mean image, included) is chosen on a cycle gain over held-out observed Z
-(:func:`_cycle_gain`), since the attacker holds no pair to validate on. Scores are the decoder
+(:func:`_cycle_gain`), since the attacker holds no pair to validate on.
+
+The cycle gain cannot tell whether Z carries anything about X: on noise Z, E' learns to map X
+into the noise's distribution, the decoder inverts E', and re-encoding a decoded noise row gives
+that row back, so the gain is positive there too. What links the two unpaired sides is the
+public task, so a chance check decides whether the reconstructions are reported at all: a fifth
+of the observed Z rows is set aside (no other stage sees their labels), an image classifier of
+the public task is fitted on the auxiliary (X, label) rows, and it classifies the decoder's
+reconstructions of the set-aside Z. If they agree with those rows' public labels no more often
+than under permutations of the labels (:func:`chance_check`, p-value above ``alpha``), the
+attack reports the mean image, with a warning. Without public labels there is no such check,
+and a warning says so. Scores are the decoder
 attack's (:func:`leakaudit.attacks.decoders.score_images`: per-image SSIM and PSNR on test rows),
 beside the mean-image floor (the attacker-train mean), so the numbers mean the same for every
 attack. Alignment was chosen because it trains a decoder once and decodes every test row in one
@@ -69,6 +80,8 @@ from leakaudit.training.engine import EpochTraining, Schedule, StepLoss, seed_fo
 METHODS = ("align",)
 #: Share of each auxiliary side held out for model selection.
 HOLDOUT = 0.2
+#: Label permutations of the chance check (its p-value is at least 1 / (PERMUTATIONS + 1)).
+PERMUTATIONS = 999
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,9 @@ class SubstituteConfig:
         arch: the decoder (``upsample``, ``alexnet``, ``resnet``).
         width: channels of the decoder's last stage.
         seed: seeds every initialisation and minibatch order (results are deterministic per seed).
+        alpha: the chance check's significance level: the reconstructions are reported only if
+            their public-task agreement on the check rows has a permutation p-value at most ``alpha``;
+            otherwise the attack reports the mean image.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         trust_checkpoint: allow unpickling the recorded checkpoint to rebuild the architecture
             (runs code from the file).
@@ -106,6 +122,7 @@ class SubstituteConfig:
     arch: str = "upsample"
     width: int = 32
     seed: int = 0
+    alpha: float = 0.01
     device: str = "auto"
     trust_checkpoint: bool = False
 
@@ -118,6 +135,8 @@ class SubstituteConfig:
             positive(name, getattr(self, name))
         positive("lr", self.lr)
         positive("ce_weight", self.ce_weight, allow_zero=True)
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha: expected a significance level between 0 and 1, got {self.alpha!r}.")
         if not self.bandwidths:
             raise UsageError("bandwidths: expected at least one kernel width, got none.")
         for value in self.bandwidths:
@@ -420,15 +439,19 @@ def run_substitute(store: ActivationStore, config: SubstituteConfig, progress: P
     x_aux = as_tensor(read_inputs(store, rows.train, "attacker-train"))
     z_obs = as_tensor(read_activations(store, rows.val, "attacker-validation"))
     x_fit, x_hold = _holdout(len(x_aux), seed_for(config.seed, "holdout-x"))
-    z_fit, z_hold = _holdout(len(z_obs), seed_for(config.seed, "holdout-z"))
+    labels, classes, warning = _public_labels(store, config.task)
+    warnings += [warning] if warning else []
+    z_check = np.arange(0)
+    z_rest = np.arange(len(z_obs))
+    if labels is not None:  # the chance check's rows: no other stage sees their labels
+        z_rest, z_check = _holdout(len(z_obs), seed_for(config.seed, "check-z"))
+    z_fit, z_hold = (z_rest[i] for i in _holdout(len(z_rest), seed_for(config.seed, "holdout-z")))
     with torch.no_grad():
         out = encoder.eval()(x_aux[:2])
     if not isinstance(out, torch.Tensor) or tuple(out.shape[1:]) != layer_shape:
         shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"the rebuilt encoder outputs {shape}, the store's Z is {layer_shape}")
 
-    labels, classes, warning = _public_labels(store, config.task)
-    warnings += [warning] if warning else []
     spatial = len(layer_shape) == 3 and layer_shape[1] * layer_shape[2] > 1
     standardizer = Standardizer.fit(z_obs[z_fit], per_channel=spatial)
     head = None
@@ -479,10 +502,29 @@ def run_substitute(store: ActivationStore, config: SubstituteConfig, progress: P
         seed=seed_for(config.seed, f"decoder-{config.arch}"), device=device, keep_initial=True,
         on_progress=(lambda done, total: progress("substitute decoder", done, total)) if progress else None,
     )  # fmt: skip
+    check: dict[str, Any] = {"agreement": None, "chance": None, "p_value": None, "mean_image": False}
+    if labels is not None and fitted.best_epoch > 0:
+        y_check = torch.from_numpy(labels[rows.val][z_check])
+        judge = _image_classifier(x_aux, y_train, x_fit, x_hold, classes, config, device)
+        guess = predict(judge, predict(decoder, scale(z_obs[z_check]), device).clamp_(0.0, 1.0), device).argmax(1)
+        check.update(chance_check(guess, y_check, seed_for(config.seed, "chance-check")))
+        check["mean_image"] = check["p_value"] > config.alpha
+        if check["mean_image"]:
+            warnings.append(
+                f"the reconstructions of {len(z_check)} observed Z rows agree with their public labels no more "
+                f"than chance ({check['agreement']:.3f} against {check['chance']:.3f} under permutation, "
+                f"p = {check['p_value']:.3f} > alpha {config.alpha}): the attack reports the mean image."
+            )  # fmt: skip
+    elif labels is None:
+        warnings.append("without public labels the reconstructions cannot be checked against chance; on Z that "
+                        "carries nothing the attacker can use they may score below the mean image.")  # fmt: skip
     del x_aux, z_obs, features
     x_test = as_tensor(read_inputs(store, rows.test, "test"))
     z_test = as_tensor(read_activations(store, rows.test, "test"))
-    recon = predict(decoder, scale(z_test), device).clamp_(0.0, 1.0)
+    if check["mean_image"]:
+        recon = mean_image.expand_as(x_test).clone()
+    else:
+        recon = predict(decoder, scale(z_test), device).clamp_(0.0, 1.0)
     scores, ssim = score_images(recon, x_test)
     floor, floor_ssim = score_images(mean_image.expand_as(x_test), x_test)
     sizes = rows.sizes()
@@ -504,6 +546,7 @@ def run_substitute(store: ActivationStore, config: SubstituteConfig, progress: P
         "decoder_cycle_gain_heldout": fitted.val_score,
         "decoder_epochs": fitted.epochs,
         "decoder_best_epoch": fitted.best_epoch,
+        "chance_check": check,
     }
     return SubstituteResult(
         scores=scores, mean_image=floor, alignment=alignment, threat=threat, rows=sizes,
@@ -540,6 +583,37 @@ def _cycle_gain(encoder: nn.Module, own_scale: Standardizer) -> Callable[[torch.
         return other - own
 
     return gain
+
+
+def chance_check(guess: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
+    """How often ``guess`` equals ``labels``, against the same agreement under label permutations.
+
+    Under the null that the guesses are independent of the labels, every permutation of the
+    labels is as likely as the observed order, so the share of ``PERMUTATIONS`` random
+    permutations (plus the observed one) that agree at least as often is a valid p-value.
+
+    Returns:
+        ``agreement`` (observed), ``chance`` (its mean under permutation) and ``p_value``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    observed = float((guess == labels).double().mean())
+    orders = torch.stack([torch.randperm(len(labels), generator=generator) for _ in range(PERMUTATIONS)])
+    null = (guess.unsqueeze(0) == labels[orders]).double().mean(1)
+    exceed = int((null >= observed - 1e-12).sum())
+    return {"agreement": observed, "chance": float(null.mean()), "p_value": (1 + exceed) / (1 + PERMUTATIONS)}
+
+
+def _image_classifier(x: torch.Tensor, y: torch.Tensor, fit_rows: np.ndarray, hold_rows: np.ndarray, classes: int,
+                      config: SubstituteConfig, device: torch.device) -> nn.Module:  # fmt: skip
+    """A public-task classifier of images, fitted on the auxiliary (X, label) rows, for the chance check."""
+    torch.manual_seed(seed_for(config.seed, "image-classifier"))
+    judge = mlp_head(math.prod(x.shape[1:]), classes, width=256)
+    fit(
+        judge, (x[fit_rows], y[fit_rows]), (x[hold_rows], y[hold_rows]), loss_fn=F.cross_entropy,
+        score_fn=lambda out, t: (out.argmax(1) == t).float(), epochs=config.align_epochs, batch_size=config.batch_size,
+        lr=config.lr, patience=config.patience, seed=seed_for(config.seed, "image-classifier"), device=device,
+    )  # fmt: skip
+    return judge.eval()
 
 
 def _public_head(z: torch.Tensor, y: torch.Tensor, fit_rows: np.ndarray, hold_rows: np.ndarray,

@@ -443,7 +443,7 @@ def run_substitute(store: ActivationStore, config: SubstituteConfig, progress: P
     warnings += [warning] if warning else []
     z_check = np.arange(0)
     z_rest = np.arange(len(z_obs))
-    if labels is not None:  # the chance check's rows: no other stage sees their labels
+    if labels is not None and len(z_obs) >= 10:  # the chance check's rows: no other stage sees their labels
         z_rest, z_check = _holdout(len(z_obs), seed_for(config.seed, "check-z"))
     z_fit, z_hold = (z_rest[i] for i in _holdout(len(z_rest), seed_for(config.seed, "holdout-z")))
     with torch.no_grad():
@@ -503,7 +503,7 @@ def run_substitute(store: ActivationStore, config: SubstituteConfig, progress: P
         on_progress=(lambda done, total: progress("substitute decoder", done, total)) if progress else None,
     )  # fmt: skip
     check: dict[str, Any] = {"agreement": None, "chance": None, "p_value": None, "mean_image": False}
-    if labels is not None and fitted.best_epoch > 0:
+    if len(z_check) and fitted.best_epoch > 0:
         y_check = torch.from_numpy(labels[rows.val][z_check])
         judge = _image_classifier(x_aux, y_train, x_fit, x_hold, classes, config, device)
         guess = predict(judge, predict(decoder, scale(z_obs[z_check]), device).clamp_(0.0, 1.0), device).argmax(1)
@@ -515,9 +515,10 @@ def run_substitute(store: ActivationStore, config: SubstituteConfig, progress: P
                 f"than chance ({check['agreement']:.3f} against {check['chance']:.3f} under permutation, "
                 f"p = {check['p_value']:.3f} > alpha {config.alpha}): the attack reports the mean image."
             )  # fmt: skip
-    elif labels is None:
-        warnings.append("without public labels the reconstructions cannot be checked against chance; on Z that "
-                        "carries nothing the attacker can use they may score below the mean image.")  # fmt: skip
+    elif not len(z_check):
+        why = "without public labels" if labels is None else f"with {len(z_obs)} observed Z rows"
+        warnings.append(f"{why} the reconstructions cannot be checked against chance; on Z that carries nothing the "
+                        "attacker can use they may score below the mean image.")  # fmt: skip
     del x_aux, z_obs, features
     x_test = as_tensor(read_inputs(store, rows.test, "test"))
     z_test = as_tensor(read_activations(store, rows.test, "test"))

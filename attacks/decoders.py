@@ -190,6 +190,15 @@ class ImageScores:
         """The 95 % interval of ``score`` (a name of :attr:`SCORES`)."""
         return getattr(self, score + "_ci95")
 
+    def numbers(self, *scores: str, as_name: str = "{}") -> dict[str, Any]:
+        """``scores`` for report.json, each beside its ``_ci95`` interval (``as_name`` renames them)."""
+        out: dict[str, Any] = {}
+        for score in scores:
+            out[as_name.format(score)] = getattr(self, score)
+            if self.interval(score) is not None:
+                out[as_name.format(score) + "_ci95"] = self.interval(score)
+        return out
+
 
 @dataclass
 class DecoderRun:
@@ -268,17 +277,10 @@ class DecoderResult:
 
     def report_metrics(self) -> dict[str, Any]:
         """The report.json numbers (DESIGN.md names), for the strongest decoder, each with its ``_ci95``."""
-        metrics: dict[str, Any] = {}
-        for name, scores, score in (
-            ("ssim_mean", self.scores, "ssim_mean"),
-            ("ssim_p95", self.scores, "ssim_p95"),
-            ("psnr", self.scores, "psnr"),
-            ("ssim_p95_mean_image", self.mean_image, "ssim_p95"),
-        ):
-            metrics[name] = getattr(scores, score)
-            if scores.interval(score) is not None:
-                metrics[name + "_ci95"] = scores.interval(score)
-        return metrics
+        return {
+            **self.scores.numbers("ssim_mean", "ssim_p95", "psnr"),
+            **self.mean_image.numbers("ssim_p95", as_name="{}_mean_image"),
+        }
 
     def render(self) -> list[Any]:
         """Rich renderables for the terminal (see :mod:`leakaudit.attacks.display`)."""

@@ -178,12 +178,7 @@ class InversionResult:
 
     def report_metrics(self) -> dict[str, Any]:
         """The report.json numbers (DESIGN.md names) of the reconstructions, each with its ``_ci95``."""
-        metrics: dict[str, Any] = {}
-        for name in ("ssim_mean", "ssim_p95", "psnr"):
-            metrics[name] = getattr(self.scores, name)
-            if self.scores.interval(name) is not None:
-                metrics[name + "_ci95"] = self.scores.interval(name)
-        return metrics
+        return self.scores.numbers("ssim_mean", "ssim_p95", "psnr")
 
     def render(self) -> list[Any]:
         """Rich renderables for the terminal."""

@@ -323,24 +323,37 @@ def jacobian_trace_hutchinson(
     x: torch.Tensor,
     probes: int,
     generator: torch.Generator,
+    mode: Literal["jvp", "vjp"] = "jvp",
 ) -> FisherTrace:
     """tr(Jᵢᵀ Jᵢ) for each row i of ``x``, Jᵢ the Jacobian of ``function``'s row i at row i.
 
-    E_v ‖J v‖² = tr(Jᵀ J) for v with independent ±1 entries; each probe is one forward-mode
-    product J v (:func:`torch.func.jvp`) for the whole batch. ``function`` must treat rows
-    independently (a model in eval mode does): then the batch's Jacobian is block-diagonal
-    and row i of J v is Jᵢ vᵢ.
+    ``jvp``: E_v ‖J v‖² = tr(Jᵀ J) for v with independent ±1 entries, each probe one
+    forward-mode product J v (:func:`torch.func.jvp`) for the whole batch. ``vjp``, for
+    models whose operations lack forward-mode derivatives: E_u ‖Jᵀ u‖² = tr(J Jᵀ), the same
+    trace, with ±1 probes u of Z's shape and one backward pass each. ``function`` must treat
+    rows independently (a model in eval mode does): then the batch's Jacobian is
+    block-diagonal and row i of J v is Jᵢ vᵢ.
     """
     from torch.func import jvp
 
     if probes < 2:
         raise ValueError(f"at least 2 probes are needed for a standard error, got {probes}.")
+
+    def rademacher(shape: torch.Size) -> torch.Tensor:
+        draw = torch.randint(0, 2, shape, generator=generator, device=generator.device)
+        return draw.to(x.device, x.dtype) * 2 - 1
+
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     squares = torch.zeros_like(total)
     for _ in range(probes):
-        v = torch.randint(0, 2, x.shape, generator=generator, device=generator.device).to(x.device, x.dtype) * 2 - 1
-        _, jv = jvp(function, (x,), (v,))
-        norm2 = jv.detach().reshape(jv.shape[0], -1).double().pow(2).sum(1)
+        if mode == "jvp":
+            _, product = jvp(function, (x,), (rademacher(x.shape),))
+        else:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                out = function(leaf)
+                (product,) = torch.autograd.grad(out, leaf, grad_outputs=rademacher(out.shape))
+        norm2 = product.detach().reshape(product.shape[0], -1).double().pow(2).sum(1)
         total += norm2
         squares += norm2 * norm2
     mean = total / probes
@@ -512,9 +525,16 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
         if mismatch is not None:
             return _undefined(config, mismatch, sigma=sigma)
         function = lambda x: encoder(model_input(x))  # noqa: E731 - the map whose Jacobian is taken
+        mode: Literal["jvp", "vjp"] = "jvp"
         for start in range(0, len(rows), config.batch_size):
             batch = torch.from_numpy(store.inputs(rows[start : start + config.batch_size])).to(device)
-            trace = jacobian_trace_hutchinson(function, batch, config.probes, generator)
+            try:
+                trace = jacobian_trace_hutchinson(function, batch, config.probes, generator, mode)
+            except (RuntimeError, NotImplementedError):
+                if mode == "vjp" or start > 0:
+                    raise
+                mode = "vjp"  # an operation without a forward-mode derivative: probe Jᵀ u instead
+                trace = jacobian_trace_hutchinson(function, batch, config.probes, generator, mode)
             traces.append(trace.per_row)
             variances.append(trace.probe_variance)
             if progress is not None:
@@ -533,6 +553,7 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
         "rows": n,
         "role": ROLES[2],
         "probes": config.probes,
+        "jacobian_products": mode,
         # Over rows: covers both the rows' spread and the probes' noise.
         "standard_error": float(per_row.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         # The probes' share alone: how far a row's Hutchinson estimate is from its exact trace.

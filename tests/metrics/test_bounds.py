@@ -117,12 +117,13 @@ def test_too_few_rows_for_knn_is_a_one_line_error(cli, tmp_path):
 # --------------------------------------------------------------------------- dFIL
 
 
-def test_hutchinson_trace_of_a_linear_map_is_within_two_percent_at_64_probes():
+@pytest.mark.parametrize("mode", ["jvp", "vjp"])
+def test_hutchinson_trace_of_a_linear_map_is_within_two_percent_at_64_probes(mode):
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=generator, dtype=torch.float64)
     exact = float((w * w).sum())  # tr(WᵀW)
     x = torch.rand(200, 64, generator=generator, dtype=torch.float64)
-    trace = jacobian_trace_hutchinson(lambda v: v @ w.T, x, 64, generator)
+    trace = jacobian_trace_hutchinson(lambda v: v @ w.T, x, 64, generator, mode)
     estimate = trace.per_row.mean()
     assert estimate == pytest.approx(exact, rel=0.02)
     standard_error = math.sqrt(trace.probe_variance.sum() / 64) / len(x)
@@ -200,7 +201,7 @@ def test_dfil_of_a_linear_encoder_with_gaussian_noise_is_its_closed_form(tmp_pat
     details = result.details
     assert details["sigma"] == sigma and details["sigma_source"] == "encoder"
     assert details["declared_at"] == ["noise.noise_sigma"] and details["input_elements"] == d
-    assert details["rows"] == 80 and details["probes"] == 64
+    assert details["rows"] == 80 and details["probes"] == 64 and details["jacobian_products"] == "jvp"
     assert result.values["dfil"] == pytest.approx(expected, rel=0.02)
     assert result.values["mse_bound"] == pytest.approx(1 / result.values["dfil"])
     assert abs(result.values["dfil"] - expected) <= 4 * details["probe_standard_error"]

@@ -36,7 +36,7 @@ where the encoder is deterministic: there dFIL is undefined (infinite).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -567,7 +567,7 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
     return MetricResult("fisher-leakage", values, details, asdict(config))
 
 
-__all__: Sequence[str] = (
+__all__ = [
     "BayesRiskEstimate",
     "FisherTrace",
     "bayes_risk_knn",
@@ -577,4 +577,4 @@ __all__: Sequence[str] = (
     "error_interval",
     "jacobian_trace_hutchinson",
     "neighbours_for",
-)
+]

@@ -543,7 +543,7 @@ def _write_run(
     save_weights(model, folder / "model.safetensors", metadata={"leakaudit": "harden", "method": settings.method})
     files: dict[str, str] = {}
     extra = objective.state_dict()
-    if extra and not objective.trains_model:  # Shredder: the noise is the hardening
+    if extra and (objective.noise_at_split or not objective.trains_model):  # noise the weights lack
         save_weights(extra, folder / "noise.safetensors")
         files["noise.safetensors"] = "noise.safetensors"
     example = next(batches(data, data.rows(ROLE_TRAIN)[:8], 8, device, None)).model_input

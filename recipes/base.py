@@ -70,6 +70,10 @@ class Objective:
     default_lr = 1e-3
     #: keep validation Z for :meth:`epoch_metrics` (costs memory on wide layers)
     needs_val_z = False
+    #: the deployed encoder draws noise at the split (:meth:`wrap_encoder`) that the model's
+    #: weights do not hold: its state is saved as ``noise.safetensors`` and evaluation dumps
+    #: run ``encoder.pt2``. True wherever :attr:`trains_model` is False, since then the noise is the hardening.
+    noise_at_split = False
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable tensors of the objective itself (Shredder's noise)."""

@@ -102,7 +102,7 @@ def center_loss_run(pretrained, tmp_path_factory):
 
 
 def test_recipes_are_registered_with_frozen_configs():
-    assert RECIPES.names() == ["center-loss", "nopeek", "shredder"]
+    assert RECIPES.names() == ["center-loss", "gaussian-noise", "nopeek", "shredder"]
     for plugin in RECIPES:
         config = plugin.config_cls()
         with pytest.raises(Exception):

@@ -205,7 +205,7 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
     harden = data.get("harden")
     if harden is not None:
         if not isinstance(harden, Mapping) or "method" not in harden:
-            raise ConfigError("harden: expected a mapping with a 'method' (center-loss, nopeek or shredder).")
+            raise ConfigError("harden: expected a mapping with a 'method' (see `leakaudit list recipes`).")
         harden = dict(harden)
     policy = data.get("policy")
     if policy is not None:

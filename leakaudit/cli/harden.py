@@ -79,7 +79,7 @@ def harden(
     layer: Annotated[str, typer.Option("--layer", "-l", help="Split layer (a module name; see `leakaudit layers MODEL`).", show_default=False)],
     data: DataOpt,
     task: Annotated[list[str], typer.Option("--task", "-t", help="Tasks NAME=SOURCE; public=SOURCE is trained, others can be --against or --private targets. Repeatable.", show_default=False)],
-    method: Annotated[str, typer.Option("--method", "-m", help="center-loss, nopeek or shredder (see `leakaudit list recipes`).", show_default=False)],
+    method: Annotated[str, typer.Option("--method", "-m", help="center-loss, nopeek, shredder or gaussian-noise (see `leakaudit list recipes`).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: hardened model, encoder.pt2, classifier.pt2, harden.json.", show_default=False)],
     weights: WeightsOpt = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="center-loss: λ in λ·L_C + (1 − λ)·L_S, in [0, 1] (default 0.9).")] = None,
@@ -87,6 +87,8 @@ def harden(
     center_dim: Annotated[Optional[int], typer.Option("--center-dim", help="center-loss: fixed PCA reduction of Z to this many dimensions before the centre loss.")] = None,
     center_scale: Annotated[Optional[str], typer.Option("--center-scale", help="center-loss: 'absolute' (the paper's, default) or 'relative' (within-class over total scatter; no rescaling of Z lowers it).")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="nopeek: weight α of dCor(X, Z) against the cross-entropy (default 1).")] = None,
+    sigma: Annotated[Optional[float], typer.Option("--sigma", help="gaussian-noise: scale σ of the Gaussian noise added at the split (default 1).")] = None,
+    clip: Annotated[Optional[float], typer.Option("--clip", help="gaussian-noise: clip each row of Z to L2 norm C before the noise (default: no clipping).")] = None,
     against: Annotated[Optional[str], typer.Option("--against", help="nopeek: 'input' (default) or a task name, to decorrelate Z from that attribute.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="Further recipe setting KEY=VALUE (see `leakaudit list recipes`); repeatable.")] = None,
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Train each value of one setting, e.g. lambda=0.5,0.7,0.9,0.99, and measure the privacy–utility table.")] = None,
@@ -124,7 +126,8 @@ def harden(
 
     options: dict[str, Any] = parse_key_values(option, "--option")
     for name, value in (("lambda", lambda_), ("center_alpha", center_alpha), ("center_dim", center_dim),
-                        ("center_scale", center_scale), ("alpha", alpha), ("against", against), ("burn_in", burn_in)):
+                        ("center_scale", center_scale), ("alpha", alpha), ("against", against), ("burn_in", burn_in),
+                        ("sigma", sigma), ("clip", clip)):
         if value is not None:
             options[name] = value
     settings = HardenSettings(

@@ -117,6 +117,8 @@ class Alignment(engine.Task[AlignStats]):
                  y_x: tuple[torch.Tensor, torch.Tensor] | None, head: nn.Module | None, standardizer: Standardizer,
                  widths: torch.Tensor, ce_weight: float, seed: int, device: torch.device) -> None:  # fmt: skip
         self.encoder, (self.x_fit, self.x_hold), self.z_fit, self.z_hold = encoder, x, z[0], z[1]
+        self.y_fit: torch.Tensor | None
+        self.y_hold: torch.Tensor | None
         self.y_fit, self.y_hold = y_x if y_x is not None else (None, None)
         self.head, self.standardizer, self.widths = head, standardizer, widths.to(device)
         self.ce_weight, self.device = ce_weight, device

@@ -104,6 +104,11 @@ class DecoderConfig:
     precision: str = "fp32"
     leaked: tuple[float, ...] | str = (1.0,)
 
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """``leaked`` as sorted shares in (0, 1], 1 included."""
+        return _fractions(self.leaked)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "leaked", _fractions(self.leaked))
         if self.arch not in ARCH_CHOICES:
@@ -412,15 +417,15 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
     )
     per_image: dict[str, np.ndarray] = {"mean-image": baseline_ssim.astype(np.float32), **trained.per_image}
     curve = []
-    if len(config.leaked) > 1:
+    if len(config.shares) > 1:
         # Nested shares: the attacker holding 1 % holds a subset of the one holding 10 %.
         generator = np.random.default_rng(seed_for(config.seed, "leaked"))
         train_order, val_order = generator.permutation(len(z_train)), generator.permutation(len(z_val))
-        for share in config.leaked:
+        for share in config.shares:
             if share == 1.0:
                 point, held = trained, (len(z_train), len(z_val))
             else:
-                held = tuple(max(MIN_LEAKED_ROWS, math.ceil(share * n)) for n in (len(z_train), len(z_val)))
+                held = (max(MIN_LEAKED_ROWS, math.ceil(share * len(z_train))), max(MIN_LEAKED_ROWS, math.ceil(share * len(z_val))))
                 if held[0] > len(z_train) or held[1] > len(z_val):
                     raise DataError(
                         f"leaked share {share:g} needs at least {MIN_LEAKED_ROWS} attacker-train and attacker-validation "

@@ -355,6 +355,7 @@ def run_substitute(store: ActivationStore, config: SubstituteConfig, progress: P
     )  # fmt: skip
     check: dict[str, Any] = {"agreement": None, "chance": None, "p_value": None, "mean_image": False}
     if len(z_check) and fitted.best_epoch > 0:
+        assert labels is not None  # the check rows are set aside only when there are public labels
         y_check = torch.from_numpy(labels[rows.val][z_check])
         judge = _image_classifier(x_aux, y_train, x_fit, x_hold, classes, config, device)
         guess = predict(judge, predict(decoder, scale(z_obs[z_check]), device).clamp_(0.0, 1.0), device).argmax(1)

@@ -207,6 +207,7 @@ def evaluate(metrics: Mapping[str, Any], thresholds: list[Threshold]) -> Verdict
                 reason = MISSING_INTERVAL if raw is None else f"its 95 % interval is {malformed}"
                 checks.append(Check(t.metric, value, t.describe(), False, reason, t.use))
                 continue
+            assert raw is not None  # interval_problem refused a missing one
             interval = [float(raw[0]), float(raw[1])]
             compared = interval[0] if t.use == "lower95" else interval[1]
         low_ok = t.min is None or compared >= t.min

@@ -163,7 +163,7 @@ class Report:
 
     subject: dict[str, Any]
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    measured: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
     carried: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, Any] | None = None
     sections: dict[str, Any] = field(default_factory=dict)

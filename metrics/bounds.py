@@ -156,8 +156,8 @@ def bayes_risk_knn(
     chance = float(1.0 - counts.max() / counts.sum())
     for point in curve:
         point["lower_bound"] = min(point["lower_bound"], chance)
-    nn_ci = error_interval(last["nn_errors"], m)
-    knn_ci = error_interval(last["knn_errors"], m)
+    nn_ci = error_interval(int(last["nn_errors"]), m)
+    knn_ci = error_interval(int(last["knn_errors"]), m)
     return BayesRiskEstimate(
         estimate=min(last["knn_error"], chance),
         knn_error=last["knn_error"],
@@ -347,7 +347,7 @@ def jacobian_trace_hutchinson(
     squares = torch.zeros_like(total)
     for _ in range(probes):
         if mode == "jvp":
-            _, product = jvp(function, (x,), (rademacher(x.shape),))
+            product = jvp(function, (x,), (rademacher(x.shape),))[1]
         else:
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
@@ -505,7 +505,7 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
     rows = store.rows(ROLES[2])[: config.max_rows]
     if len(rows) == 0:
         raise DataError(f"fisher-leakage needs test rows, but {str(store.path)!r} has none.")
-    d = int(np.prod(store.input_shape))
+    d = int(np.prod(store.input_shape or ()))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     traces, variances = [], []
     # The encoder's own noise is drawn from torch's global generator: fork it, so the metric

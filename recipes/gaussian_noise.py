@@ -67,6 +67,9 @@ class GaussianNoise(nn.Module):
     The noise is drawn in eval mode too: it is part of the deployed encoder.
     """
 
+    noise_sigma: torch.Tensor
+    noise_clip: torch.Tensor
+
     def __init__(self, sigma: float, clip: float | None = None) -> None:
         super().__init__()
         self.clips = clip is not None

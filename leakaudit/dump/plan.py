@@ -85,6 +85,8 @@ class _Plan:
     output_shape: tuple[int, ...] | None
     fingerprint: dict[str, Any]
     attrs: dict[str, Any]
+    #: A multi-layer dump's layers, in the order of the encoder's outputs (empty for one layer).
+    layers: tuple[str, ...] = ()
 
 
 def _check_paths(settings: DumpSettings, output: Path) -> None:

@@ -79,7 +79,9 @@ def _assert_same_store(multi: Path, single: Path) -> None:
     ],
 )
 def test_each_layer_equals_its_single_layer_dump(tmp_path, model, layers, truncation):
-    settings = _settings(tmp_path, model)
+    # Passes side by side where the cut allows them; fixed, since a timing trial on a loaded
+    # machine may choose differently from one dump to the next (and the stores record it).
+    settings = _settings(tmp_path, model, threads=1, workers=2 if truncation == "fx" else 1)
     multi = [tmp_path / f"multi-{name}.h5" for name in layers]
     reports = dump_many(settings, layers, multi)
     assert [r.truncation for r in reports] == [truncation] * len(layers)

@@ -41,7 +41,7 @@ from leakaudit.dump.pipeline import _Pipeline
 from leakaudit.dump.plan import _apply_tuning, _check_paths, _open_writer, _plan
 from leakaudit.dump.settings import DumpReport, DumpSettings
 from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
-from leakaudit.layers import OUTPUT, LayerCapture, Truncation, _as_tensor, eval_mode, resolve_layer, truncate
+from leakaudit.layers import OUTPUT, LayerCapture, Truncation, _as_tensor, _truncate_checked, eval_mode, resolve_layer
 from leakaudit.runtime import resolve_device
 from leakaudit.store import StoreWriter, check_no_dump_running, partial_path
 
@@ -61,6 +61,8 @@ class MultiTruncation:
     method: str
     layers: tuple[str, ...]
     methods: tuple[str, ...]
+    #: The encoder's outputs on the example it was checked on (None where it was not run).
+    example_outputs: list[torch.Tensor] | None = None
 
 
 def execution_order(module: nn.Module, layers: Sequence[str], example: torch.Tensor) -> list[str]:
@@ -109,9 +111,9 @@ def truncate_many(module: nn.Module, layers: Sequence[str], example: torch.Tenso
     if len(set(resolved)) != len(resolved):
         repeated = sorted({n for n in resolved if resolved.count(n) > 1})
         raise UsageError(f"layer {repeated[0]!r} is given twice; name each layer once.")
-    single = [truncate(module, name, example) for name in resolved]
-    if all(t.method == "fx" for t in single):
-        multi = _fx_many(module, resolved, single, example)
+    checked = [_truncate_checked(module, name, example) for name in resolved]
+    if all(t.method == "fx" for t, _ in checked):
+        multi = _fx_many(module, resolved, checked, example)
         if multi is not None:
             return multi
     modules = dict(module.named_modules())
@@ -126,9 +128,13 @@ def truncate_many(module: nn.Module, layers: Sequence[str], example: torch.Tenso
 
 
 def _fx_many(
-    module: nn.Module, layers: tuple[str, ...], single: Sequence[Truncation], example: torch.Tensor
+    module: nn.Module, layers: tuple[str, ...], checked: Sequence[tuple[Truncation, torch.Tensor | None]], example: torch.Tensor
 ) -> MultiTruncation | None:
-    """One feature extractor for every layer, or None where it does not give each layer's bits."""
+    """One feature extractor for every layer, or None where it does not give each layer's bits.
+
+    Each layer's own encoder output on ``example`` is the one its truncation check computed
+    (run here only for a graph node, which that check does not run).
+    """
     from timm.models import create_feature_extractor
 
     with warnings.catch_warnings(), eval_mode(module):
@@ -146,10 +152,10 @@ def _fx_many(
 
     with torch.inference_mode():
         got = encoder(example)
-        expected = [t.encoder(example) for t in single]
+        expected = [z if z is not None else t.encoder(example) for t, z in checked]
     if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, expected)):
         return None
-    return MultiTruncation(encoder, "fx", layers, tuple("fx" for _ in layers))
+    return MultiTruncation(encoder, "fx", layers, tuple("fx" for _ in layers), example_outputs=got)
 
 
 def _hook_many(module: nn.Module, layers: tuple[str, ...], example: torch.Tensor) -> Callable[[torch.Tensor], list[torch.Tensor]]:
@@ -213,13 +219,16 @@ def dump_many(
             raise OutputExistsError(
                 f"an interrupted dump left {str(partial_path(path))!r}. Start over with --force."
             )
-    plan = _plan(dataclasses.replace(settings, layer=layers[0], output=outputs[0]))
+    # Cut below, all layers at once: the plan's own cut of one layer would repeat that work.
+    plan = _plan(dataclasses.replace(settings, layer=layers[0], output=outputs[0]), cut=False)
     writers: list[StoreWriter] = []
     try:
         try:
             multi = truncate_many(plan.loaded.module, layers, plan.example)
-            with torch.inference_mode():
-                z_example = multi.encoder(plan.example)
+            z_example = multi.example_outputs
+            if z_example is None:
+                with torch.inference_mode():
+                    z_example = multi.encoder(plan.example)
         except LeakAuditError:
             raise
         except Exception as exc:

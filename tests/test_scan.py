@@ -161,8 +161,11 @@ def test_no_store_is_replaced_without_force_and_a_failure_leaves_none(tmp_path):
 
 # --------------------------------------------------------------------------- the scan command
 
-#: Short budgets: the tests check the workflow, not the attacks' strength.
-_CHEAP = ("--set", "classifier.epochs=3", "--set", "decoder.epochs=1", "--set", "dcor.pvalue=none")
+#: Tiny budgets: the tests check the workflow, not the attacks' strength (no raw-X reference
+#: probes, a narrow decoder for one epoch, no permutation test).
+_CHEAP = ("--set", "classifier.epochs=2", "--set", "classifier.raw_reference=false", "--set", "decoder.epochs=1",
+          "--set", "decoder.width=8", "--set", "dcor.pvalue=none")  # fmt: skip
+_ROWS = 120
 
 
 def _policy(tmp_path: Path, thresholds: dict) -> Path:
@@ -172,7 +175,7 @@ def _policy(tmp_path: Path, thresholds: dict) -> Path:
 
 
 def _scan(cli, tmp_path: Path, *extra):
-    return cli("scan", "lenet5", "--data", "digits", "--task", "private=label", "--limit", "200",
+    return cli("scan", "lenet5", "--data", "digits", "--task", "private=label", "--limit", str(_ROWS),
                "--layers", "fc1,conv3", "-o", tmp_path / "out", *_CHEAP, *extra)  # fmt: skip
 
 
@@ -198,7 +201,7 @@ def test_scan_end_to_end_recommends_the_shallowest_passing_layer(cli, tmp_path):
         assert set(row["probes"]) == {"classifier:linear", "classifier:mlp"}
         assert row["metrics"]["private_accuracy"] in row["probes"].values()
         with open_store(row["store"]) as store:  # an ordinary store: checksums verified on open
-            assert store.attrs["layer"] == row["layer"] and len(store) == 200
+            assert store.attrs["layer"] == row["layer"] and len(store) == _ROWS
         assert Path(row["report"]).is_file()
     assert json.loads((tmp_path / "scan.json").read_text())["recommended"] == "conv3"
     page = (tmp_path / "out" / "report.html").read_text()
@@ -240,3 +243,20 @@ def test_auto_candidates_are_block_boundaries_spread_over_the_depth():
     assert names == ["conv1", "pool1", "conv2", "pool2", "conv3", "fc1"]  # flatten sends conv3's 120 values; fc2 is the output
     assert spread(names, 3) == ["conv1", "conv2", "fc1"]
     assert spread(names, 6) == names
+
+
+def test_layers_marks_the_auto_scan_candidates(cli):
+    from leakaudit.models.builders import LeNet5
+    from leakaudit.scan import block_boundaries
+
+    expected = block_boundaries(LeNet5(), torch.zeros(1, 1, 32, 32))
+    result = cli("layers", "lenet5", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["layers"]
+    assert [r["name"] for r in rows if r["block_boundary"]] == expected
+    assert not next(r for r in rows if r["name"] == "flatten")["block_boundary"]  # sends what conv3 sends
+    table = cli("layers", "lenet5")
+    assert table.exit_code == 0, table.stderr
+    marked = [line.split("│")[1].strip() for line in table.stdout.splitlines() if "●" in line and "│" in line]
+    assert marked == expected
+    assert "candidates of `leakaudit scan --layers auto`" in table.stdout

@@ -352,3 +352,97 @@ IMAGE_CHECK = (
     "document.body.setAttribute('data-images',String(i.length));"
     "document.body.setAttribute('data-images-ok',String(i.every(function(m){return m.complete&&m.naturalWidth>0;})));});"
 )
+
+
+# --------------------------------------------------------------------------- split-point scan
+
+
+#: The leakage numbers a scan page plots against cost, where the scan computed them (all in [0, 1]).
+SCAN_LEAKAGE = ("private_accuracy", "dcor_u2", "ssim_p95", "private_accuracy_bound")
+
+
+def svg_tradeoff(
+    costs: Sequence[float], series: Mapping[str, Sequence[float | None]], labels: Sequence[str], marked: int | None,
+    title: str, xlabel: str, width: int = 500, height: int = 320,
+) -> str:  # fmt: skip
+    """Leakage (y) against a cost (x, log scale), one point per layer and series; layer ``marked`` ringed."""
+    left, right, top, bottom = 46, 150, 24, 40
+    xs = np.log10(np.maximum(np.asarray(costs, dtype=float), 1.0))
+    x_lo, x_hi = float(xs.min()), float(xs.max())
+    x_lo, x_hi = (x_lo - 0.5, x_hi + 0.5) if x_hi - x_lo < 1e-9 else (x_lo - 0.05 * (x_hi - x_lo), x_hi + 0.05 * (x_hi - x_lo))
+
+    def px(value: float) -> float:
+        return left + (value - x_lo) / (x_hi - x_lo) * (width - left - right)
+
+    def py(value: float) -> float:
+        return height - bottom - value * (height - top - bottom)
+
+    parts = [f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="#fff" stroke="#dde1e7"/>']
+    parts += [f'<text x="{left - 6}" y="{py(t) + 4:.1f}" font-size="10" text-anchor="end">{t:.2g}</text>' for t in np.linspace(0, 1, 5)]
+    for decade in range(math.ceil(x_lo), math.floor(x_hi) + 1):
+        parts.append(f'<text x="{px(decade):.1f}" y="{height - bottom + 14}" font-size="10" text-anchor="middle">1e{decade}</text>')
+    for i, x in enumerate(xs):
+        parts.append(f'<text x="{px(x):.1f}" y="{top + 10 + 10 * (i % 2)}" font-size="9" text-anchor="middle" fill="#5b6475">{html.escape(labels[i])}</text>')
+    for i, (name, ys) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        for j, (x, y) in enumerate(zip(xs, ys)):
+            if y is None or not math.isfinite(y):
+                continue
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(min(max(y, 0.0), 1.0)):.1f}" r="3.5" fill="{color}"><title>{html.escape(labels[j])}: {name} {y:.4g}</title></circle>')
+            if j == marked:
+                parts.append(f'<circle cx="{px(x):.1f}" cy="{py(min(max(y, 0.0), 1.0)):.1f}" r="7" fill="none" stroke="#17803d" stroke-width="2"/>')
+        parts.append(f'<g transform="translate({width - right + 8},{top + 16 * i})"><rect width="10" height="10" fill="{color}"/><text x="14" y="9" font-size="11">{html.escape(name)}</text></g>')
+    if marked is not None:
+        parts.append(f'<g transform="translate({width - right + 8},{top + 16 * len(series)})"><circle cx="5" cy="5" r="5" fill="none" stroke="#17803d" stroke-width="2"/><text x="14" y="9" font-size="11">recommended: {html.escape(labels[marked])}</text></g>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" font-size="11" text-anchor="middle">{html.escape(xlabel)} (log scale)</text>')
+    parts.append(f'<text x="{left}" y="14" font-size="12" font-weight="600">{html.escape(title)}</text>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{html.escape(title)}" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>'
+    )
+
+
+def render_scan(report: Mapping[str, Any]) -> str:
+    """The HTML page of a split-point scan (a report with a ``scan`` section): table, trade-off plots, recommendation."""
+    scan = report["scan"]
+    subject = report.get("subject", {})
+    rows = scan["layers"]
+    names = [r["layer"] for r in rows]
+    marked = names.index(scan["recommended"]) if scan.get("recommended") in names else None
+    columns = [c for c in scan.get("columns", ()) if any(c in r["metrics"] for r in rows)]
+    title = f"leakaudit scan — {subject.get('model_spec', '?')} on {subject.get('data_spec', '?')}"
+    if scan.get("policy") is None:
+        verdict = "<div class='verdict none'>No policy: choose from the trade-off below</div>"
+    elif marked is None:
+        verdict = "<div class='verdict fail'>No candidate layer passes the policy</div>"
+    else:
+        verdict = f"<div class='verdict pass'>Split at <code>{html.escape(names[marked])}</code>: the shallowest layer that passes</div>"
+    why = "".join(f"<li>{html.escape(w)}</li>" for w in scan.get("why_not_shallower", []))
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in scan.get("notes", []))
+    body_rows = [
+        [f"<code>{html.escape(r['layer'])}</code>", "×".join(map(str, r["shape"])), r["bytes_per_sample"], r["client_params"],
+         r["client_macs"], *[r["metrics"].get(c) for c in columns],
+         *([("<span class='pass'>pass</span>" if r["gate"]["passed"] else "<span class='fail'>fail</span>")] if "gate" in r else [])]
+        for r in rows
+    ]  # fmt: skip
+    header = ["layer", "Z shape", "bytes / sample", "client params", "client MACs", *columns, *(["policy"] if scan.get("policy") else [])]
+    series = {c: [r["metrics"].get(c) for r in rows] for c in SCAN_LEAKAGE if any(c in r["metrics"] for r in rows)}
+    plots = (
+        f"<div>{svg_tradeoff([r['client_macs'] for r in rows], series, names, marked, 'leakage against client compute', 'client MACs per sample')}</div>"
+        f"<div>{svg_tradeoff([r['bytes_per_sample'] for r in rows], series, names, marked, 'leakage against what is sent', 'bytes per sample (' + str(scan.get('dtype')) + ')')}</div>"
+    )
+    sections = [
+        f"<h1>{html.escape(title)}</h1><div class='sub'>{fmt(scan.get('rows'))} rows, candidates {html.escape(str(scan.get('candidates')))}"
+        f" · {html.escape(str(scan.get('cost_counting')))} · leakaudit {html.escape(__version__)}</div>",
+        "<h2>Recommendation</h2>" + verdict + (f"<ul>{why}</ul>" if why else ""),
+        "<h2>Layers, shallowest first</h2>" + table(header, body_rows, numeric=range(1, len(header))),
+        f"<h2>Trade-off</h2><div class='grid'>{plots}</div>",
+    ]
+    if notes:
+        sections.append(f"<h2>Notes</h2><ul class='warnings'>{notes}</ul>")
+    body = "\n".join(f"<section>{s}</section>" for s in sections)
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>{body}</main></body></html>\n"
+    )

@@ -344,23 +344,33 @@ def truncate(module: nn.Module, layer: str, example: torch.Tensor) -> Truncation
     the model does not trace (data-dependent control flow, TorchScript), a stopping hook is
     used instead. The encoder runs the model in eval mode (:func:`eval_mode`) at every call.
     """
+    return _truncate_checked(module, layer, example)[0]
+
+
+def _truncate_checked(module: nn.Module, layer: str, example: torch.Tensor) -> tuple[Truncation, torch.Tensor | None]:
+    """:func:`truncate`, and the FX encoder's output on ``example`` where its check computed it (else None).
+
+    A multi-layer capture compares its one traced pass with each layer's own encoder on the
+    same batch; the output the check already computed saves running that encoder again.
+    """
     with eval_mode(module):
         layer = resolve_layer(module, layer)
         if layer == OUTPUT:
-            return Truncation(_in_eval(module, lambda x: _as_tensor(module(x), layer)), "full")
+            return Truncation(_in_eval(module, lambda x: _as_tensor(module(x), layer)), "full"), None
         if _is_script(module):
-            return Truncation(_in_eval(module, _script_prefix(module, layer)), "sequential")
+            return Truncation(_in_eval(module, _script_prefix(module, layer)), "sequential"), None
         extractor = _fx_extractor(module, layer)
         is_module = layer in dict(module.named_modules())
         if extractor is not None:
             if not is_module:
-                return Truncation(extractor, "fx")
+                return Truncation(extractor, "fx"), None
             with torch.inference_mode():
                 expected = capture(module, layer, example)
                 got = extractor(example)
-            if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-                return Truncation(extractor, "fx")
-    return Truncation(lambda x: capture(module, layer, x), "hook")
+            # Equal bits are the common case and cost one pass; allclose is the same decision.
+            if got.shape == expected.shape and (torch.equal(got, expected) or torch.allclose(got, expected, rtol=1e-4, atol=1e-5)):
+                return Truncation(extractor, "fx"), got
+    return Truncation(lambda x: capture(module, layer, x), "hook"), None
 
 
 def _in_eval(module: nn.Module, encoder: Encoder) -> Encoder:

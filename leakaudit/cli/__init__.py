@@ -30,8 +30,8 @@ from leakaudit.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, FileSystemError, Le
 
 # Each module defines ``register(app)``; the order is the order of `leakaudit --help`.
 COMMAND_MODULES = (
-    "demo", "audit", "layers", "dump", "info", "train", "attack", "metrics", "harden", "decorrelate", "gate", "report",
-    "list_plugins",
+    "demo", "audit", "layers", "dump", "scan", "info", "train", "attack", "metrics", "harden", "decorrelate", "gate",
+    "report", "list_plugins",
 )  # fmt: skip
 
 

@@ -47,13 +47,15 @@ def layers(
     module_set = {r.name for r in rows}
     nodes = [n for n in graph_node_names(loaded.module) if n not in module_set]
     split = exported_split(model) if loaded.kind == "export" else None
+    boundaries = set(_scan_candidates(loaded, torch.zeros(batch, *shape)))
     if as_json:
         write_json(
             {
                 "model": model,
                 "input_shape": list(shape),
                 "layers": [
-                    {"name": r.name, "type": r.type, "output_shape": list(r.output_shape) if r.output_shape else None, "params": r.params, "calls": r.calls}
+                    {"name": r.name, "type": r.type, "output_shape": list(r.output_shape) if r.output_shape else None, "params": r.params, "calls": r.calls,
+                     "block_boundary": r.name in boundaries}
                     for r in rows
                 ],
                 "graph_nodes": nodes,
@@ -69,13 +71,22 @@ def layers(
     table.add_column("type")
     table.add_column("output shape")
     table.add_column("params", justify="right")
+    if boundaries:
+        table.add_column("scan auto", justify="center")
     for r in rows:
         shape_text = "×".join(map(str, r.output_shape)) if r.output_shape else "—"
         if r.calls > 1:
             shape_text += f" (called {r.calls}×, first call)"
-        table.add_row(r.name, r.type, shape_text, f"{r.params:,}")
+        cells = [r.name, r.type, shape_text, f"{r.params:,}"]
+        table.add_row(*cells, *(["●" if r.name in boundaries else ""] if boundaries else []))
     out = console()
     out.print(table)
+    if boundaries:
+        out.print(
+            "● block boundaries: the candidates of `leakaudit scan --layers auto` (at most --max-layers of them, "
+            "spread over the depth).",
+            highlight=False,
+        )
     if split is not None:
         out.print(
             f"This is a client encoder exported at {split!r}: its output is {split}'s activations. "
@@ -84,6 +95,21 @@ def layers(
         )
     if nodes:
         out.print(f"FX graph nodes also usable as --layer: {', '.join(nodes[:40])}" + (" …" if len(nodes) > 40 else ""), highlight=False)
+
+
+def _scan_candidates(loaded, example) -> list[str]:
+    """The block boundaries a scan's ``--layers auto`` chooses from (none for a TorchScript or exported model).
+
+    Those run no Python forward hooks, which the rule (see :func:`leakaudit.scan.block_boundaries`)
+    needs; a scan cannot capture several of their layers from one pass either.
+    """
+    import torch
+
+    from leakaudit.scan import block_boundaries
+
+    if loaded.kind == "export" or isinstance(loaded.module, torch.jit.ScriptModule):
+        return []
+    return block_boundaries(loaded.module, example)
 
 
 _CHANNELS_HINT = (

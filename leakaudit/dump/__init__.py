@@ -4,6 +4,7 @@
 layer and truncation, the data; :mod:`.tuning`: how the forward pass runs), then runs the
 rows through reader, forward and writer threads (:mod:`.pipeline`) into a
 :class:`~leakaudit.store.StoreWriter`; under ``torchrun``, one shard per rank (:mod:`.shards`).
+:func:`dump_many` writes one store per layer for several layers from one pass (:mod:`.multi`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from leakaudit.dump.multi import MultiTruncation, dump_many, execution_order, truncate_many
 from leakaudit.dump.pipeline import _Pipeline
 from leakaudit.dump.plan import _apply_tuning, _check_paths, _open_writer, _plan
 from leakaudit.dump.settings import DumpReport, DumpSettings
@@ -25,9 +27,13 @@ __all__ = [
     "WORKERS_MARGIN",
     "DumpReport",
     "DumpSettings",
+    "MultiTruncation",
     "Tuning",
     "dump",
+    "dump_many",
+    "execution_order",
     "shard_path",
+    "truncate_many",
     "tune_forward",
 ]
 

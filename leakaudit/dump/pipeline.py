@@ -220,7 +220,7 @@ class _Pipeline:
                     continue
             begin, x, z, y = item
             expected = begin + len(x)
-            writer.write(begin, x, self._checked(z, begin), y)
+            writer.write(begin, x, cast(np.ndarray, self._checked(z, begin)), y)  # one layer: one array
             now = time.perf_counter()
             if now - last_checkpoint > 1.0:
                 writer.checkpoint(begin + len(x))
@@ -228,9 +228,13 @@ class _Pipeline:
             if self.on_progress is not None:
                 self.on_progress(begin + len(x), n)
 
-    def _checked(self, z: np.ndarray, begin: int) -> np.ndarray:
+    def _checked(self, z: np.ndarray | list[np.ndarray], begin: int) -> np.ndarray | list[np.ndarray]:
         """``z`` as it is stored, refused if it holds non-finite values or exceeds float16's range."""
-        layer = self.plan.layer
+        if isinstance(z, list):  # a multi-layer dump: one array per layer
+            return [self._checked_layer(zi, layer, begin) for zi, layer in zip(z, self.plan.layers)]
+        return self._checked_layer(z, self.plan.layer, begin)
+
+    def _checked_layer(self, z: np.ndarray, layer: str, begin: int) -> np.ndarray:
         check_finite(z, layer, self.lo + begin)
         if self.settings.dtype == "float16":
             peak = float(np.abs(z).max()) if z.size else 0.0
@@ -266,7 +270,7 @@ class _Pipeline:
                 model_x = prep.model_input(x.to(device, non_blocking=self.pin)).contiguous(memory_format=torch_format)
                 model_x = _pad(model_x, plan.loaded.fixed_batch)
                 z, y = self._forward(model_x)
-                z_np = z[:rows].float().cpu().numpy()
+                z_np = [zi[:rows].float().cpu().numpy() for zi in z] if isinstance(z, list) else z[:rows].float().cpu().numpy()
                 y_np = y[:rows].float().cpu().numpy() if y is not None else None
                 t2 = time.perf_counter()
                 wait["forward"] += t2 - t1

@@ -85,6 +85,8 @@ class _Plan:
     output_shape: tuple[int, ...] | None
     fingerprint: dict[str, Any]
     attrs: dict[str, Any]
+    #: A multi-layer dump's layers, in the order of the encoder's outputs (empty for one layer).
+    layers: tuple[str, ...] = ()
 
 
 def _check_paths(settings: DumpSettings, output: Path) -> None:
@@ -107,8 +109,12 @@ def _split_layer(settings: DumpSettings) -> tuple[str, str | None]:
     return (OUTPUT if split is not None and settings.layer == split else settings.layer), split
 
 
-def _plan(settings: DumpSettings) -> _Plan:
-    """Load the model and data and run one batch; on failure, the model is left as it was."""
+def _plan(settings: DumpSettings, *, cut: bool = True) -> _Plan:
+    """Load the model and data and run one batch; on failure, the model is left as it was.
+
+    With ``cut=False`` the layer is resolved but not cut (``truncation`` None, ``layer_shape``
+    empty): a multi-layer dump cuts all its layers at once and fills those in.
+    """
     device = resolve_device(settings.device)
     # Seed before building the model: a randomly initialised model must be the same on resume.
     torch.manual_seed(settings.seed)
@@ -116,14 +122,15 @@ def _plan(settings: DumpSettings) -> _Plan:
     requested, split = _split_layer(settings)
     guard = _ModelGuard(loaded.module)
     try:
-        return _plan_loaded(settings, loaded, guard, requested, split, device)
+        return _plan_loaded(settings, loaded, guard, requested, split, device, cut)
     except BaseException:
         guard.restore()
         raise
 
 
 def _plan_loaded(
-    settings: DumpSettings, loaded: Any, guard: _ModelGuard, requested: str, split: str | None, device: torch.device
+    settings: DumpSettings, loaded: Any, guard: _ModelGuard, requested: str, split: str | None, device: torch.device,
+    cut: bool = True,
 ) -> _Plan:
     module = loaded.module
     layer = resolve_layer(module, requested)
@@ -147,20 +154,7 @@ def _plan_loaded(
     module.to(device)
     example = prep.model_input(prep.images(source.read(0, min(n, batch_size)))).to(device)
     example = _pad(example, loaded.fixed_batch)
-    try:
-        truncation = truncate(module, layer, example)
-        with torch.inference_mode():
-            z_example = truncation.encoder(example)
-            output_shape = tuple(module(example).shape[1:]) if settings.with_outputs else None
-    except LeakAuditError:
-        raise
-    except Exception as exc:
-        raise forward_failure(exc, tuple(example.shape[1:]), size_option="--input-size", channels_hint=_CHANNELS_HINT) from None
-    if z_example.shape[0] != example.shape[0]:
-        raise UsageError(
-            f"layer {layer!r} output has {z_example.shape[0]} rows for a batch of {example.shape[0]}; "
-            "its first dimension is not the batch, so it cannot be dumped."
-        )
+    truncation, layer_shape, output_shape = (_cut(settings, module, layer, example) if cut else (None, (), None))
     fingerprint = {
         "model": settings.model.spec,
         "checkpoint_sha256": loaded.checkpoint_sha256,
@@ -187,7 +181,7 @@ def _plan_loaded(
         "weights": str(settings.model.weights or ""),
         "checkpoint_sha256": loaded.checkpoint_sha256 or "",
         "layer": layer,
-        "truncation": truncation.method,
+        "truncation": truncation.method if truncation is not None else "",
         "data_spec": settings.data,
         "source_rows": len(source),
         "input_shape": [prep.in_chans, *prep.input_size],
@@ -217,12 +211,31 @@ def _plan_loaded(
         device=device,
         truncation=truncation,
         example=example,
-        layer_shape=tuple(z_example.shape[1:]),
+        layer_shape=layer_shape,
         output_shape=output_shape,
         fingerprint=fingerprint,
         attrs=attrs,
     )
 
+
+
+def _cut(settings: DumpSettings, module: Any, layer: str, example: torch.Tensor) -> tuple[Any, tuple[int, ...], tuple[int, ...] | None]:
+    """The layer's truncation, its output shape, and the model's output shape (``--with-outputs``) on ``example``."""
+    try:
+        truncation = truncate(module, layer, example)
+        with torch.inference_mode():
+            z_example = truncation.encoder(example)
+            output_shape = tuple(module(example).shape[1:]) if settings.with_outputs else None
+    except LeakAuditError:
+        raise
+    except Exception as exc:
+        raise forward_failure(exc, tuple(example.shape[1:]), size_option="--input-size", channels_hint=_CHANNELS_HINT) from None
+    if z_example.shape[0] != example.shape[0]:
+        raise UsageError(
+            f"layer {layer!r} output has {z_example.shape[0]} rows for a batch of {example.shape[0]}; "
+            "its first dimension is not the batch, so it cannot be dumped."
+        )
+    return truncation, tuple(z_example.shape[1:]), output_shape
 
 
 _CHANNELS_HINT = (

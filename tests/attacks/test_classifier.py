@@ -134,7 +134,7 @@ def test_unknown_task_lists_the_tasks(small_digits_store):
 def test_unknown_head_lists_the_closest():
     with pytest.raises(UnknownNameError, match=r"unknown classifier head 'mpl'\. Closest: mlp\."):
         from_mapping(ClassifierConfig, {"head": "mpl"})
-    assert set(HEAD_CHOICES) == {"linear", "mlp", "conv", "continuation", "best"}
+    assert set(HEAD_CHOICES) == {"linear", "mlp", "conv", "continuation", "best", "fresh"}
 
 
 def test_config_rejects_unknown_keys_and_bad_values():

@@ -26,6 +26,9 @@ def store(tmp_path, small_digits_store) -> Path:
     return path
 
 
+#: The decoder's report numbers, each beside its 95 % interval.
+IMAGE_NUMBERS = {n + s for n in ("ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image") for s in ("", "_ci95")}
+
 def test_classifier_table_json_and_report(cli, store, tmp_path):
     out = tmp_path / "cls.json"
     result = cli("attack", store, "--classifier", "--task", "private", "--head", "linear", "--epochs", "3", "--json", out)
@@ -37,7 +40,8 @@ def test_classifier_table_json_and_report(cli, store, tmp_path):
     assert [h["name"] for h in data["heads"]] == ["linear"] and data["config"]["epochs"] == 3
     report = load_report(tmp_path / "acts.report.json")
     assert report["metrics"]["private_accuracy"] == data["private_accuracy"]
-    assert set(report["metrics"]) == {"private_accuracy", "private_accuracy_raw", "private_accuracy_drop", "private_chance"}
+    numbers = {"private_accuracy", "private_balanced_accuracy", "private_accuracy_raw", "private_accuracy_drop"}
+    assert set(report["metrics"]) == numbers | {f"{n}_ci95" for n in numbers} | {"private_chance"}
     assert report["metrics"]["private_accuracy_drop"] == data["private_accuracy_drop"]  # derived by the report, the same
     assert report["results"]["attack:classifier"]["best_head"] == "linear"
     assert report["subject"]["layer"] == "conv3"
@@ -63,7 +67,7 @@ def test_bare_decoder_runs_all_three_and_writes_grid_and_reconstructions(cli, st
     assert grid.read_bytes().startswith(b"\x89PNG") and h5py.is_hdf5(rec)
     assert "mean-image" in result.stdout and "upsample" in result.stdout
     metrics = load_report(tmp_path / "acts.report.json")["metrics"]
-    assert set(metrics) == {"ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image"}
+    assert set(metrics) == IMAGE_NUMBERS
 
 
 @pytest.mark.parametrize("spelling", [["--decoder", "alexnet"], ["--decoder=alexnet"]])
@@ -84,7 +88,7 @@ def test_any_attack_by_name_with_set_and_artifact_gives_what_the_shorthands_give
             "--artifact", f"grid={long_ / 'g.png'}", "--json", long_ / "d.json")  # fmt: skip
     assert a.exit_code == 0 and b.exit_code == 0, (a.stderr, b.stderr)
     ma, mb = load_report(short / "acts.report.json")["metrics"], load_report(long_ / "acts.report.json")["metrics"]
-    assert ma == mb and set(ma) == {"ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image"}
+    assert ma == mb and set(ma) == IMAGE_NUMBERS
     assert (long_ / "g.png").read_bytes() == (short / "g.png").read_bytes()
     unknown = cli("attack", store, "--attack", "decoder", "--artifact", f"plot={tmp_path / 'p.png'}")
     assert unknown.exit_code == 2

@@ -42,7 +42,7 @@ def test_demo_trains_hardens_audits_and_compares(cli, tmp_path, monkeypatch):
         page = (out / folder / "report.html").read_text()
         assert "data:image/png;base64," in page
         recon = page[page.index("Reconstruction attack"):]
-        assert "<td>upsample</td><td class=\"num\">0." in recon
+        assert "<td>upsample</td><td class=\"num\"><span>0." in recon  # the value, its interval beside it
     # Every number of the comparison can be gated by the name it is shown under.
     from leakaudit.glossary import names
 

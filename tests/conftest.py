@@ -120,3 +120,13 @@ def noise_store(tmp_path_factory, trained_digits_store) -> Path:
 def small_digits_store(tmp_path_factory) -> Path:
     """300 digits rows through random-init LeNet-5 at ``conv3`` (120×1×1): cheap CLI runs."""
     return attacks_build("small", lambda: attacks_dump(tmp_path_factory.mktemp("small") / "small-conv3.h5", "conv3", limit=300))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count hands it back: the dump's tuning trials depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

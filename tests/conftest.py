@@ -18,7 +18,8 @@ from tests.attacks import _dump as attacks_dump
 from tests.attacks import train_lenet_on_digits as attacks_train
 
 # Two cores: keep torch from oversubscribing them when pytest runs helper threads.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+SESSION_THREADS = max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(SESSION_THREADS)
 
 
 class Cli:
@@ -124,9 +125,10 @@ def small_digits_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
-    """A test that changes torch's thread count hands it back: the dump's tuning trials depend on it."""
-    import torch
-
-    threads = torch.get_num_threads()
+    """Every test ends with the session's torch thread count, whatever it or a module-scoped
+    fixture set (a module fixture runs before this one, so the count at a test's start may
+    already be another's): the dump's tuning trials depend on it.
+    """
     yield
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != SESSION_THREADS:
+        torch.set_num_threads(SESSION_THREADS)

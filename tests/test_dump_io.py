@@ -173,6 +173,7 @@ def test_tuning_explicit_format_and_threads_run_no_trial():
 
 
 def test_tuning_auto_times_every_configuration_and_restores_threads():
+    torch.set_num_threads(2)  # the trial runs only where there are several threads (conftest restores)
     model = LeNet5().eval()
     seen = []
     main = threading.get_ident()
@@ -221,6 +222,7 @@ def test_trial_keeps_side_by_side_passes_within_the_margin():
 
 
 def test_trial_times_each_pass_with_the_preprocessing_it_will_do():
+    torch.set_num_threads(2)  # the trial runs only where there are several threads (conftest restores)
     model = LeNet5().eval()
     made, fed = [], []
 

@@ -14,6 +14,7 @@ from leakaudit._io import sha256_file
 from leakaudit.cli import app
 from leakaudit.provenance import rebuild_split
 from leakaudit.store import open_store
+from tests.attacks import single_thread
 
 COMMON = [
     "harden", "lenet5", "--num-classes", "2", "--layer", "conv3", "--data", "digits", "--task", "public=parity",
@@ -24,11 +25,11 @@ COMMON = [
 
 @pytest.fixture(scope="module")
 def burnin_run(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("burnin") / "out"
     args = [*COMMON, "--burn-in", "8", "--option", "burn_in_rows=60", "--option", "burn_in_iterations=3",
             "--record-sent", "0,1", "-o", str(out)]
-    result = CliRunner().invoke(app, args)
+    with single_thread():
+        result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "harden.json").read_text())
 

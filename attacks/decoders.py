@@ -64,6 +64,8 @@ ARCH_CHOICES = (*ARCHS, "best")
 LOSSES = ("mse", "mse+ssim")
 #: SSIM's Gaussian window is 11 pixels wide (σ = 1.5, truncated at 3.5σ).
 SSIM_MIN_SIDE = 11
+#: What the decoder reconstructs with besides Z (a report compares its MSE with unbiased-attacker bounds).
+PRIOR = "a prior learned from leaked (X, Z) pairs"
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,7 @@ class DecoderResult:
                 data[f.name] = dataclasses.asdict(value) if is_record else _plain(value)
         data.update(self.report_metrics())
         data["threat"] = self.threat.to_dict()
+        data["prior"] = PRIOR
         return data
 
     @property
@@ -283,7 +286,7 @@ class DecoderResult:
     def report_metrics(self) -> dict[str, Any]:
         """The report.json numbers (DESIGN.md names), for the strongest decoder, each with its ``_ci95``."""
         return {
-            **self.scores.numbers("ssim_mean", "ssim_p95", "psnr"),
+            **self.scores.numbers("ssim_mean", "ssim_p95", "psnr", "mse"),
             **self.mean_image.numbers("ssim_p95", as_name="{}_mean_image"),
         }
 
@@ -359,9 +362,10 @@ def _losses(config: DecoderConfig):
             "ssim_mean": "mean SSIM of the strongest decoder's reconstructions",
             "ssim_p95": "95th-percentile SSIM of the strongest decoder's reconstructions",
             "psnr": "PSNR (dB) of the strongest decoder's reconstructions",
+            "mse": "per-element MSE of the strongest decoder's reconstructions",
             "ssim_p95_mean_image": "95th-percentile SSIM of predicting the mean image (the no-information floor)",
         },
-        "ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image",
+        "ssim_mean", "ssim_p95", "psnr", "mse", "ssim_p95_mean_image",
     ),
     artifacts={
         "grid": Artifact(

@@ -82,6 +82,8 @@ from leakaudit.training.engine import Schedule, seed_for
 METHODS = ("align",)
 #: Share of each auxiliary side held out for model selection.
 HOLDOUT = 0.2
+#: What the attack reconstructs with besides Z (a report compares its MSE with unbiased-attacker bounds).
+PRIOR = "a prior learned from auxiliary inputs and a substitute encoder"
 #: Label permutations of the chance check (its p-value is at least 1 / (PERMUTATIONS + 1)).
 PERMUTATIONS = 999
 
@@ -187,12 +189,13 @@ class SubstituteResult:
                 value = getattr(self, f.name)
                 data[f.name] = dataclasses.asdict(value) if isinstance(value, ImageScores) else value
         data.update(self.report_metrics())
+        data["prior"] = PRIOR
         return data
 
     def report_metrics(self) -> dict[str, Any]:
         """The report.json numbers: the same names, and meanings, as the decoder attack's, with their ``_ci95``."""
         return {
-            **self.scores.numbers("ssim_mean", "ssim_p95", "psnr"),
+            **self.scores.numbers("ssim_mean", "ssim_p95", "psnr", "mse"),
             **self.mean_image.numbers("ssim_p95", as_name="{}_mean_image"),
         }
 
@@ -243,9 +246,10 @@ def _public_labels(store: ActivationStore, task: str | None) -> tuple[np.ndarray
             "ssim_mean": "mean SSIM of the substitute attack's reconstructions",
             "ssim_p95": "95th-percentile SSIM of the substitute attack's reconstructions",
             "psnr": "PSNR (dB) of the substitute attack's reconstructions",
+            "mse": "per-element MSE of the substitute attack's reconstructions",
             "ssim_p95_mean_image": "95th-percentile SSIM of predicting the mean image (the no-information floor)",
         },
-        "ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image",
+        "ssim_mean", "ssim_p95", "psnr", "mse", "ssim_p95_mean_image",
     ),
     artifacts={
         "grid": Artifact(

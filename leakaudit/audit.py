@@ -418,6 +418,9 @@ def run_audit(
         report.save(staging / "report.json")
         stage.rebase_records()  # this report, the baseline's, the hardened model's records
         written = load_report(staging / "report.json")
+        if on_warning is not None:
+            for check in written.get("checks", []):
+                on_warning(check["message"])
     return AuditResult(output, output / "report.json", output / "report.html", verdict, reused, written["metrics"])
 
 

@@ -50,14 +50,19 @@ DERIVED: tuple[Derived, ...] = (
     Derived("ssim_p95_drop", "drop", "ssim_p95", "ssim_p95", "baseline", "1 − ssim_p95 / ssim_p95 of the baseline"),
 )  # fmt: skip
 
-#: The headline numbers of leakage, larger when more leaks, that several attacks can measure:
-#: a report's value is the strongest in-scope attack's (:meth:`leakaudit.report.Report.headline`).
+#: The headline numbers of leakage that several attacks can measure: a report's value is the
+#: strongest in-scope attack's (:meth:`leakaudit.report.Report.headline`) — the largest, or for
+#: the names in :data:`LOWER_LEAKS_MORE` the smallest.
 HEADLINE: dict[str, str] = {
     "private_accuracy": "test accuracy of the strongest in-scope attack on Z for the private task (see the report's headline)",
     "ssim_mean": "mean SSIM of the strongest in-scope reconstruction attack (see the report's headline)",
     "ssim_p95": "95th-percentile SSIM of the strongest in-scope reconstruction attack (see the report's headline)",
     "psnr": "PSNR (dB) of the strongest in-scope reconstruction attack (see the report's headline)",
+    "mse": "per-element MSE of the in-scope reconstruction attack that reconstructs closest (see the report's headline)",
 }
+
+#: Headline numbers that are smaller when more leaks.
+LOWER_LEAKS_MORE = frozenset({"mse"})
 
 #: Numbers the core itself records (not a plugin): the model's public accuracy as evaluated by
 #: ``harden`` while training, which an audit or a sweep carries into its report.

@@ -274,6 +274,11 @@ def render(
         items = "".join(f"<li><code>{html.escape(str(key))}</code>: {html.escape(message)}</li>" for key, message in warnings)
         sections.append(f"<h2>Warnings</h2><ul class='warnings'>{items}</ul>")
 
+    checks = report.get("checks") or []
+    if checks:
+        items = "".join(f"<li>{html.escape(str(c.get('message', '')))}</li>" for c in checks if isinstance(c, Mapping))
+        sections.append(f"<h2>Attacks against the bounds</h2><ul class='warnings'>{items}</ul>")
+
     metric_rows = []
     meanings = glossary.names()
     headline = report.get("headline", {})

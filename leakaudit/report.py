@@ -10,13 +10,15 @@ Layout (schema ``leakaudit.report`` version 1)::
       "results": {"attack:classifier": {...}, "metric:dcor": {...}},  # full typed results
       "baseline": {"subject": {...}, "metrics": {...}},              # optional
       "headline": {"ssim_p95": {"value": 0.41, "attack": "attack:inversion", "threat": {...}}},
-      "threat_scope": {"knows": "weights", "holds": "pairs"}         # optional: an audit's scope
+      "threat_scope": {"knows": "weights", "holds": "pairs"},        # optional: an audit's scope
+      "checks": [{"kind": "above-bound", "attack": ..., "message": ...}]  # optional: bounds beaten
     }
 
 ``metrics`` is what gates and reports read; ``results`` keeps each plugin's full output.
 A headline number (``private_accuracy``, ``ssim_mean``, ``ssim_p95``, ``psnr``) that several
 attacks measure is the strongest in-scope attack's; ``headline`` says which attack, playing
-which attacker (:mod:`leakaudit.threat`), it came from.
+which attacker (:mod:`leakaudit.threat`), it came from. ``checks`` lists attacks that beat a
+bound measured on the same store (:mod:`leakaudit.consistency`): a sign that something is wrong.
 Every command that produces numbers builds a :class:`Report` (merging into the store's
 existing report where there is one) and writes it once. The names are those of
 :mod:`leakaudit.glossary`.
@@ -34,6 +36,7 @@ from typing import Any
 
 from leakaudit import __version__
 from leakaudit._io import atomic_write_text
+from leakaudit.consistency import consistency_checks
 from leakaudit.errors import ConfigError, LeakAuditError, UsageError
 from leakaudit.intervals import as_interval, interval_name, is_interval_name
 from leakaudit.threat import Scope, result_threat
@@ -147,7 +150,8 @@ def check_mergeable(path: str | Path, subject: Mapping[str, Any]) -> dict[str, A
     )
 
 
-_TOP = ("schema", "schema_version", "tool_version", "updated", "subject", "metrics", "results", "baseline", "headline")
+_TOP = ("schema", "schema_version", "tool_version", "updated", "subject", "metrics", "results", "baseline", "headline",
+        "checks")
 
 
 @dataclass
@@ -206,7 +210,7 @@ class Report:
         declares its threat reported; the others keep the value last measured. Ties go to the
         first attack in key order, so the choice does not depend on the order attacks ran in.
         """
-        from leakaudit.glossary import HEADLINE
+        from leakaudit.glossary import HEADLINE, LOWER_LEAKS_MORE
 
         scope = self.scope
         picks: dict[str, dict[str, Any]] = {}
@@ -218,7 +222,10 @@ class Report:
                 continue
             for name in HEADLINE:
                 value = numbers.get(name)
-                if isinstance(value, (int, float)) and (name not in picks or value > picks[name]["value"]):
+                if not isinstance(value, (int, float)):
+                    continue
+                best = picks.get(name)
+                if best is None or (value < best["value"] if name in LOWER_LEAKS_MORE else value > best["value"]):
                     picks[name] = {"value": float(value), "attack": key, "threat": threat.to_dict()}
         return picks
 
@@ -265,6 +272,9 @@ class Report:
         headline = self.headline()
         if headline:
             data["headline"] = headline
+        checks = consistency_checks(self.results)
+        if checks:
+            data["checks"] = checks
         if self.baseline is not None:
             data["baseline"] = self.baseline
         data.update(self.sections)

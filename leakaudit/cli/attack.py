@@ -168,7 +168,8 @@ def attack(
                 if json_out is not None:
                     write_json(data, json_out)
                 merged.add(step.key, result, store=str(handle.path), world_size=world_size)
-                merged.save(report_path)
+                for check in merged.save(report_path).get("checks", []):
+                    warn(check["message"])
     distributed.shutdown()
     if is_main and json_out != "-":
         _show(result)

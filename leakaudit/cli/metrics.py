@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from leakaudit.cli._common import ForceOpt, LazyProgress, check_output, console, info, write_json
+from leakaudit.cli._common import ForceOpt, LazyProgress, check_output, console, info, warn, write_json
 from leakaudit.errors import LeakAuditError
 
 
@@ -70,6 +70,8 @@ def metrics(
             report.results["baseline"] = {"subject": base.subject}
             derived = {k: v for k, v in glossary.derive(report.measured, baseline_numbers).items() if k in glossary.derived_from_baseline()}
         written = report.save(report_path)
+        for check in written.get("checks", []):
+            warn(check["message"])
     for name, reason in outcome.skipped.items():
         info(f"skipped {name}: {reason}")
     values = {k: v for r in outcome.results.values() for k, v in r.report_metrics().items()}

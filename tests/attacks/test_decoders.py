@@ -77,9 +77,10 @@ def test_result_json_and_report_metrics(trained_result):
     assert trained_result.report_metrics() == {
         "ssim_mean": s.ssim_mean, "ssim_mean_ci95": s.ssim_mean_ci95,
         "ssim_p95": s.ssim_p95, "ssim_p95_ci95": s.ssim_p95_ci95,
-        "psnr": s.psnr, "psnr_ci95": s.psnr_ci95,
+        "psnr": s.psnr, "psnr_ci95": s.psnr_ci95, "mse": s.mse, "mse_ci95": s.mse_ci95,
         "ssim_p95_mean_image": m.ssim_p95, "ssim_p95_mean_image_ci95": m.ssim_p95_ci95,
     }  # fmt: skip
+    assert data["prior"] == "a prior learned from leaked (X, Z) pairs"
     for scored in (data["scores"], data["mean_image"], *(r["test"] for r in data["runs"])):
         for score in scores:
             lo, hi = scored[score + "_ci95"]

@@ -291,12 +291,13 @@ def test_result_json_threat_and_report_metrics(conv1_store):
     assert data["attack"] == "inversion"
     assert data["threat"]["knows"] == "weights" and data["threat"]["holds"] == "none" and data["threat"]["rows"] == 0
     assert "8 test rows" in data["threat"]["source"]
-    assert set(result.report_metrics()) == {"ssim_mean", "ssim_p95", "psnr", "ssim_mean_ci95", "ssim_p95_ci95", "psnr_ci95"}
+    assert set(result.report_metrics()) == {"ssim_mean", "ssim_p95", "psnr", "mse", "ssim_mean_ci95", "ssim_p95_ci95", "psnr_ci95", "mse_ci95"}
     assert data["ssim_mean"] == result.scores.ssim_mean and data["scores"]["ssim_mean"] == result.scores.ssim_mean
     assert "attacker-train" in data["reference_mean_image"]["note"]
+    assert data["prior"] == "projection onto [0, 1], a total-variation prior"  # biased: may beat the unbiased MSE bound
     assert "reconstructions" not in data and "test_rows" not in data
     assert data["config"]["trust_checkpoint"] is False and data["config"]["rows"] == 8
-    assert set(ATTACKS.get("inversion").metrics) == {"ssim_mean", "ssim_p95", "psnr", "ssim_mean_ci95", "ssim_p95_ci95", "psnr_ci95"}
+    assert set(ATTACKS.get("inversion").metrics) == {"ssim_mean", "ssim_p95", "psnr", "mse", "ssim_mean_ci95", "ssim_p95_ci95", "psnr_ci95", "mse_ci95"}
 
 
 def test_config_is_checked():

@@ -160,9 +160,10 @@ def test_result_json_declares_its_threat_model(trained, trained_digits_store):
     assert threat["knows"] == "architecture" and threat["holds"] == "unpaired"
     assert threat["rows"] == len(roles["attacker-train"]) + len(roles["attacker-validation"])
     assert "attacker-train" in threat["source"] and "attacker-validation" in threat["source"]
-    names = {"ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image"}
+    names = {"ssim_mean", "ssim_p95", "psnr", "mse", "ssim_p95_mean_image"}
     assert set(result.report_metrics()) == names | {f"{n}_ci95" for n in names}
     assert data["ssim_mean"] == result.scores.ssim_mean
+    assert data["prior"].startswith("a prior learned from auxiliary inputs")
     assert "reconstructions" not in data and "test_rows" not in data
     assert _sha256(trained_digits_store) == before  # the store is untouched
 

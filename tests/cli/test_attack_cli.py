@@ -27,7 +27,7 @@ def store(tmp_path, small_digits_store) -> Path:
 
 
 #: The decoder's report numbers, each beside its 95 % interval.
-IMAGE_NUMBERS = {n + s for n in ("ssim_mean", "ssim_p95", "psnr", "ssim_p95_mean_image") for s in ("", "_ci95")}
+IMAGE_NUMBERS = {n + s for n in ("ssim_mean", "ssim_p95", "psnr", "mse", "ssim_p95_mean_image") for s in ("", "_ci95")}
 
 def test_classifier_table_json_and_report(cli, store, tmp_path):
     out = tmp_path / "cls.json"

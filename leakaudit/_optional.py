@@ -46,8 +46,9 @@ def require(module: str, extra: str, *, package: str | None = None, purpose: str
         The imported module.
 
     Raises:
-        MissingExtraError: the module, or a module it imports, is not installed (or was
-            blocked by ``sys.modules[name] = None``).
+        MissingExtraError: the module is not installed (or is blocked by
+            ``sys.modules[name] = None``), or it is but does not import (a dependency of its
+            own missing, versions that do not fit): the message says which.
     """
     try:
         return importlib.import_module(module)

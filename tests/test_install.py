@@ -106,7 +106,7 @@ def _missing_build_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             missing.append(f"{text} (not installed)")
             continue
-        # metadata.version finds the first copy on sys.path, the one a build would import.
+        # The version of the copy this interpreter imports, the one a build without isolation uses.
         module = __import__(requirement.name)
         if not requirement.specifier.contains(getattr(module, "__version__", version), prereleases=True):
             missing.append(f"{text} (found {getattr(module, '__version__', version)})")

@@ -43,7 +43,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -432,7 +432,7 @@ class _ImageModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if "leakaudit_mean" in self._buffers:
-            x = (x - self.leakaudit_mean) / self.leakaudit_std
+            x = (x - cast(torch.Tensor, self.leakaudit_mean)) / cast(torch.Tensor, self.leakaudit_std)
         return self._library_forward(x)
 
     def _library_forward(self, x: torch.Tensor) -> torch.Tensor:

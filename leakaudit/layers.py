@@ -2,7 +2,9 @@
 
 A layer is addressed by its dotted ``named_modules()`` name (``features.3``,
 ``layer2.0.conv1``, names inside a ``ModuleDict``), by an FX graph node name where the
-model traces (``layer1.0.add``), or as ``output`` for the whole model.
+model traces (``layer1.0.add``), or as ``output`` for the whole model. A module whose
+output is a tuple (many transformer blocks return one) is addressed by one element,
+``NAME[i]``: element ``i`` of its output, recorded by a hook.
 
 :func:`truncate` returns an encoder that computes the layer's output and nothing after
 it: an FX graph cut at the layer where the model traces (checked once against a hook
@@ -75,6 +77,43 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
                 m.training = training
 
 
+_ELEMENT = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)\]$")
+
+
+def split_element(layer: str) -> tuple[str, int | None]:
+    """``NAME[i]`` → (``NAME``, i), element i of module NAME's output; any other name → (name, None)."""
+    match = _ELEMENT.match(layer)
+    return (match["name"], int(match["index"])) if match else (layer, None)
+
+
+def _elements(out: object) -> tuple[object, ...] | None:
+    """The elements of a tuple-like output (a tuple, a list, a transformers ModelOutput), else None."""
+    if isinstance(out, (tuple, list)):
+        return tuple(out)
+    to_tuple = getattr(out, "to_tuple", None)
+    return tuple(to_tuple()) if callable(to_tuple) else None
+
+
+def select_element(out: object, index: int, layer: str) -> object:
+    """Element ``index`` of a module's tuple-like output, for layer ``NAME[index]``."""
+    elements = _elements(out)
+    if elements is None:
+        raise UsageError(f"layer {layer!r}: the module outputs a {type(out).__name__}, which has no elements; drop the [{index}].")
+    if index >= len(elements):
+        raise UsageError(f"layer {layer!r}: the module outputs {len(elements)} elements (0–{len(elements) - 1}).")
+    if elements[index] is None:
+        raise UsageError(f"layer {layer!r} is None in this forward pass; choose an element that is a tensor.")
+    return elements[index]
+
+
+def _replace_element(out: object, index: int, value: object, layer: str) -> object:
+    if isinstance(out, tuple):
+        return (*out[:index], value, *out[index + 1 :])
+    if isinstance(out, list):
+        return [*out[:index], value, *out[index + 1 :]]
+    raise UsageError(f"layer {layer!r}: an element of a {type(out).__name__} cannot be replaced; choose a tensor layer.")
+
+
 def module_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_modules() if name]
 
@@ -95,6 +134,7 @@ def list_layers(module: nn.Module, example: torch.Tensor, *, channels_hint: str 
             small input, …, and that ``--input-shape`` sets it).
     """
     shapes: dict[str, tuple[int, ...] | None] = {}
+    element_shapes: dict[str, list[tuple[int, ...] | None]] = {}
     calls: dict[str, int] = {}
     handles = []
     named = list(module.named_modules())
@@ -108,6 +148,9 @@ def list_layers(module: nn.Module, example: torch.Tensor, *, channels_hint: str 
                     calls[name] = calls.get(name, 0) + 1
                     if name not in shapes:  # the first call defines the split point, as in dumps
                         shapes[name] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+                        elements = _elements(out) if shapes[name] is None else None
+                        if elements is not None:
+                            element_shapes[name] = [tuple(e.shape[1:]) if isinstance(e, torch.Tensor) else None for e in elements]
 
                 handles.append(sub.register_forward_hook(hook))
         with torch.inference_mode(), eval_mode(module):
@@ -121,17 +164,24 @@ def list_layers(module: nn.Module, example: torch.Tensor, *, channels_hint: str 
     finally:
         for handle in handles:
             handle.remove()
-    layers = [
-        LayerInfo(
+    layers = []
+    for name, sub in named:
+        if not name:
+            continue
+        info = LayerInfo(
             name,
             type(sub).__name__ if not _is_script(sub) else getattr(sub, "original_name", "ScriptModule"),
             shapes.get(name),
             sum(p.numel() for p in sub.parameters()),
             calls.get(name, 0),
         )
-        for name, sub in named
-        if name
-    ]
+        layers.append(info)
+        # The tensor elements of a tuple output are split points too (NAME[i]).
+        layers.extend(
+            LayerInfo(f"{name}[{i}]", info.type, shape, info.params, info.calls)
+            for i, shape in enumerate(element_shapes.get(name, ()))
+            if shape is not None
+        )
     out_shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
     layers.append(LayerInfo(OUTPUT, type(module).__name__, out_shape, sum(p.numel() for p in module.parameters())))
     return layers
@@ -164,7 +214,11 @@ def resolve_layer(module: nn.Module, layer: str) -> str:
         raise UsageError(
             f"the layer name is empty ({layer!r}). Give a layer from `leakaudit layers MODEL`, or 'output' for the whole model."
         )
-    if layer == OUTPUT or layer in dict(module.named_modules()):
+    modules = dict(module.named_modules())
+    if layer == OUTPUT or layer in modules:
+        return layer
+    base, index = split_element(layer)
+    if index is not None and base in modules and base:
         return layer
     nodes = graph_node_names(module)
     if layer in nodes:
@@ -270,10 +324,16 @@ class LayerCapture:
         """
         if stop and transform is not None:
             raise ValueError("a capture that stops the forward has nothing to transform for.")
-        target = dict(model.named_modules()).get(layer)
+        modules = dict(model.named_modules())
+        base, index = split_element(layer)
+        target = modules.get(layer)
+        if target is None and index is not None:
+            target = modules.get(base) if base else None
+        else:
+            index = None
         if target is None:
             raise UsageError(f"layer {layer!r} is a graph node, not a module; only FX truncation can reach it.")
-        self.model, self.layer, self.target = model, layer, target
+        self.model, self.layer, self.target, self.index = model, layer, target, index
         self.stop, self.transform = stop, transform
         self.runner = runner if runner is not None else model
         self.output: object | None = None
@@ -295,13 +355,16 @@ class LayerCapture:
                 LayerCapture._transforming.discard(id(self.model))
 
     def _hook(self, _module: nn.Module, _inputs: object, output: object) -> object:
+        value = output if self.index is None else select_element(output, self.index, self.layer)
         if self.stop:
             # Stateless, so that threads running forwards of one model at once each get their own output.
-            raise _StopForward(output)
+            raise _StopForward(value)
         if self.output is not None:
             return None
-        self.output = output if self.transform is None else self.transform(output)
-        return None if self.transform is None else self.output
+        self.output = value if self.transform is None else self.transform(value)
+        if self.transform is None:
+            return None
+        return self.output if self.index is None else _replace_element(output, self.index, self.output, self.layer)
 
     def run(self, x: torch.Tensor) -> tuple[object | None, object | None]:
         """One forward pass: (the model's output, ``None`` when stopped; the layer's output, ``None`` when not called)."""
@@ -332,6 +395,14 @@ def capture(module: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
 def _as_tensor(out: object, layer: str) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
+    elements = _elements(out) if layer != OUTPUT else None
+    first = next((i for i, e in enumerate(elements or ()) if isinstance(e, torch.Tensor)), None)
+    if elements is not None and first is not None:
+        kinds = ", ".join(type(e).__name__ for e in elements[:4]) + (", …" if len(elements) > 4 else "")
+        raise UsageError(
+            f"layer {layer!r} outputs a {type(out).__name__} of {len(elements)} ({kinds}), not a tensor; "
+            f"choose one element with --layer {layer}[{first}]."
+        )
     raise UsageError(
         f"layer {layer!r} outputs a {type(out).__name__}, not a tensor; choose a layer whose output is a tensor."
     )
@@ -359,8 +430,10 @@ def _truncate_checked(module: nn.Module, layer: str, example: torch.Tensor) -> t
             return Truncation(_in_eval(module, lambda x: _as_tensor(module(x), layer)), "full"), None
         if _is_script(module):
             return Truncation(_in_eval(module, _script_prefix(module, layer)), "sequential"), None
-        extractor = _fx_extractor(module, layer)
         is_module = layer in dict(module.named_modules())
+        if not is_module and split_element(layer)[1] is not None:  # an element of a module's output: a hook
+            return Truncation(lambda x: capture(module, layer, x), "hook"), None
+        extractor = _fx_extractor(module, layer)
         if extractor is not None:
             if not is_module:
                 return Truncation(extractor, "fx"), None

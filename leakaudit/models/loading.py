@@ -18,6 +18,7 @@ from leakaudit.models.builders import (
     _build_torchvision,
     _call_factory,
 )
+from leakaudit.models.hf import build_hf
 from leakaudit.models.spec import architecture_options
 from leakaudit.models.weights import assign_state_dict, load_state_dict
 
@@ -100,6 +101,8 @@ def _build(spec: str, kwargs: dict[str, Any], trust_checkpoint: bool) -> LoadedM
         return _build_timm(spec, rest, kwargs)
     if sep and prefix == "torchvision":
         return _build_torchvision(spec, rest, kwargs)
+    if sep and prefix == "hf":
+        return build_hf(spec, rest, kwargs, trust_checkpoint)
     path = Path(spec)
     if path.suffix == ".pt2":
         return _load_export(spec, path, kwargs, trust_checkpoint)

@@ -179,7 +179,9 @@ def test_layer_never_called_in_the_forward_pass(cli, tmp_path, models_file):
 
 def test_layer_whose_output_is_not_a_tensor(cli, tmp_path, models_file):
     line = _dump_fails(cli, tmp_path, f"{models_file}:tuple_out", "--layer", "pair")
-    assert line == "Error: layer 'pair' outputs a tuple, not a tensor; choose a layer whose output is a tensor."
+    assert line == (
+        "Error: layer 'pair' outputs a tuple of 2 (Tensor, Tensor), not a tensor; choose one element with --layer pair[0]."
+    )
 
 
 # --------------------------------------------------------------------------- forward failures

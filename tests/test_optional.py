@@ -29,11 +29,13 @@ def test_a_missing_module_names_the_package_and_the_extra(monkeypatch):
 
 
 def test_a_missing_submodule_and_a_distribution_name_that_differs(monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)
+    # A package no test imports (transformers may already be loaded by another test, and a
+    # loaded parent makes its submodules importable whatever sys.modules says of it).
+    monkeypatch.setitem(sys.modules, "absent_top", None)
     with pytest.raises(
-        MissingExtraError, match=r"^this needs the optional package transformers: pip install 'leakaudit\[hf\]'\.$"
+        MissingExtraError, match=r"^this needs the optional package absent_top: pip install 'leakaudit\[hf\]'\.$"
     ):
-        require("transformers.models.vit", "hf")
+        require("absent_top.models.vit", "hf")
     monkeypatch.setitem(sys.modules, "fancy_module", None)
     with pytest.raises(MissingExtraError, match=r"optional package fancy-dist: pip install 'leakaudit\[fancy\]'"):
         require("fancy_module", "fancy", package="fancy-dist")

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from leakaudit._io import sha256_file
+from leakaudit._optional import require
 from leakaudit.errors import (
     CheckpointError,
     ConfigError,
@@ -72,19 +73,8 @@ _OPTIONS = ("num_classes", "in_chans")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class MissingExtraError(UsageError):
-    """An optional dependency of a model format is not installed."""
-
-
 def _import_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise MissingExtraError(
-            "hf: folders of transformers models need the transformers package, which is not installed. "
-            "Install it with pip install 'leakaudit[hf]'."
-        ) from None
-    return transformers
+    return require("transformers", "hf", purpose="an hf: folder of a transformers model")
 
 
 # --------------------------------------------------------------------------- the folder

@@ -271,6 +271,7 @@ def load_onnx(spec: str, path: Path, kwargs: dict[str, Any]) -> LoadedModel:
         )
     tensor_type = inputs[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    names = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
     dtype = _ONNX_TO_NUMPY.get(tensor_type.elem_type)
     if len(dims) != 4 or dtype is None:
         raise UsageError(
@@ -281,7 +282,7 @@ def load_onnx(spec: str, path: Path, kwargs: dict[str, Any]) -> LoadedModel:
     if record is not None and isinstance(record.get("input_shape"), list) and len(record["input_shape"]) == 3:
         in_chans, input_size = int(record["input_shape"][0]), (int(record["input_shape"][1]), int(record["input_shape"][2]))
     _seed_random_ops(model)
-    module = OnnxEncoder(model.SerializeToString(), spec, inputs[0].name, model.graph.output[0].name, dims, dtype)
+    module = OnnxEncoder(model.SerializeToString(), spec, inputs[0].name, model.graph.output[0].name, dims, names, dtype)
     return LoadedModel(
         module,
         spec,
@@ -376,10 +377,13 @@ class OnnxEncoder(nn.Module):
     #: Attacks that optimise through the encoder check this (ONNX graphs give no gradients).
     gives_gradients = False
 
-    def __init__(self, data: bytes, spec: str, input_name: str, output_name: str, dims: list[int | None], dtype: Any) -> None:
+    def __init__(
+        self, data: bytes, spec: str, input_name: str, output_name: str, dims: list[int | None], names: list[str], dtype: Any
+    ) -> None:
         super().__init__()
         self.spec, self.input_name, self.output_name = spec, input_name, output_name
         self.dims, self.dtype = list(dims), dtype
+        self.shape_text = f"({', '.join(names)})"  # the graph's input shape, symbolic dimensions by name
         self._data = data
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -401,10 +405,9 @@ class OnnxEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         got = tuple(x.shape)
-        fixed = tuple("N" if d is None else d for d in self.dims)
         if len(got) != len(self.dims) or any(d is not None and d != g for d, g in zip(self.dims, got)):
             raise UsageError(
-                f"{self.spec!r} takes input of shape ({', '.join(map(str, fixed))}), got ({', '.join(map(str, got))}). "
+                f"{self.spec!r} takes input of shape {self.shape_text}, got ({', '.join(map(str, got))}). "
                 "Give data of that size, or resize it with --input-size H,W."
             )
         session = self._runtime_session(torch.get_num_threads())
@@ -414,12 +417,13 @@ class OnnxEncoder(nn.Module):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for shape and type errors
             raise UsageError(
                 f"onnxruntime cannot run {self.spec!r} on input of shape ({', '.join(map(str, got))}): {_first_line(exc)}. "
-                f"The graph takes ({', '.join(map(str, fixed))}); give data of that size or set it with --input-size H,W."
+                f"The graph takes {self.shape_text}; give data of the size it was exported for, or set it with --input-size H,W."
             ) from None
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OnnxEncoder:
-        return OnnxEncoder(self._data, self.spec, self.input_name, self.output_name, self.dims, self.dtype)
+        names = self.shape_text[1:-1].split(", ")
+        return OnnxEncoder(self._data, self.spec, self.input_name, self.output_name, self.dims, names, self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.spec!r}, input={self.input_name!r} {self.dims}, output={self.output_name!r}"

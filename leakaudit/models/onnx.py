@@ -127,6 +127,8 @@ def export_encoder(
                 encoder, (example,), dynamo=True, verbose=False, opset_version=OPSET,
                 input_names=["input"], output_names=["z"], dynamic_shapes=({0: batch},),
             )  # fmt: skip
+        if program is None:
+            raise RuntimeError("the exporter returned no program")
         model = program.model_proto
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: no ONNX file, the .pt2 files stand
         raise OnnxExportSkipped(f"torch.onnx could not export the encoder ({type(exc).__name__})") from None

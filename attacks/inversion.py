@@ -332,7 +332,7 @@ def _rebuild(store: ActivationStore, config: InversionConfig):
     from leakaudit.provenance import rebuild_encoder
 
     try:
-        return rebuild_encoder(store, trust_checkpoint=config.trust_checkpoint)
+        encoder = rebuild_encoder(store, trust_checkpoint=config.trust_checkpoint)
     except UntrustedCheckpointError as exc:
         raise UntrustedCheckpointError(
             f"the inversion cannot rebuild the encoder: {str(exc).rstrip('.')}. With `leakaudit attack`, "
@@ -340,6 +340,13 @@ def _rebuild(store: ActivationStore, config: InversionConfig):
         ) from None
     except UsageError as exc:
         raise UsageError(f"the inversion cannot rebuild the encoder: {str(exc).rstrip('.')}") from None
+    if getattr(encoder.module, "gives_gradients", True) is False:  # an ONNX graph runs outside autograd
+        raise UsageError(
+            f"the inversion needs gradients through the encoder, and {encoder.loaded.spec!r} is an ONNX encoder run by "
+            "onnxruntime, which gives none. Run it on a store dumped from the PyTorch encoder (encoder.pt2, or the "
+            "model at its split layer)"
+        )
+    return encoder
 
 
 def _sample_rows(test: np.ndarray, cap: int, seed: int) -> np.ndarray:

@@ -10,13 +10,17 @@ A hardening run leaves in its output folder:
 ``encoder.pt2``        the client's encoder, input → split activations (``torch.export``,
                        dynamic batch), noise sampling included for Shredder
 ``classifier.pt2``     the server's classifier, split activations → logits
+``encoder.onnx``       the client's encoder as ONNX (dynamic batch, opset and input shape
+                       recorded), when the ``onnx`` extra is installed and onnxruntime
+                       reproduces ``encoder.pt2`` (:mod:`leakaudit.models.onnx`)
 ``harden.json``        settings, seed, data spec, per-epoch history, test accuracy
 ==================  ==============================================================
 
 Both programs load with ``torch.export.load(path).module()`` in plain torch, and with
 ``leakaudit dump encoder.pt2 --data …`` (its output; ``--layer output`` or the split's name
 say the same). Each program holds a record of its role and split layer (extra file
-``leakaudit.json``). Inputs are what the model sees
+``leakaudit.json``); ``encoder.onnx`` holds the same record in its ``metadata_props``, with
+the input shape, opset and ``--normalize``, and dumps the same way. Inputs are what the model sees
 after ``--normalize`` (when the model was trained with it, pass the same to ``dump``).
 """
 
@@ -179,8 +183,9 @@ def export_split(
     example: torch.Tensor,
     folder: Path,
     reference: torch.Tensor | None = None,
+    normalize: str | None = None,
 ) -> dict[str, Any]:
-    """Cut ``model`` at ``layer`` and save ``encoder.pt2`` and ``classifier.pt2`` in ``folder``.
+    """Cut ``model`` at ``layer`` and save ``encoder.pt2``, ``classifier.pt2`` and ``encoder.onnx`` in ``folder``.
 
     Args:
         model: the hardened model (eval mode).
@@ -190,9 +195,12 @@ def export_split(
         folder: where to write.
         reference: Z of ``example`` as the training hook saw it, drawn right after
             ``torch.manual_seed(0)``; the exported encoder must reproduce it.
+        normalize: the ``--normalize`` the model was trained with, recorded in ``encoder.onnx``.
 
     Returns:
-        File names and SHA-256 of both programs.
+        File names and SHA-256 of the files written (``files``), the split's ``layer_shape``,
+        and ``onnx``: the ONNX export's opset, input shape and tolerance, or why it was skipped
+        (``{"skipped": reason}``; the ``.pt2`` programs are written either way).
 
     Raises:
         UsageError: the model cannot be split at ``layer`` (from :func:`split_model`, with
@@ -225,4 +233,13 @@ def export_split(
                   "role": name.removesuffix(".pt2"), "split_layer": layer, "layer_shape": list(z.shape[1:])}  # fmt: skip
         torch.export.save(program, str(folder / name), extra_files={PROGRAM_RECORD: json.dumps(record)})
         files[name] = sha256_file(folder / name)
-    return {"files": files, "layer_shape": list(z.shape[1:])}
+    from leakaudit.models.onnx import OnnxExportSkipped, export_encoder
+
+    try:
+        # The .pt2 program, not the FX encoder: it is what the ONNX file must reproduce.
+        onnx = export_encoder(encoder_program.module(), example, folder / "encoder.onnx", split_layer=layer,
+                              layer_shape=list(z.shape[1:]), normalize=normalize)  # fmt: skip
+        files["encoder.onnx"] = sha256_file(folder / "encoder.onnx")
+    except OnnxExportSkipped as skipped:
+        onnx = {"skipped": str(skipped)}
+    return {"files": files, "layer_shape": list(z.shape[1:]), "onnx": onnx}

@@ -199,6 +199,8 @@ class RunResult:
     privacy: dict[str, Any] | None = None
     burn_in: dict[str, Any] | None = None
     sent: dict[str, str] | None = None
+    #: the ONNX export's opset, input shape and tolerance, or ``{"skipped": reason}``
+    onnx: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,6 +218,7 @@ class RunResult:
             **({"privacy": self.privacy} if self.privacy is not None else {}),
             **({"burn_in": self.burn_in} if self.burn_in is not None else {}),
             **({"sent": self.sent} if self.sent is not None else {}),
+            **({"onnx": self.onnx} if self.onnx is not None else {}),
         }
 
 
@@ -495,6 +498,7 @@ def _run_one(
         seconds=time.perf_counter() - started,
         burn_in=burn_in,
         sent=sent or None,
+        onnx=record.get("onnx"),
     )
 
 
@@ -550,11 +554,12 @@ def _write_run(
     with z_capture(model, layer, objective.transform) as forward, torch.no_grad():
         torch.manual_seed(0)
         _, reference = forward(example)
-    exported = export_split(model, layer, objective.wrap_encoder, example, folder, reference=reference)
+    exported = export_split(model, layer, objective.wrap_encoder, example, folder, reference=reference, normalize=settings.normalize)
     model.to(device)
     files.update({name: name for name in exported["files"]})
     record["files"] = exported["files"]
     record["layer_shape"] = exported["layer_shape"]
+    record["onnx"] = exported["onnx"]
     write_json(folder / "model.json", record)
     return files
 

@@ -241,13 +241,20 @@ def exported_split(spec: str) -> str | None:
 
     The name comes from the record inside the archive, or for encoders exported before it
     was written, from the ``model.json`` of the output folder ``encoder.pt2`` sits in. Both
-    are JSON read from the zip file: nothing is unpickled.
+    are JSON read from the zip file: nothing is unpickled. An ``encoder.onnx`` holds the same
+    record in its metadata.
     """
     import json
     import zipfile
     from pathlib import Path
 
     path = Path(spec)
+    if path.suffix == ".onnx" and path.is_file():
+        from leakaudit.models.onnx import read_record
+
+        record = read_record(path)
+        layer = record.get("split_layer") if record is not None and record.get("role") == "encoder" else None
+        return layer if isinstance(layer, str) and layer.strip() else None
     if path.suffix != ".pt2" or not path.is_file():
         return None
     record = None

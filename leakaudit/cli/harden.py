@@ -26,6 +26,7 @@ from leakaudit.cli._common import (
     console,
     info,
     parse_key_values,
+    warn,
     write_json,
 )
 from leakaudit.cli.dump import _parse_split
@@ -80,7 +81,7 @@ def harden(
     data: DataOpt,
     task: Annotated[list[str], typer.Option("--task", "-t", help="Tasks NAME=SOURCE; public=SOURCE is trained, others can be --against or --private targets. Repeatable.", show_default=False)],
     method: Annotated[str, typer.Option("--method", "-m", help="center-loss, nopeek, shredder or gaussian-noise (see `leakaudit list recipes`).", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: hardened model, encoder.pt2, classifier.pt2, harden.json.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: hardened model, encoder.pt2, classifier.pt2, encoder.onnx (with the onnx extra), harden.json.", show_default=False)],
     weights: WeightsOpt = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="center-loss: λ in λ·L_C + (1 − λ)·L_S, in [0, 1] (default 0.9).")] = None,
     center_alpha: Annotated[Optional[float], typer.Option("--center-alpha", help="center-loss: rate at which centres follow the batches (default 0.5).")] = None,
@@ -203,6 +204,14 @@ def _print_result(result) -> None:
             table.add_row(*(_fmt(row.get(c)) for c in (*columns, *extra)))
         out.print(table)
     out.print(f"wrote {result.output} (harden.json, model.safetensors, encoder.pt2, classifier.pt2)", highlight=False)
+    for run in result.runs:
+        onnx = run.onnx or {}
+        where = run.folder / "encoder.onnx"
+        if "skipped" in onnx:
+            warn(f"the ONNX export of {run.label} was skipped: {onnx['skipped']}. encoder.pt2 and classifier.pt2 were written.")
+        elif "encoder.onnx" in run.files:
+            out.print(f"wrote {where} (ONNX opset {onnx.get('opset')}, dynamic batch; onnxruntime matches the "
+                      f"PyTorch encoder within rtol={onnx.get('rtol')}, atol={onnx.get('atol')})", highlight=False)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

@@ -46,7 +46,7 @@ def layers(
     rows = list_layers(loaded.module, torch.zeros(batch, *shape), channels_hint=_CHANNELS_HINT)
     module_set = {r.name for r in rows}
     nodes = [n for n in graph_node_names(loaded.module) if n not in module_set]
-    split = exported_split(model) if loaded.kind == "export" else None
+    split = exported_split(model) if loaded.kind in ("export", "onnx") else None
     boundaries = set(_scan_candidates(loaded, torch.zeros(batch, *shape)))
     if as_json:
         write_json(
@@ -107,7 +107,7 @@ def _scan_candidates(loaded, example) -> list[str]:
 
     from leakaudit.scan import block_boundaries
 
-    if loaded.kind == "export" or isinstance(loaded.module, torch.jit.ScriptModule):
+    if loaded.kind in ("export", "onnx") or isinstance(loaded.module, torch.jit.ScriptModule):
         return []
     return block_boundaries(loaded.module, example)
 

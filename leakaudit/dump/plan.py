@@ -139,12 +139,13 @@ def _plan_loaded(
     if len(set(name for name, _ in settings.tasks)) != len(settings.tasks):
         raise ConfigError("task names given with --task must be unique.")
     tasks = [resolve_task(name, src, source) for name, src in settings.tasks]
+    normalize = _normalize(settings, loaded)
     prep = preprocess_for(
         source,
         model_input_size=loaded.input_size,
         model_in_chans=loaded.in_chans,
         input_size=settings.input_size,
-        normalize=settings.normalize,
+        normalize=normalize,
     )
     roles, stratified_by = split_roles(source, n, settings.split, settings.seed, tasks)
     batch_size = settings.batch_size
@@ -165,7 +166,7 @@ def _plan_loaded(
         "tasks": [list(t) for t in settings.tasks],
         "input_size": list(prep.input_size),
         "in_chans": prep.in_chans,
-        "normalize": settings.normalize,
+        "normalize": normalize,
         "split": list(settings.split),
         "seed": settings.seed,
         "dtype": settings.dtype,
@@ -186,7 +187,7 @@ def _plan_loaded(
         "source_rows": len(source),
         "input_shape": [prep.in_chans, *prep.input_size],
         "input_size": list(prep.input_size),
-        "normalize": settings.normalize or "",
+        "normalize": normalize or "",
         "seed": settings.seed,
         "split_fractions": list(settings.split),
         "stratified_by": stratified_by,
@@ -217,6 +218,18 @@ def _plan_loaded(
         attrs=attrs,
     )
 
+
+def _normalize(settings: DumpSettings, loaded: Any) -> str | None:
+    """``--normalize``, or the one the model's file records it was trained with (an ONNX encoder's)."""
+    recorded = getattr(loaded, "normalize", None)
+    if recorded is None or settings.normalize is None:
+        return settings.normalize if settings.normalize is not None else recorded
+    if settings.normalize != recorded:
+        raise ConfigError(
+            f"--normalize {settings.normalize} differs from the {recorded} that {settings.model.spec!r} records it was "
+            "trained with; leave --normalize out to use the recorded one."
+        )
+    return recorded
 
 
 def _cut(settings: DumpSettings, module: Any, layer: str, example: torch.Tensor) -> tuple[Any, tuple[int, ...], tuple[int, ...] | None]:

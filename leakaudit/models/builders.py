@@ -61,12 +61,13 @@ class LoadedModel:
         module: the model in eval mode, on the CPU.
         spec: the spec as the user gave it.
         kind: ``builtin``, ``timm``, ``torchvision``, ``python``, ``torchscript``,
-            ``export`` or ``pickle``.
+            ``export``, ``onnx`` or ``pickle``.
         checkpoint_sha256: SHA-256 of the weights file, or of the archive for
             TorchScript/export/pickle specs; ``None`` for randomly initialised models.
         input_size: the (H, W) the model declares, if any.
         in_chans: the number of input channels the model declares, if any.
         fixed_batch: batch size an exported program was traced with, if static.
+        normalize: the ``--normalize`` the model's file records it was trained with, if any.
         options: the architecture options used (``num_classes``, ``in_chans``, …).
     """
 
@@ -79,6 +80,7 @@ class LoadedModel:
     in_chans: int | None = None
     fixed_batch: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    normalize: str | None = None
 
 
 def _build_timm(spec: str, name: str, kwargs: dict[str, Any]) -> LoadedModel:

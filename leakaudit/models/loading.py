@@ -56,7 +56,7 @@ def load_model(
 
     loaded = _build(spec, kwargs, trust_checkpoint)
     if weights is not None:
-        if loaded.kind in ("torchscript", "export", "pickle"):
+        if loaded.kind in ("torchscript", "export", "onnx", "pickle"):
             raise UsageError(
                 f"{spec!r} is a complete archive with its own weights; --weights applies to "
                 "architecture specs (lenet5, timm:…, torchvision:…, file.py:Factory)."
@@ -106,6 +106,10 @@ def _build(spec: str, kwargs: dict[str, Any], trust_checkpoint: bool) -> LoadedM
     path = Path(spec)
     if path.suffix == ".pt2":
         return _load_export(spec, path, kwargs, trust_checkpoint)
+    if path.suffix == ".onnx":
+        from leakaudit.models.onnx import load_onnx  # onnx and onnxruntime are optional
+
+        return load_onnx(spec, path, kwargs)
     if path.suffix in _ARCHIVE_SUFFIXES or (not sep and path.is_file()):
         return _load_archive(spec, path, kwargs, trust_checkpoint)
     if sep and rest:
@@ -125,5 +129,5 @@ def _build(spec: str, kwargs: dict[str, Any], trust_checkpoint: bool) -> LoadedM
         spec,
         BUILTIN_MODELS,
         hint="Use timm:NAME, torchvision:NAME, file.py:Factory, pkg.module:Factory or a "
-        "TorchScript/.pt2 archive for other models.",
+        "TorchScript/.pt2/.onnx file for other models.",
     )

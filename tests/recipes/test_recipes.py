@@ -176,7 +176,7 @@ def test_relative_center_loss_is_scale_free_and_tightens_the_classes(pretrained,
 def test_exported_encoder_equals_the_hardened_model_cut_at_the_layer(center_loss_run, tmp_path):
     folder = center_loss_run.output
     assert sorted(p.name for p in folder.iterdir()) == [
-        "classifier.pt2", "encoder.pt2", "harden.json", "model.json", "model.safetensors"
+        "classifier.pt2", "encoder.onnx", "encoder.pt2", "harden.json", "model.json", "model.safetensors"
     ]
     # `dump` from the encoder file alone …
     from_encoder = tmp_path / "encoder.h5"

@@ -59,7 +59,7 @@ from leakaudit.errors import (
     UsageError,
 )
 from leakaudit.models.builders import LoadedModel
-from leakaudit.models.weights import assign_state_dict, load_state_dict
+from leakaudit.models.weights import assign_state_dict, load_state_dict, raise_misfit
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -350,22 +350,7 @@ def _check_loading(folder: Path, info: Mapping[str, Any]) -> None:
     missing = sorted(info.get("missing_keys") or ())
     unexpected = sorted(info.get("unexpected_keys") or ())
     mismatched = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(info.get("mismatched_keys") or ())]
-    _raise_misfit(str(folder), missing, unexpected, mismatched)
-
-
-def _raise_misfit(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
-    # The wording of assign_state_dict, so a misfit reads the same for every kind of model.
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if items:
-            shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-            parts.append(f"{label} {len(items)}: {shown}")
-    raise CheckpointError(
-        f"weights in {source!r} do not fit the architecture — " + "; ".join(parts)
-        + ". Check that config.json is the one saved with these weights."
-    )
+    raise_misfit(str(folder), missing, unexpected, mismatched, "Check that config.json is the one saved with these weights.")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -253,17 +253,26 @@ def assign_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], *, s
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-                parts.append(f"{label} {len(items)}: {shown}")
-        raise CheckpointError(
-            f"weights in {source!r} do not fit the architecture — " + "; ".join(parts)
-            + ". Check the model spec and its options (--num-classes, --in-chans, --model-arg)."
-        )
+    raise_misfit(source, missing, unexpected, mismatched,
+                 "Check the model spec and its options (--num-classes, --in-chans, --model-arg).")  # fmt: skip
     module.load_state_dict(state, strict=True)
+
+
+def raise_misfit(source: str, missing: list[str], unexpected: list[str], mismatched: list[str], advice: str) -> None:
+    """Raise the one message of weights that do not fit a model, key by key; nothing if they fit.
+
+    Raises:
+        CheckpointError: the first five of each of missing and unexpected keys and shape
+            mismatches, with how many more, then ``advice``.
+    """
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+            parts.append(f"{label} {len(items)}: {shown}")
+    raise CheckpointError(f"weights in {source!r} do not fit the architecture — " + "; ".join(parts) + f". {advice}")
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:

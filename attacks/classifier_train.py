@@ -62,7 +62,6 @@ class HeadResult:
             ``_ci95`` likewise.
         refit_epochs: epochs (L-BFGS iterations for the linear probes) of the refit.
         refit_rows: rows the refit was fitted on.
-        refit_seconds: its wall time.
     """
 
     name: str
@@ -87,7 +86,6 @@ class HeadResult:
     refit_balanced_accuracy_ci95: list[float] | None = None
     refit_epochs: int | None = None
     refit_rows: int | None = None
-    refit_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -219,7 +217,6 @@ def refit_head(
     train_y, test_y = labels
     description = f"classifier {head.name} refit"
     on_progress = (lambda done, total: progress(description, done, total)) if progress else None
-    started = time.perf_counter()
     if head.name in LINEAR_HEADS:
         assert head.chosen is not None  # set by _train_head
         fitted = logistic_regression(data.train, train_y, classes, head.chosen["c"], device=device)
@@ -241,7 +238,6 @@ def refit_head(
         )  # fmt: skip
         pred = predict(model, data.test, device).argmax(dim=1).numpy()
         head.refit_epochs, head.refit_rows = head.best_epoch, len(train_y)
-    head.refit_seconds = round(time.perf_counter() - started, 3)
     return _scored(head, pred, test_y, refit=True)
 
 

@@ -138,6 +138,7 @@ def logistic_regression(
         loss.backward()
         if ctx is not None:
             total = loss.detach().clone()
+            assert weight.grad is not None and bias.grad is not None  # set by backward
             for tensor in (total, weight.grad, bias.grad):
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             return total

@@ -1,6 +1,7 @@
 """The heads of the classifier attack: what is retrained on Z (or on raw X) for a private task.
 
-``linear``, ``mlp`` and ``conv`` are fresh heads of growing capacity; ``continuation`` is the
+``mlp`` and ``conv`` are fresh networks of growing capacity (the linear probe and the SVM are
+not networks trained by epochs: :mod:`leakaudit.attacks.classifier_fit`); ``continuation`` is the
 Scrunch paper's own attacker, the rest of the model after the split rebuilt from the store's
 recorded spec and retrained; ``raw_cnn`` is the reference trained on raw X.
 """
@@ -14,10 +15,6 @@ from torch import nn
 
 from leakaudit.errors import UsageError
 from leakaudit.store import ActivationStore
-
-
-def linear_head(features: int, classes: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
 
 
 def mlp_head(features: int, classes: int, width: int = 512) -> nn.Module:

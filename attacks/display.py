@@ -76,7 +76,7 @@ def classifier_renderables(result: Any) -> list[Any]:
                 _pct_ci(head.accuracy, head.accuracy_ci95),
                 _pct_ci(head.balanced_accuracy, head.balanced_accuracy_ci95),
                 _pct(head.val_accuracy),
-                f"{head.epochs} ({head.best_epoch})",
+                "—" if head.epochs is None else f"{head.epochs} ({head.best_epoch})",  # the SVM has no epochs
                 _time(head.seconds_per_epoch),
                 "",
             )

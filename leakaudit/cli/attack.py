@@ -66,7 +66,7 @@ def attack(
     classifier: Annotated[bool, typer.Option("--classifier", help="Shorthand for --attack classifier: retrain classifiers on Z for --task (Scrunch §3.2).")] = False,
     decoder: Annotated[Optional[str], typer.Option("--decoder", metavar="[upsample|alexnet|resnet|best]", help="Shorthand for --attack decoder --set arch=ARCH: reconstruct X from Z; alone it means best (all three decoders).", show_default=False)] = None,
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="Classifier: the store's task to attack.  [default: private]", show_default=False)] = None,
-    head: Annotated[Optional[str], typer.Option("--head", help="Classifier head: linear, mlp, conv, continuation, best (all) or fresh (all but continuation).  [default: best]", show_default=False)] = None,
+    head: Annotated[Optional[str], typer.Option("--head", help="Classifier head: linear, svm, mlp, conv, continuation, best (all) or fresh (all but continuation).  [default: best]", show_default=False)] = None,
     leaked: Annotated[Optional[str], typer.Option("--leaked", metavar="SHARES", help="Decoder: also train on these shares of the attacker's pairs, e.g. 0.01,0.1,1: SSIM/PSNR against the number of leaked pairs.", show_default=False)] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help="Decoder loss: mse or mse+ssim.  [default: mse]", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Most epochs per model; early stopping on attacker-validation usually ends sooner.  [default: 200 classifier, 100 decoder]", show_default=False)] = None,

@@ -32,7 +32,7 @@ def trained_result(trained_digits_store):
 
 def test_trained_lenet_private_accuracy_is_within_5_points_of_raw_x(trained_result):
     result = trained_result
-    assert [h.name for h in result.heads] == ["linear", "mlp", "conv", "continuation"]
+    assert [h.name for h in result.heads] == ["linear", "svm", "mlp", "conv", "continuation"]
     assert all(h.ok for h in result.heads), [h.reason for h in result.heads]
     assert [h.name for h in result.raw_heads] == ["raw-linear", "raw-cnn"]
     assert result.private_accuracy_raw is not None and result.private_accuracy_raw > 0.9
@@ -44,7 +44,9 @@ def test_trained_lenet_private_accuracy_is_within_5_points_of_raw_x(trained_resu
 def test_the_strongest_head_is_chosen_on_validation_not_test(trained_result):
     best = max(trained_result.heads, key=lambda h: h.val_accuracy)
     assert trained_result.best_head == best.name
-    assert trained_result.accuracy == best.accuracy
+    # The headline is the chosen head's stronger protocol: fitted on attacker-train, or refitted with validation too.
+    assert trained_result.accuracy == max(best.accuracy, best.refit_accuracy)
+    assert trained_result.protocol == ("refit" if best.refit_accuracy > best.accuracy else "selection")
     raw_best = max(trained_result.raw_heads, key=lambda h: h.val_accuracy)
     assert trained_result.raw_best_head == raw_best.name
 
@@ -53,7 +55,7 @@ def test_result_serialises_to_json_with_report_names(trained_result):
     data = json.loads(json.dumps(trained_result.to_dict()))
     assert data["attack"] == "classifier" and data["task"] == "private"
     assert data["private_accuracy"] == trained_result.accuracy
-    assert {h["name"] for h in data["heads"]} == {"linear", "mlp", "conv", "continuation"}
+    assert {h["name"] for h in data["heads"]} == {"linear", "svm", "mlp", "conv", "continuation"}
     metrics = trained_result.report_metrics()
     names = set(metrics)
     assert {"private_accuracy", "private_accuracy_raw", "private_chance"} <= names
@@ -134,7 +136,7 @@ def test_unknown_task_lists_the_tasks(small_digits_store):
 def test_unknown_head_lists_the_closest():
     with pytest.raises(UnknownNameError, match=r"unknown classifier head 'mpl'\. Closest: mlp\."):
         from_mapping(ClassifierConfig, {"head": "mpl"})
-    assert set(HEAD_CHOICES) == {"linear", "mlp", "conv", "continuation", "best", "fresh"}
+    assert set(HEAD_CHOICES) == {"linear", "svm", "mlp", "conv", "continuation", "best", "fresh"}
 
 
 def test_config_rejects_unknown_keys_and_bad_values():

@@ -124,7 +124,7 @@ def test_existing_outputs_are_kept_without_force(cli, store, tmp_path):
         (["--classifier", "--decoder"], "Error: give exactly one of --attack NAME, --classifier and --decoder [ARCH]."),
         (["--decoder", "--head", "mlp"], "Error: --head applies to --classifier, not to --decoder."),
         (["--classifier", "--grid", "g.png"], "Error: --grid applies to --decoder, not to --classifier."),
-        (["--classifier", "--head", "mpl"], "Error: unknown classifier head 'mpl'. Closest: mlp. Heads: linear, mlp, conv, continuation, best, fresh."),
+        (["--classifier", "--head", "mpl"], "Error: unknown classifier head 'mpl'. Closest: mlp. Heads: linear, svm, mlp, conv, continuation, best, fresh."),
         (["--decoder", "alexnt"], "Error: unknown decoder 'alexnt'. Closest: alexnet. Decoders: upsample, alexnet, resnet, best."),
         (["--classifier", "--epochs", "0"], "Error: epochs: expected a positive number, got 0."),
         (

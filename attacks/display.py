@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # Narrow terminals shrink columns; numbers must not be cut to "0.6…" (nor intervals to "91.2–9…").
-_MIN_WIDTH = {"head": 12, "decoder": 10, "test acc": 9, "balanced": 9, "val acc": 6, "epochs": 8, "s/epoch": 6,
+_MIN_WIDTH = {"head": 12, "decoder": 10, "test acc": 9, "refit acc": 9, "balanced": 9, "val acc": 6, "epochs": 8, "s/epoch": 6,
               "SSIM": 5, "p5": 5, "p50": 5, "p95": 5, "PSNR": 5, "MSE": 6, "val": 5, "s/ep": 5, "score": 9}  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def classifier_renderables(result: Any) -> list[Any]:
         f"{'×'.join(map(str, result.layer_shape))}, {rows['attacker-train']:,}/{rows['attacker-validation']:,}/"
         f"{rows['test']:,} rows"
     )
-    for column in ("head", "input", "test acc", "balanced", "val acc", "epochs", "s/epoch", "note"):
+    for column in ("head", "input", "test acc", "refit acc", "balanced", "val acc", "epochs", "s/epoch", "note"):
         table.add_column(
             column, justify="left" if column in ("head", "input", "note") else "right", min_width=_MIN_WIDTH.get(column)
         )
@@ -74,6 +74,7 @@ def classifier_renderables(result: Any) -> list[Any]:
                 head.name + mark,
                 head.input,
                 _pct_ci(head.accuracy, head.accuracy_ci95),
+                "—" if head.refit_accuracy is None else _pct_ci(head.refit_accuracy, head.refit_accuracy_ci95),
                 _pct_ci(head.balanced_accuracy, head.balanced_accuracy_ci95),
                 _pct(head.val_accuracy),
                 "—" if head.epochs is None else f"{head.epochs} ({head.best_epoch})",  # the SVM has no epochs
@@ -82,16 +83,18 @@ def classifier_renderables(result: Any) -> list[Any]:
             )
         else:
             # The reason is a sentence: below the table, where it is not folded into a narrow column.
-            table.add_row(head.name, head.input, "—", "—", "—", "—", "—", f"skipped ({len(skipped) + 1})")
+            table.add_row(head.name, head.input, "—", "—", "—", "—", "—", "—", f"skipped ({len(skipped) + 1})")
             skipped.append(f"({len(skipped) + 1}) {head.name}: {head.reason}")
-    table.add_row("chance", "", _pct(result.chance), _pct(result.chance_balanced), "", "", "", "majority class")
-    table.caption = "* strongest on attacker-validation · epochs: run (best) · under each accuracy its 95 % interval (test rows)"
+    table.add_row("chance", "", _pct(result.chance), "", _pct(result.chance_balanced), "", "", "", "majority class")
+    table.caption = ("* strongest on attacker-validation · test acc: fitted on attacker-train · refit acc: refitted on "
+                     "attacker-train + attacker-validation · epochs: run (best) · under each accuracy its 95 % interval (test rows)")  # fmt: skip
     return [
         table,
         *(Text(f"skipped {line}") for line in skipped),
         Text(
-        f"private_accuracy {_num(result.accuracy)}{_ci(result.accuracy_ci95)} ({result.best_head}) · private_accuracy_raw "
-        f"{_num(result.private_accuracy_raw)}{_ci(result.private_accuracy_raw_ci95)} ({result.raw_best_head or 'no /inputs'}) · "
+        f"private_accuracy {_num(result.accuracy)}{_ci(result.accuracy_ci95)} ({result.best_head}, {result.protocol}) · private_accuracy_raw "
+        f"{_num(result.private_accuracy_raw)}{_ci(result.private_accuracy_raw_ci95)} ({result.raw_best_head or 'no /inputs'}"
+        f"{', ' + result.raw_protocol if result.raw_protocol else ''}) · "
         f"private_accuracy_drop {_num(result.private_accuracy_drop)}{_ci(result.private_accuracy_drop_ci95)} · "
         f"private_chance {_num(result.chance)}"
         ),
@@ -165,13 +168,16 @@ def classifier_html(classifier: Mapping[str, Any]) -> str:
 
     heads = [
         (h["name"], h["input"], with_interval(h.get("accuracy"), h.get("accuracy_ci95")),
+         with_interval(h.get("refit_accuracy"), h.get("refit_accuracy_ci95")),
          with_interval(h.get("balanced_accuracy"), h.get("balanced_accuracy_ci95")), h.get("epochs"), h.get("reason") or "")
         for h in [*classifier.get("heads", []), *classifier.get("raw_heads", [])]
     ]  # fmt: skip
     return (
         f"<h2>Classifier attack on task <code>{html.escape(str(classifier.get('task')))}</code></h2>"
-        f"<div class='sub'>strongest head: <b>{html.escape(str(classifier.get('best_head')))}</b>, chance {fmt(classifier.get('chance'))}</div>"
-        + table(["head", "input", "test accuracy [95 % interval]", "balanced [95 % interval]", "epochs", "note"], heads, numeric=(2, 3, 4))
+        f"<div class='sub'>strongest head: <b>{html.escape(str(classifier.get('best_head')))}</b> (headline from its "
+        f"{html.escape(str(classifier.get('protocol', 'selection')))} protocol), chance {fmt(classifier.get('chance'))}</div>"
+        + table(["head", "input", "test accuracy [95 % interval]", "refitted on train + validation", "balanced [95 % interval]",
+                 "epochs", "note"], heads, numeric=(2, 3, 4, 5))  # fmt: skip
     )
 
 

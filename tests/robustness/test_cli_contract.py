@@ -166,7 +166,10 @@ def test_ctrl_c_in_a_real_process_is_one_line_and_exit_130(tmp_path):
     out = tmp_path / "acts.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "leakaudit", "dump", f"{factory}:make", "--layer", "conv", "--data", "digits", "-o", str(out)]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a suite started in the background (`make test &`, nohup)
+    # hands its children SIGINT ignored, and Python then never installs its handler.
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "started").exists() and process.poll() is None:
         time.sleep(0.05)  # interrupt the command itself, not the interpreter's start

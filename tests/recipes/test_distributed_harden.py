@@ -67,7 +67,9 @@ def test_two_ranks_center_loss_matches_single_process_and_only_rank_0_writes(tmp
     process = torchrun(*HARDEN, "--device", "cpu", "-o", distributed_out, "--json", work / "dist.json")
     out, err = finish(process)
     assert process.returncode == 0, err
-    assert out.count("wrote ") == 1 and out.count("center-loss at conv3") == 1, out  # rank 0 speaks for the group
+    # Rank 0 speaks for the group: one line for the folder, one for its encoder.onnx.
+    assert out.count(f"wrote {distributed_out} (") == 1 and out.count("center-loss at conv3") == 1, out
+    assert out.count("wrote ") == 1 + out.count("encoder.onnx (ONNX"), out
     assert err.count("epoch 3:") == 1, err  # one line per epoch, from rank 0
 
     single = cli("--quiet", *HARDEN, "--device", "cpu", "-o", single_out, "--json", work / "single.json")

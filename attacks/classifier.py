@@ -76,6 +76,7 @@ from leakaudit.attacks._training import (
     as_tensor,
 )
 from leakaudit.attacks.classifier_heads import continuation_head, raw_cnn  # noqa: F401 - re-exported
+from leakaudit.attacks.classifier_raw import RawReference, content_key, shared_reference
 from leakaudit.attacks.classifier_train import (  # noqa: F401 - balanced_accuracy, LINEAR_HEADS re-exported
     FRESH_HEADS,
     HEADS,
@@ -189,6 +190,8 @@ class ClassifierResult:
         protocol: which gave ``accuracy``: ``selection`` (the head fitted on attacker-train) or
             ``refit`` (refitted on attacker-train + attacker-validation).
         raw_protocol: the same for ``private_accuracy_raw``.
+        raw_reference_shared: the raw-X heads are those an earlier store of the same content
+            trained in this process (:mod:`leakaudit.attacks.classifier_raw`), not trained again.
     """
 
     task: str
@@ -214,6 +217,7 @@ class ClassifierResult:
     private_accuracy_drop_continuation_ci95: list[float] | None = None
     protocol: str = "selection"
     raw_protocol: str | None = None
+    raw_reference_shared: bool = False
 
     attack = "classifier"
 
@@ -361,31 +365,30 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         heads.append(head)
         del model, data
 
-    raw_heads: list[HeadResult] = []
-    x: HeadData | None = None
+    pooled_y = (torch.cat([train_y, val_y]), test_y)
+    raw = RawReference([], {})
     if config.raw_reference:
         if store.has_inputs:
             with distributed.agreed(ctx):
                 x = HeadData(*(as_tensor(read_inputs(store, r, role)) for r, role in _roles(rows)))
-            for name in RAW_HEADS:
-                torch.manual_seed(seed_for(config.seed, name))
-                model, data = build_raw(name, classes, x)
-                head, correct[name] = train_head(name, "X", model, data, labels, classes, config, device, progress)
-                raw_heads.append(head)
-                del model, data
+            world_size = ctx.world_size if ctx is not None else 1
+            key = content_key(x, labels, config, classes, device, world_size)
+            raw = shared_reference(key, lambda: _raw_reference(x, labels, pooled_y, classes, config, device, progress))
+            del x
+            correct.update(raw.correct)
         else:
             warnings_.append(
                 "no raw-X reference: the store has no /inputs (dumped with --no-inputs), so "
                 "private_accuracy_raw and private_accuracy_drop are not reported."
             )
+    raw_heads = raw.heads
 
     trained = [h for h in heads if h.ok]
     best = max(trained, key=val_accuracy)  # selection on attacker-validation only
     raw_best = max(raw_heads, key=val_accuracy) if raw_heads else None
 
     # Refit the chosen heads on every pair the attacker holds, from the same initialisation.
-    pooled_y = (torch.cat([train_y, val_y]), test_y)
-    refitted: dict[str, np.ndarray | None] = {}
+    refitted: dict[str, np.ndarray | None] = dict(raw.refitted)
     if config.refit != "none":
         pooled_z = pooled(z)
         for head in trained if config.refit == "all" else [best]:
@@ -393,14 +396,6 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
             model, data = build_head(head.name, store, layer_shape, classes, pooled_z)
             refitted[head.name] = refit_head(head, model, data, pooled_y, classes, config, device, progress)
         del pooled_z
-        if x is not None and raw_best is not None:
-            pooled_x = pooled(x)
-            for head in raw_heads if config.refit == "all" else [raw_best]:
-                torch.manual_seed(seed_for(config.seed, head.name))
-                model, data = build_raw(head.name, classes, pooled_x)
-                refitted[head.name] = refit_head(head, model, data, pooled_y, classes, config, device, progress)
-            del pooled_x
-    del x
 
     protocol, best_correct = stronger(best, correct[best.name], refitted.get(best.name))
     prefix = "refit_" if protocol == "refit" else ""
@@ -444,7 +439,33 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         private_accuracy_drop_continuation_ci95=continuation_drop_ci95,
         protocol=protocol,
         raw_protocol=raw_protocol,
+        raw_reference_shared=raw.cached,
     )
+
+
+def _raw_reference(
+    x: HeadData, labels: Any, pooled_y: Any, classes: int, config: ClassifierConfig, device: torch.device,
+    progress: Progress | None,
+) -> RawReference:  # fmt: skip
+    """Train the raw-X heads on X, and refit the chosen one (or all) on attacker-train + attacker-validation."""
+    heads: list[HeadResult] = []
+    correct: dict[str, np.ndarray] = {}
+    for name in RAW_HEADS:
+        torch.manual_seed(seed_for(config.seed, name))
+        model, data = build_raw(name, classes, x)
+        head, correct[name] = train_head(name, "X", model, data, labels, classes, config, device, progress)
+        heads.append(head)
+        del model, data
+    refitted: dict[str, np.ndarray | None] = {}
+    if config.refit != "none":
+        chosen = max(heads, key=val_accuracy)
+        pooled_x = pooled(x)
+        for head in heads if config.refit == "all" else [chosen]:
+            torch.manual_seed(seed_for(config.seed, head.name))
+            model, data = build_raw(head.name, classes, pooled_x)
+            refitted[head.name] = refit_head(head, model, data, pooled_y, classes, config, device, progress)
+        del pooled_x
+    return RawReference(heads, correct, refitted)
 
 
 def below_chance_warnings(task: str, accuracy: float, raw_accuracy: float | None, chance: float) -> list[str]:

@@ -132,3 +132,13 @@ def _torch_threads_restored():
     yield
     if torch.get_num_threads() != SESSION_THREADS:
         torch.set_num_threads(SESSION_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _raw_references_forgotten():
+    """Each test trains its own raw-X references (the classifier shares them within a process)."""
+    from leakaudit.attacks import classifier_raw
+
+    classifier_raw.clear()
+    yield
+    classifier_raw.clear()

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leakaudit.errors import DataError, NonFiniteError
+from leakaudit.errors import DataError
 from leakaudit.store import ROLES, ActivationStore
+from leakaudit.store.stream import check_finite
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,6 @@ def read_inputs(store: ActivationStore, rows: np.ndarray, role: str) -> np.ndarr
     x = store.inputs(rows)
     check_finite(x, f"inputs (/inputs, {role} rows) of {str(store.path)!r}")
     return x
-
-
-def check_finite(values: np.ndarray, what: str) -> None:
-    """Raise :class:`NonFiniteError` with counts (never values) if ``values`` has NaN or inf."""
-    finite = np.isfinite(values)
-    if finite.all():
-        return
-    nan = int(np.isnan(values).sum())
-    inf = int(values.size - finite.sum()) - nan
-    bad_rows = int((~finite.reshape(len(values), -1)).any(axis=1).sum()) if len(values) else 0
-    raise NonFiniteError(
-        f"the {what} contain {nan:,} NaN and {inf:,} infinite values in {bad_rows:,} rows; attacks need finite "
-        "numbers. Check the model's weights and input scaling, then dump the store again."
-    )
 
 
 def check_class_rows(labels: np.ndarray, rows: AttackRows, class_names: list[str], task: str, min_train: int = 2) -> None:

@@ -176,9 +176,16 @@ def attack(
     distributed.shutdown()
     if is_main and json_out != "-":
         _show(result)
+        show_data_path(getattr(result, "data_path", None))
         console().print(f"merged into {report_path}", highlight=False)
     if ctx is not None:
         distributed.exit_without_teardown(0)  # see there: a DDP rank may abort in the teardown
+
+
+def show_data_path(paths: dict[str, dict[str, Any]] | None) -> None:
+    """One line per role: which path read it (memory or stream) and why."""
+    for role, path in (paths or {}).items():
+        console().print(f"data: {role} {path['data_path']} ({path['reason']})", highlight=False, soft_wrap=True)
 
 
 def _fields(plugin: Any) -> set[str]:

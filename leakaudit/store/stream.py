@@ -43,6 +43,9 @@ BLOCK_BYTES = 4 << 20
 #: are held at once (the one being consumed and the one read ahead) beside the queued batches.
 WINDOW_SHARE = 0.25
 
+#: The fewest blocks a window holds when the budget allows (see :meth:`Blocks.for_budget`).
+WINDOW_BLOCKS = 8
+
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -157,7 +160,8 @@ class Blocks:
     @classmethod
     def for_budget(cls, row_bytes: int, budget_bytes: int) -> Blocks:
         window_rows = max(1, int(budget_bytes * WINDOW_SHARE) // max(1, row_bytes))
-        block_rows = max(1, min(window_rows, BLOCK_BYTES // max(1, row_bytes)))
+        # At least WINDOW_BLOCKS blocks per window, so that a batch mixes rows from several places in the store.
+        block_rows = max(1, min(window_rows // WINDOW_BLOCKS, BLOCK_BYTES // max(1, row_bytes)))
         return cls(block_rows, max(1, window_rows // block_rows))
 
     @property

@@ -83,3 +83,24 @@ def test_decoder_streams_under_a_tiny_budget(cli, small_digits_store, tmp_path):
     again = cli("attack", small_digits_store, "--decoder", "upsample", "--epochs", "1", "--set", "width=4", "--json", "-",
                 "--report", tmp_path / "r2.json")
     assert {p["data_path"] for p in json.loads(again.stdout)["data_path"].values()} == {"memory"}
+
+
+def test_classifier_subsamples_within_a_small_budget(cli, small_digits_store, tmp_path):
+    args = ("attack", small_digits_store, "--classifier", "--task", "private", "--head", "mlp", "--epochs", "3",
+            "--set", "raw_reference=false", "--set", "refit=none")
+    out = tmp_path / "c.json"
+    result = cli(*args, "--memory-budget", "200K", "--json", out, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    record = data["data_path"]["attacker roles"]
+    assert record["data_path"] == "subsample" and record["memory_budget"] == 200 * 1024
+    assert record["role_bytes"] == 3 * 300 * 120 * 4 and record["share"] == pytest.approx(200 * 1024 / record["role_bytes"])
+    kept, full = record["rows_kept"], record["rows_all"]
+    assert data["rows"] == kept and all(kept[r] < full[r] for r in full)
+    assert kept["attacker-train"] >= 0.4 * full["attacker-train"]
+    assert "classifier ran on a subsample" in result.stderr and np.isfinite(data["private_accuracy"])
+    # the same seed keeps the same rows; the default budget keeps them all
+    again = json.loads(cli(*args, "--memory-budget", "200K", "--json", "-", "--report", tmp_path / "r2.json").stdout)
+    assert again["data_path"] == data["data_path"] and again["private_accuracy"] == data["private_accuracy"]
+    whole = json.loads(cli(*args, "--json", "-", "--report", tmp_path / "r3.json").stdout)
+    assert whole["data_path"]["attacker roles"]["data_path"] == "memory" and whole["rows"] == full

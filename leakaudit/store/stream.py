@@ -24,7 +24,7 @@ import math
 import queue
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,8 @@ class StreamReader:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batches(self, order: torch.Tensor | np.ndarray, bounds: Sequence[tuple[int, int]]) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+    def batches(self, order: torch.Tensor | np.ndarray,
+                bounds: Sequence[tuple[int, int]]) -> Generator[tuple[np.ndarray, tuple[np.ndarray, ...]], None, None]:
         """``(positions, arrays)`` for each ``[start, stop)`` of ``bounds`` over ``order``, in order.
 
         ``positions`` index the role's rows; each array is float32 and finite.

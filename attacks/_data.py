@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from leakaudit.errors import DataError, NonFiniteError
+from leakaudit.errors import DataError
 from leakaudit.store import ROLES, ActivationStore
+from leakaudit.store.stream import check_finite, float32_bytes, format_bytes, memory_budget
 
 
 @dataclass(frozen=True)
@@ -48,20 +50,6 @@ def read_inputs(store: ActivationStore, rows: np.ndarray, role: str) -> np.ndarr
     return x
 
 
-def check_finite(values: np.ndarray, what: str) -> None:
-    """Raise :class:`NonFiniteError` with counts (never values) if ``values`` has NaN or inf."""
-    finite = np.isfinite(values)
-    if finite.all():
-        return
-    nan = int(np.isnan(values).sum())
-    inf = int(values.size - finite.sum()) - nan
-    bad_rows = int((~finite.reshape(len(values), -1)).any(axis=1).sum()) if len(values) else 0
-    raise NonFiniteError(
-        f"the {what} contain {nan:,} NaN and {inf:,} infinite values in {bad_rows:,} rows; attacks need finite "
-        "numbers. Check the model's weights and input scaling, then dump the store again."
-    )
-
-
 def check_class_rows(labels: np.ndarray, rows: AttackRows, class_names: list[str], task: str, min_train: int = 2) -> None:
     """Refuse a task whose classes are too thin in some role.
 
@@ -82,3 +70,47 @@ def check_class_rows(labels: np.ndarray, rows: AttackRows, class_names: list[str
                 f"every class needs at least {min_train} attacker-train, 1 attacker-validation and 1 test row. "
                 "Dump more rows (or without --limit), change --split, or merge classes with a map:FILE.yaml task."
             )
+
+
+#: Copies of a role's float32 rows an attack that needs all rows at once holds at its peak
+#: (the rows, a standardised copy for the head, the pooled attacker-train + validation copy).
+WHOLE_ROW_COPIES = 3
+
+
+def rows_within_budget(store: ActivationStore, rows: AttackRows, labels: np.ndarray, names: tuple[str, ...], seed: int,
+                       budget_bytes: int | None = None) -> tuple[AttackRows, dict[str, Any]]:
+    """``rows`` if :data:`WHOLE_ROW_COPIES` copies of them fit in the memory budget; else a seeded subsample that does.
+
+    The subsample keeps the same share of each class in each role (at least two attacker-train
+    rows and one attacker-validation and one test row of every class), so the attack stays
+    defined; what it reports is then the accuracy of an attacker holding fewer pairs, scored on
+    fewer test rows (its bootstrap interval is over those rows, so it widens accordingly).
+
+    Returns:
+        The rows to use, and a record for the result: ``data_path`` (``memory`` or
+        ``subsample``), the budget, the bytes, the rows kept per role, the seed and why.
+    """
+    limit = memory_budget() if budget_bytes is None else budget_bytes
+    total = len(rows.train) + len(rows.val) + len(rows.test)
+    needed = WHOLE_ROW_COPIES * float32_bytes(store, names, total)
+    record: dict[str, Any] = {"memory_budget": limit, "role_bytes": needed, "role": "all attacker roles"}
+    if needed <= limit:
+        reason = f"{WHOLE_ROW_COPIES} float32 copies of every row take {format_bytes(needed)}, within the memory budget of {format_bytes(limit)}"
+        return rows, {"data_path": "memory", **record, "reason": reason}
+    share = limit / needed
+    rng = np.random.default_rng(seed)
+    minimum = {"attacker-train": 2, "attacker-validation": 1, "test": 1}
+    kept = {}
+    for role, role_rows in (("attacker-train", rows.train), ("attacker-validation", rows.val), ("test", rows.test)):
+        chosen = []
+        for c in np.unique(labels[role_rows]):
+            of_class = role_rows[labels[role_rows] == c]
+            take = min(len(of_class), max(minimum[role], int(share * len(of_class))))
+            chosen.append(rng.choice(of_class, take, replace=False))
+        kept[role] = np.sort(np.concatenate(chosen)) if chosen else role_rows[:0]
+    sub = AttackRows(kept["attacker-train"], kept["attacker-validation"], kept["test"])
+    reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {format_bytes(needed)}, more than the memory budget "
+              f"of {format_bytes(limit)}; the heads need all their rows at once, so a seeded per-class subsample of "
+              f"{share:.1%} of each role ran (an attacker holding fewer pairs, scored on fewer test rows)")
+    return sub, {"data_path": "subsample", **record, "seed": seed, "share": share, "rows_kept": sub.sizes(),
+                 "rows_all": rows.sizes(), "reason": reason}

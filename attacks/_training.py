@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from leakaudit import distributed
+from leakaudit.attacks._sources import Source, StreamSource, TensorSource, as_source
 from leakaudit.distributed import Context
 from leakaudit.training import engine
 from leakaudit.training.engine import EpochTraining, Schedule, StepLoss
@@ -83,33 +84,44 @@ class _Validation:
 
 
 class _TensorTask(engine.Task[_Validation]):
-    """The engine's view of an attack: (x, y) tensors in memory, selection on the mean validation score."""
+    """The engine's view of an attack: (x, y) rows from a source, selection on the mean validation score."""
 
-    def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                 loss_fn: TensorFn, score_fn: TensorFn, val_loss_fn: TensorFn, device: torch.device,
-                 ctx: Context | None) -> None:
-        self.model, self.train, self.val = model, train, val
+    def __init__(self, model: nn.Module, train: Source | tuple[torch.Tensor, torch.Tensor],
+                 val: Source | tuple[torch.Tensor, torch.Tensor], loss_fn: TensorFn, score_fn: TensorFn,
+                 val_loss_fn: TensorFn, device: torch.device, ctx: Context | None, *, step_rows: int | None = None) -> None:
+        self.model, self.train, self.val = model, as_source(train), as_source(val)
         self.loss_fn, self.score_fn, self.val_loss_fn = loss_fn, score_fn, val_loss_fn
-        self.device, self.ctx = device, ctx
-        self.rows = len(train[0])
+        self.device, self.ctx, self.step_rows = device, ctx, step_rows
+        self.rows = self.train.rows
         has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.short_batches = "drop" if has_batch_norm else "keep"  # batch norm cannot normalise one row
+        self._order: torch.Tensor | None = None
+
+    def epoch_order(self, generator: torch.Generator, ctx: Context | None) -> torch.Tensor:
+        self._order = self.train.epoch_order(generator, ctx)
+        return self._order
 
     @contextlib.contextmanager
     def training(self, forward: engine.Forward) -> Iterator[Callable[[torch.Tensor], StepLoss]]:
         self.model.train()
-        train_x, train_y = self.train
+        assert self._order is not None, "the engine draws the epoch's order before training it"
+        if self.step_rows is None and isinstance(self.train, StreamSource):
+            raise ValueError("a streamed task needs step_rows to read its batches ahead")
+        bounds = engine.step_bounds(len(self._order), self.step_rows or 1, self.short_batches) if self.step_rows else []
 
-        def step(index: torch.Tensor) -> StepLoss:
-            x = train_x[index].to(self.device, non_blocking=True)
-            y = train_y[index].to(self.device, non_blocking=True)
-            loss = self.loss_fn(forward(x).float(), y)  # the loss (SSIM included) in float32 whatever the forward ran in
-            return StepLoss(loss, len(index))
+        with self.train.epoch(self._order, bounds) as take:
 
-        yield step
+            def step(index: torch.Tensor) -> StepLoss:
+                xb, yb = take(index)
+                x = xb.to(self.device, non_blocking=True)
+                y = yb.to(self.device, non_blocking=True)
+                loss = self.loss_fn(forward(x).float(), y)  # the loss (SSIM included) in float32 whatever the forward ran in
+                return StepLoss(loss, len(index))
+
+            yield step
 
     def validate(self, training: EpochTraining) -> _Validation:
-        score, loss = evaluate(self.model, *self.val, self.score_fn, self.val_loss_fn, self.device, ctx=self.ctx)
+        score, loss = evaluate_source(self.model, self.val, self.score_fn, self.val_loss_fn, self.device, ctx=self.ctx)
         return _Validation(training.epoch, training.loss, score, loss)
 
     def val_loss(self, stats: _Validation) -> float:
@@ -132,8 +144,8 @@ class _TensorTask(engine.Task[_Validation]):
 
 def fit(
     model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: Source | tuple[torch.Tensor, torch.Tensor],
+    val: Source | tuple[torch.Tensor, torch.Tensor],
     *,
     loss_fn: TensorFn,
     score_fn: TensorFn,
@@ -161,7 +173,7 @@ def fit(
 
     Args:
         model: the network to train (moved to ``device``).
-        train: inputs and targets of the attacker-train rows.
+        train: inputs and targets of the attacker-train rows (tensors, or a source: in memory or streamed).
         val: inputs and targets of the attacker-validation rows.
         loss_fn: ``loss(outputs, targets)`` → scalar, minimised.
         score_fn: ``score(outputs, targets)`` → one value per row, its mean maximised on
@@ -183,12 +195,13 @@ def fit(
     ctx = distributed.current(device)
     device = distributed.rank_device(device, ctx)
     model.to(device)
-    if len(train[0]) == 0 or len(val[0]) == 0:
+    if as_source(train).rows == 0 or as_source(val).rows == 0:
         raise ValueError("fit needs at least one training and one validation row")
     generator = torch.Generator().manual_seed(seed)  # the same permutations on every rank
     if ctx is None:
         torch.manual_seed(seed)  # dropout masks (under torchrun the engine seeds each rank its own)
-    task = _TensorTask(model, train, val, loss_fn, score_fn, val_loss_fn or loss_fn, device, ctx)
+    task = _TensorTask(model, train, val, loss_fn, score_fn, val_loss_fn or loss_fn, device, ctx,
+                       step_rows=engine.step_rows_of(batch_size, ctx))
     started = time.perf_counter()
     outcome = engine.fit(
         model,
@@ -221,7 +234,6 @@ def fit(
     )
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
@@ -232,49 +244,63 @@ def evaluate(
     *,
     ctx: Context | None = None,
 ) -> tuple[float, float]:
-    """Mean per-row score and mean loss of ``model`` on ``(x, y)``, in eval mode.
-
-    With a distributed ``ctx`` each rank scores every ``world``-th row and the sums are
-    all-reduced: every rank returns the same two numbers.
-    """
-    model.eval()
-    if ctx is not None:
-        x, y = x[ctx.rank :: ctx.world_size].contiguous(), y[ctx.rank :: ctx.world_size].contiguous()
-    score, loss = 0.0, 0.0
-    for first in range(0, len(x), EVAL_BATCH):
-        xb = x[first : first + EVAL_BATCH].to(device)
-        yb = y[first : first + EVAL_BATCH].to(device)
-        out = model(xb)
-        score += float(score_fn(out, yb).double().sum())
-        loss += float(loss_fn(out, yb)) * len(xb)
-    if ctx is None:
-        return score / len(x), loss / len(x)
-    score, loss, rows = distributed.all_reduce_sum([score, loss, len(x)], device)
-    return score / rows, loss / rows
+    """Mean per-row score and mean loss of ``model`` on ``(x, y)`` in memory (see :func:`evaluate_source`)."""
+    return evaluate_source(model, TensorSource(x, y), score_fn, loss_fn, device, ctx=ctx)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``model(x)`` in eval mode, batch by batch, gathered on the CPU.
+def evaluate_source(
+    model: nn.Module,
+    source: Source,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    *,
+    ctx: Context | None = None,
+) -> tuple[float, float]:
+    """Mean per-row score and mean loss of ``model`` on ``source``'s rows, in eval mode.
 
-    Under ``torchrun`` each rank predicts every ``world``-th row and the predictions are
+    With a distributed ``ctx`` each rank scores its share of the rows and the sums are
+    all-reduced: every rank returns the same two numbers.
+    """
+    model.eval()
+    score, loss, rows = 0.0, 0.0, 0
+    for xb, yb in source.chunks(EVAL_BATCH, ctx):
+        xb, yb = xb.to(device), yb.to(device)
+        out = model(xb)
+        score += float(score_fn(out, yb).double().sum())
+        loss += float(loss_fn(out, yb)) * len(xb)
+        rows += len(xb)
+    if ctx is None:
+        return score / rows, loss / rows
+    score, loss, total = distributed.all_reduce_sum([score, loss, rows], device)
+    return score / total, loss / total
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor | Source, device: torch.device) -> torch.Tensor:
+    """``model(x)`` in eval mode, batch by batch, gathered on the CPU (``x`` a tensor or a source's inputs).
+
+    Under ``torchrun`` each rank predicts its share of the rows and the predictions are
     gathered: every rank returns all of them, in order.
     """
+    source = TensorSource(x, x) if isinstance(x, torch.Tensor) else x
     ctx = distributed.current(device)
     if ctx is None:
         model.eval()
-        outs = [model(x[first : first + EVAL_BATCH].to(device)).float().cpu() for first in range(0, len(x), EVAL_BATCH)]
+        outs = [model(xb.to(device)).float().cpu() for xb, _ in source.chunks(EVAL_BATCH, None)]
         return torch.cat(outs) if outs else torch.empty(0)
-    if len(x) == 0:
+    if source.rows == 0:
         return torch.empty(0)
     device = distributed.rank_device(device, ctx)
     model.to(device).eval()
-    mine = x[ctx.rank :: ctx.world_size].contiguous()
-    # A rank with no rows (fewer rows than ranks) still needs the shape of a prediction.
-    rows = mine if len(mine) else x[:1]
-    outs = [model(rows[first : first + EVAL_BATCH].to(device)).float() for first in range(0, len(rows), EVAL_BATCH)]
-    local = torch.cat(outs)[: len(mine)]
-    return distributed.gather_strided(local, len(x), ctx).cpu()
+    outs = [model(xb.to(device)).float() for xb, _ in source.chunks(EVAL_BATCH, ctx)]
+    if not outs:  # a rank with no rows (fewer rows than ranks) still needs the shape of a prediction
+        first, _ = next(source.chunks(1, None))
+        local = model(first.to(device)).float()[:0]
+    else:
+        local = torch.cat(outs)
+    return source.gather(local, ctx).cpu()
 
 
 @dataclass(frozen=True)
@@ -299,6 +325,34 @@ class Standardizer:
         else:
             mean = data.mean(dim=0)
             std = data.std(dim=0, unbiased=False)
+        std = torch.where(std > 1e-8 * (1.0 + mean.abs()), std, torch.ones_like(std))
+        return cls(mean.float(), std.float())
+
+    @classmethod
+    def fit_source(cls, source: Source, *, per_channel: bool = False) -> Standardizer:
+        """:meth:`fit` over a source's rows batch by batch (Chan's pairwise update of mean and squared deviations).
+
+        Equal to :meth:`fit` on the same rows up to float64 rounding.
+        """
+        count, mean, m2 = 0, None, None
+        for xb, _ in source.chunks(EVAL_BATCH, None):
+            data = xb.double()
+            if per_channel and data.dim() >= 3:
+                data = data.transpose(0, 1).reshape(data.shape[1], -1).T.reshape(-1, data.shape[1], *([1] * (data.dim() - 2)))
+            n = len(data)
+            b_mean = data.mean(dim=0)
+            b_m2 = ((data - b_mean) ** 2).sum(dim=0)
+            if mean is None or m2 is None:
+                count, mean, m2 = n, b_mean, b_m2
+                continue
+            delta = b_mean - mean
+            total = count + n
+            mean = mean + delta * (n / total)
+            m2 = m2 + b_m2 + delta**2 * (count * n / total)
+            count = total
+        if mean is None or m2 is None:
+            raise ValueError("fit_source needs at least one row")
+        std = (m2 / count).sqrt()
         std = torch.where(std > 1e-8 * (1.0 + mean.abs()), std, torch.ones_like(std))
         return cls(mean.float(), std.float())
 

@@ -70,6 +70,7 @@ from leakaudit.attacks._data import (
     check_class_rows,
     read_activations,
     read_inputs,
+    rows_within_budget,
 )
 from leakaudit.attacks._training import (
     Progress,
@@ -192,6 +193,8 @@ class ClassifierResult:
         raw_protocol: the same for ``private_accuracy_raw``.
         raw_reference_shared: the raw-X heads are those an earlier store of the same content
             trained in this process (:mod:`leakaudit.attacks.classifier_raw`), not trained again.
+        data_path: ``memory``, or ``subsample`` when the rows exceed the memory budget, with the
+            budget, the bytes, the rows kept, the seed and why (:func:`~leakaudit.attacks._data.rows_within_budget`).
     """
 
     task: str
@@ -218,6 +221,7 @@ class ClassifierResult:
     protocol: str = "selection"
     raw_protocol: str | None = None
     raw_reference_shared: bool = False
+    data_path: dict[str, Any] = field(default_factory=dict)
 
     attack = "classifier"
 
@@ -337,6 +341,9 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         class_names = store.class_names(config.task)
         classes = len(class_names)
         rows = attack_rows(store)
+        names = ("activations", "inputs") if config.raw_reference and store.has_inputs else ("activations",)
+        rows, record = rows_within_budget(store, rows, labels_all, names, seed_for(config.seed, "subsample"))
+        data_path = {"attacker roles": record}  # one record for the three roles, keyed as the decoder's per role
         check_task_roles(config.task, {role: labels_all[r] for r, role in _roles(rows)})
         check_class_rows(labels_all, rows, class_names, config.task)
         train_y = torch.from_numpy(labels_all[rows.train]).long()
@@ -346,7 +353,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         layer_shape = tuple(int(s) for s in store.layer_shape)
         z = HeadData(*(as_tensor(read_activations(store, r, role)) for r, role in _roles(rows)))
 
-    warnings_: list[str] = []
+    warnings_: list[str] = [f"classifier ran on a subsample: {record['reason']}."] if record["data_path"] == "subsample" else []
     names = {"best": HEADS, "fresh": FRESH_HEADS}.get(config.head, (config.head,))
     heads: list[HeadResult] = []
     correct: dict[str, np.ndarray] = {}  # per trained head, whether it got each test row right
@@ -440,6 +447,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         protocol=protocol,
         raw_protocol=raw_protocol,
         raw_reference_shared=raw.cached,
+        data_path=data_path,
     )
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from leakaudit import distributed
 from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
+from leakaudit.attacks._sources import Source, StreamSource, TensorSource, mean_target
 from leakaudit.attacks._training import (
     EVAL_BATCH,
     Progress,
@@ -57,6 +58,7 @@ from leakaudit.glossary import with_intervals
 from leakaudit.registry import ATTACKS, Artifact, Needs
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.store.stream import Blocks, DataPath, choose_path
 from leakaudit.threat import Threat, leaked_pairs
 from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
 
@@ -247,6 +249,8 @@ class DecoderResult:
         mean_image_array: the attacker-train mean image [C, H, W].
         leaked: with shares below 1 (``leaked``), the curve: one point per share, with the rows
             it held, the chosen decoder and its test scores.
+        data_path: per role, ``memory`` or ``stream``, the budget, the role's bytes and why
+            (:class:`leakaudit.store.stream.DataPath`).
     """
 
     runs: list[DecoderRun]
@@ -263,6 +267,7 @@ class DecoderResult:
     reconstructions: np.ndarray | None = field(default=None, repr=False)
     ssim_per_image: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     mean_image_array: np.ndarray | None = field(default=None, repr=False)
+    data_path: dict[str, Any] = field(default_factory=dict)
 
     attack = "decoder"
     _ARRAYS = ("test_rows", "reconstructions", "ssim_per_image", "mean_image_array")
@@ -411,34 +416,33 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
         rows = attack_rows(store)
         layer_shape = tuple(int(s) for s in store.layer_shape)
         roles = ((rows.train, "attacker-train"), (rows.val, "attacker-validation"), (rows.test, "test"))
-        z_train, z_val, z_test = (as_tensor(read_activations(store, r, role)) for r, role in roles)
-        x_train, x_val, x_test = (as_tensor(read_inputs(store, r, role)) for r, role in roles)
+        paths = {role: choose_path(store, ("activations", "inputs"), r, role) for r, role in roles}
+        train, val, test = (_source(store, r, paths[role]) for r, role in roles)
 
-    mean_image = x_train.mean(dim=0)
-    baseline, baseline_ssim = score_images(mean_image.expand_as(x_test), x_test)
-    trained = _train_decoders(
-        (z_train, x_train), (z_val, x_val), (z_test, x_test), layer_shape, input_shape, config, device, autocast, progress
-    )
+    mean_image = mean_target(train)
+    test_x = _targets(test)
+    baseline, baseline_ssim = score_images(mean_image.expand_as(test_x), test_x)
+    trained = _train_decoders(train, val, test, test_x, layer_shape, input_shape, config, device, autocast, progress)
     per_image: dict[str, np.ndarray] = {"mean-image": baseline_ssim.astype(np.float32), **trained.per_image}
     curve = []
     if len(config.shares) > 1:
         # Nested shares: the attacker holding 1 % holds a subset of the one holding 10 %.
         generator = np.random.default_rng(seed_for(config.seed, "leaked"))
-        train_order, val_order = generator.permutation(len(z_train)), generator.permutation(len(z_val))
+        train_order, val_order = generator.permutation(train.rows), generator.permutation(val.rows)
         for share in config.shares:
             if share == 1.0:
-                point, held = trained, (len(z_train), len(z_val))
+                point, held = trained, (train.rows, val.rows)
             else:
-                held = (max(MIN_LEAKED_ROWS, math.ceil(share * len(z_train))), max(MIN_LEAKED_ROWS, math.ceil(share * len(z_val))))
-                if held[0] > len(z_train) or held[1] > len(z_val):
+                held = (max(MIN_LEAKED_ROWS, math.ceil(share * train.rows)), max(MIN_LEAKED_ROWS, math.ceil(share * val.rows)))
+                if held[0] > train.rows or held[1] > val.rows:
                     raise DataError(
                         f"leaked share {share:g} needs at least {MIN_LEAKED_ROWS} attacker-train and attacker-validation "
-                        f"rows; the store has {len(z_train):,} and {len(z_val):,}. Use a larger share or a larger store."
+                        f"rows; the store has {train.rows:,} and {val.rows:,}. Use a larger share or a larger store."
                     )
                 t, v = np.sort(train_order[: held[0]]), np.sort(val_order[: held[1]])
                 labelled = (lambda what, done, total, share=share: progress(f"{what} ({share:g} leaked)", done, total)) if progress else None
                 point = _train_decoders(
-                    (z_train[t], x_train[t]), (z_val[v], x_val[v]), (z_test, x_test),
+                    train.subset(t), val.subset(v), test, test_x,
                     layer_shape, input_shape, config, device, autocast, labelled,
                 )  # fmt: skip
             assert point.best.test is not None
@@ -465,7 +469,23 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
         reconstructions=trained.reconstructions.numpy(),
         ssim_per_image=per_image,
         mean_image_array=mean_image.numpy(),
+        data_path={role: path.to_dict() for role, path in paths.items()},
     )
+
+
+def _source(store: ActivationStore, rows: np.ndarray, path: DataPath) -> Source:
+    """A role's (Z, X) pairs: read into memory when they fit in the budget, streamed otherwise."""
+    if path.path == "memory":
+        return TensorSource(as_tensor(read_activations(store, rows, path.role)), as_tensor(read_inputs(store, rows, path.role)))
+    row_bytes = path.role_bytes // max(1, len(rows))
+    return StreamSource(store, rows, path.role, Blocks.for_budget(row_bytes, path.budget), y_name="inputs", data_path=path)
+
+
+def _targets(source: Source) -> torch.Tensor:
+    """The test images in memory: the result holds their reconstructions, as many bytes again."""
+    if isinstance(source, TensorSource):
+        return source.y
+    return torch.cat([y for _, y in source.chunks(EVAL_BATCH, None)])
 
 
 @dataclass
@@ -476,10 +496,10 @@ class _Trained:
     per_image: dict[str, np.ndarray]
 
 
-def _train_decoders(train, val, test, layer_shape, input_shape, config: DecoderConfig, device, autocast, progress) -> _Trained:
-    """Train the configured decoders on ``train`` pairs, select on ``val`` SSIM, score on ``test``."""
-    (z_train, x_train), (z_val, x_val), (z_test, x_test) = train, val, test
-    mean_image = x_train.mean(dim=0)
+def _train_decoders(train: Source, val: Source, test: Source, test_x: torch.Tensor, layer_shape, input_shape,
+                    config: DecoderConfig, device, autocast, progress) -> _Trained:
+    """Train the configured decoders on ``train`` pairs, select on ``val`` SSIM, score on ``test`` (images ``test_x``)."""
+    mean_image = mean_target(train)
     loss_fn, val_loss_fn, score_fn = _losses(config)
     archs = ARCHS if config.arch == "best" else (config.arch,)
     runs: list[DecoderRun] = []
@@ -491,12 +511,15 @@ def _train_decoders(train, val, test, layer_shape, input_shape, config: DecoderC
         torch.manual_seed(seed_for(config.seed, arch))  # initialisation of this decoder
         model = build_decoder(arch, layer_shape, input_shape, config.width, mean_image)
         flat = isinstance(model, AlexNetDecoder) or not geometry(layer_shape, input_shape).spatial
-        standardizer = Standardizer.fit(z_train, per_channel=not flat)
+        if isinstance(train, TensorSource):
+            standardizer = Standardizer.fit(train.x, per_channel=not flat)
+        else:
+            standardizer = Standardizer.fit_source(train, per_channel=not flat)
         description = f"decoder {arch}"
         fitted = fit(
             model,
-            (standardizer(z_train), x_train),
-            (standardizer(z_val), x_val),
+            train.mapped(standardizer),
+            val.mapped(standardizer),
             loss_fn=loss_fn,
             score_fn=score_fn,
             val_loss_fn=val_loss_fn,
@@ -511,8 +534,8 @@ def _train_decoders(train, val, test, layer_shape, input_shape, config: DecoderC
             autocast=autocast,
             on_progress=(lambda done, total, what=description: progress(what, done, total)) if progress else None,
         )
-        recon = predict(model, standardizer(z_test), device).clamp_(0.0, 1.0)
-        scores, ssim = score_images(recon, x_test)
+        recon = predict(model, test.mapped(standardizer), device).clamp_(0.0, 1.0)
+        scores, ssim = score_images(recon, test_x)
         per_image[arch] = ssim.astype(np.float32)
         run = DecoderRun(
             arch=arch,

@@ -121,9 +121,10 @@ class AuditConfig:
     base_dir: Path = Path(".")
     threat: Scope = Scope()
     out_of_scope: dict[str, str] = dataclasses.field(default_factory=dict)
+    memory_budget: int | None = None  # bytes; None: leakaudit.store.stream's default
 
 
-_TOP_KEYS = ("model", "weights", "layer", "data", "tasks", "dump", "attacks", "metrics", "baseline", "harden", "policy", "cache", "threat")
+_TOP_KEYS = ("model", "weights", "layer", "data", "tasks", "dump", "attacks", "metrics", "baseline", "harden", "policy", "cache", "threat", "memory_budget")
 
 
 def _resolve_path(value: str | None, base: Path) -> str | None:
@@ -220,9 +221,12 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
     cache = data.get("cache")
     if cache is not None and not isinstance(cache, str):
         raise ConfigError(f"cache: expected a folder name, got {cache!r}.")
+    from leakaudit.store.stream import parse_budget
+
+    budget = parse_budget(data["memory_budget"], "memory_budget") if data.get("memory_budget") is not None else None
     return AuditConfig(
         model, data["layer"], _resolve_data(data["data"], base_dir), tasks, dump, tuple(attacks_in_scope), metrics,
-        baseline, harden, policy, _resolve_path(cache, base_dir), base_dir, scope, out_of_scope,
+        baseline, harden, policy, _resolve_path(cache, base_dir), base_dir, scope, out_of_scope, memory_budget=budget,
     )  # fmt: skip
 
 

@@ -276,6 +276,13 @@ def bayes_risk_metric(store: ActivationStore, config: BayesRiskConfig, progress:
         raise DataError(f"task {config.task!r} has {classes} class; a Bayes risk needs at least 2.")
     if len(fit) > config.max_rows:
         fit = np.sort(np.random.default_rng(config.seed).choice(fit, size=config.max_rows, replace=False))
+    from leakaudit.metrics.plugins import within_budget
+
+    if int(np.prod(store.layer_shape)) <= config.pca_above:  # read whole; wider Z is projected block by block
+        fit, record = within_budget(store, fit, ("activations",), config.seed, 2, "bayes-risk's attacker rows")
+        test, test_record = within_budget(store, test, ("activations",), config.seed, 2, "bayes-risk's test rows")
+    else:
+        record = test_record = {"data_path": "stream", "reason": "Z is PCA-reduced block by block from the store"}
     if progress is not None:
         progress(0, 2)
     z_fit, z_test, how = _features(store, fit, test, config)
@@ -297,6 +304,7 @@ def bayes_risk_metric(store: ActivationStore, config: BayesRiskConfig, progress:
         **how,
         "task": config.task,
         "rule": config.rule if config.k is None else None,
+        "data_path": {"fit": record, "test": test_record},
     }
     values = {
         "bayes_risk_knn": estimate.estimate,

@@ -48,6 +48,30 @@ def _rows(store: ActivationStore, which: str) -> np.ndarray | None:
     raise ConfigError(f"rows: expected 'all' or 'test', got {which!r}.")
 
 
+def within_budget(store: ActivationStore, rows: np.ndarray, names: tuple[str, ...], seed: int, copies: int,
+                  what: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """``rows`` when ``copies`` float64 copies of them fit in the memory budget; a seeded subsample that fits otherwise.
+
+    Metrics that need their rows at once call this; the record (for ``details.data_path``)
+    says which path ran, the budget, the bytes, the rows kept, the seed and why. A subsample
+    estimate is the metric on fewer rows: where the metric has a bootstrap interval it is
+    computed over those rows, so it widens with the smaller sample.
+    """
+    from leakaudit.store.stream import float32_bytes, format_bytes, memory_budget
+
+    limit = memory_budget()
+    needed = 2 * copies * float32_bytes(store, names, len(rows))  # float64
+    record: dict[str, Any] = {"memory_budget": limit, "role_bytes": needed, "rows_all": int(len(rows))}
+    if needed <= limit:
+        reason = f"{what} holds {format_bytes(needed)}, within the memory budget of {format_bytes(limit)}"
+        return rows, {"data_path": "memory", **record, "rows": int(len(rows)), "reason": reason}
+    keep = max(2, int(len(rows) * limit / needed))
+    kept = np.sort(np.random.default_rng(seed).choice(rows, size=min(keep, len(rows)), replace=False))
+    reason = (f"{what} would hold {format_bytes(needed)}, more than the memory budget of {format_bytes(limit)}: "
+              f"a subsample estimate on {len(kept):,} of {len(rows):,} rows (seed {seed})")
+    return kept, {"data_path": "subsample", **record, "rows": int(len(kept)), "seed": seed, "reason": reason}
+
+
 def _flat(array: np.ndarray) -> np.ndarray:
     return array.reshape(len(array), -1)
 
@@ -102,6 +126,10 @@ def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress |
     from leakaudit.runtime import resolve_device
 
     rows = _rows(store, config.rows)
+    if rows is None:  # h5py datasets, read block by block: memory stays at a few blocks whatever the store's size
+        record: dict[str, Any] = {"data_path": "stream", "reason": "exact dCor reads X and Z block by block from the store"}
+    else:
+        rows, record = within_budget(store, rows, ("inputs", "activations"), config.seed, 1, "distance correlation")
     x, z = _xz(store, rows, "distance correlation")
     device = resolve_device(config.device)
     group = distributed.current(device)
@@ -121,7 +149,7 @@ def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress |
     return MetricResult(
         "dcor",
         {"dcor": stats.dcor, "dcor_u2": stats.dcor_u2, "dcor_pvalue": stats.pvalue},
-        {**asdict(stats), "world_size": 1 if group is None else group.world_size},
+        {**asdict(stats), "world_size": 1 if group is None else group.world_size, "data_path": record},
         asdict(config),
     )
 
@@ -162,6 +190,7 @@ def mi_metric(store: ActivationStore, config: MiConfig, progress: Progress | Non
     if len(rows) > config.max_rows:
         # A seeded subsample: the same rows for a baseline and a subject of equal length.
         rows = np.sort(np.random.default_rng(config.seed).choice(rows, size=config.max_rows, replace=False))
+    rows, record = within_budget(store, rows, ("inputs", "activations"), config.seed, 2, "mutual information")
     x, z = _xz(store, rows, "mutual information")
     x, z = _flat(np.asarray(x)), _flat(np.asarray(z))
     if progress is not None:
@@ -172,7 +201,7 @@ def mi_metric(store: ActivationStore, config: MiConfig, progress: Progress | Non
         estimate = mutual_information_ksg(x, z, k=config.k, dims=config.dims, seed=config.seed)
     if progress is not None:
         progress(1, 1)
-    return MetricResult("mi", {"mi_xz": estimate.value}, asdict(estimate), asdict(config))
+    return MetricResult("mi", {"mi_xz": estimate.value}, {**asdict(estimate), "data_path": record}, asdict(config))
 
 
 # --------------------------------------------------------------------------- intra-class distance
@@ -199,7 +228,9 @@ def intra_class_metric(store: ActivationStore, config: IntraClassConfig, progres
     from leakaudit.metrics.distance import intra_class_distance_stats
 
     rows = _rows(store, config.rows)
-    labels = store.labels(config.task) if rows is None else store.labels(config.task)[rows]
+    rows, record = within_budget(store, np.arange(len(store)) if rows is None else rows, ("activations",), 0, 2,
+                                 "the intra-class distance")
+    labels = store.labels(config.task)[rows]
     z = store.activations(rows)
     stats = intra_class_distance_stats(z, labels)
     # The raw distance changes with Z's scale; its ratio to the distance from the global
@@ -208,7 +239,8 @@ def intra_class_metric(store: ActivationStore, config: IntraClassConfig, progres
     spread = float(np.linalg.norm(flat - flat.mean(0), axis=1).mean())
     details = {"per_class": stats.per_class, "counts": stats.counts, "spread": spread,
                "relative": stats.value / spread if spread > 0 else None,
-               "scatter_ratio": stats.scatter_ratio if np.isfinite(stats.scatter_ratio) else None, "task": config.task}  # fmt: skip
+               "scatter_ratio": stats.scatter_ratio if np.isfinite(stats.scatter_ratio) else None, "task": config.task,
+               "data_path": record}  # fmt: skip
     values = {"intra_class_distance": stats.value, "intra_class_scatter_ratio": details["scatter_ratio"]}
     return MetricResult("intra-class-distance", values, details, asdict(config))
 

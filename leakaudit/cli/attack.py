@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperCommand
 
-from leakaudit.cli._common import ForceOpt, LazyProgress, check_output, console, warn, write_json
+from leakaudit.cli._common import ForceOpt, LazyProgress, MemoryBudgetOpt, check_output, console, warn, write_json
 from leakaudit.errors import ConfigError, LeakAuditError, UsageError
 
 DECODER_ARCHS = ("upsample", "alexnet", "resnet", "best")
@@ -82,6 +82,7 @@ def attack(
     grid: Annotated[Optional[Path], typer.Option("--grid", metavar="OUT.png", help="Decoder: PNG of test originals above their reconstructions (shorthand for --artifact grid=OUT.png).", show_default=False)] = None,
     reconstructions: Annotated[Optional[Path], typer.Option("--reconstructions", metavar="OUT.h5", help="Decoder: HDF5 of the best decoder's test reconstructions (--artifact reconstructions=OUT.h5).", show_default=False)] = None,
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", metavar="NAME=PATH", help="Write the attack's artifact NAME to PATH (see `leakaudit list attacks`; repeatable).", show_default=False)] = None,
+    memory_budget: MemoryBudgetOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Attack STORE with any registered attack: --classifier retrains a private-task classifier on Z, --decoder reconstructs X from Z."""
@@ -137,11 +138,13 @@ def attack(
     from leakaudit.report import Report, default_report_path, subject_of
     from leakaudit.runtime import resolve_device
     from leakaudit.store import open_store
+    from leakaudit.store.stream import budget
 
     # `--device cuda` without CUDA is refused here, before any rank joins a process group.
     ctx = distributed.current(resolve_device(getattr(step.config, "device", "auto")))
     is_main = ctx is None or ctx.is_main
     with ExitStack() as stack:
+        stack.enter_context(budget(memory_budget))
         with distributed.agreed(ctx):  # every rank starts, or none does
             if is_main:
                 for path in outputs:
@@ -173,9 +176,16 @@ def attack(
     distributed.shutdown()
     if is_main and json_out != "-":
         _show(result)
+        show_data_path(getattr(result, "data_path", None))
         console().print(f"merged into {report_path}", highlight=False)
     if ctx is not None:
         distributed.exit_without_teardown(0)  # see there: a DDP rank may abort in the teardown
+
+
+def show_data_path(paths: dict[str, dict[str, Any]] | None) -> None:
+    """One line per role: which path read it (memory or stream) and why."""
+    for role, path in (paths or {}).items():
+        console().print(f"data: {role} {path['data_path']} ({path['reason']})", highlight=False, soft_wrap=True)
 
 
 def _fields(plugin: Any) -> set[str]:

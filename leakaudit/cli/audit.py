@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from leakaudit.cli._common import ForceOpt, LazyProgress, console, warn
+from leakaudit.cli._common import ForceOpt, LazyProgress, MemoryBudgetOpt, console, warn
 from leakaudit.errors import EXIT_GATE_FAILED
 
 
@@ -17,6 +17,7 @@ def audit(
     force: ForceOpt = False,
     knows: Annotated[Optional[str], typer.Option("--knows", help="Threat scope: the most an attacker knows of the encoder: nothing, architecture or weights (default: the file's threat, else weights).", show_default=False)] = None,
     holds: Annotated[Optional[str], typer.Option("--holds", help="Threat scope: the most data an attacker holds: none, unpaired or pairs (default: the file's threat, else pairs).", show_default=False)] = None,
+    memory_budget: MemoryBudgetOpt = None,
 ) -> None:
     """Run the whole audit of AUDIT.yaml; write report.json, report.html and the verdict.
 
@@ -29,11 +30,13 @@ def audit(
     from leakaudit.audit import load_audit, run_audit, with_scope
     from leakaudit.glossary import names
     from leakaudit.intervals import format_interval, interval_name, is_interval_name
+    from leakaudit.store.stream import budget, parse_budget
     from leakaudit.threat import Threat
 
+    limit = parse_budget(memory_budget) if memory_budget is not None else None  # refused before the file is read
     config = with_scope(load_audit(audit_file), knows, holds)
     output = output or Path(f"{audit_file.stem}-out")
-    with LazyProgress() as bar:
+    with budget(limit if limit is not None else config.memory_budget), LazyProgress() as bar:
         result = run_audit(config, output, force=force, progress=bar.update, on_warning=warn)
     table = Table(title=f"leakaudit audit — {config.model.spec} at {config.layer}")
     for column in ("metric", "value", "baseline", "attack (attacker)", "meaning"):

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from leakaudit.cli._common import ForceOpt, LazyProgress, check_output, console, info, warn, write_json
+from leakaudit.cli._common import ForceOpt, LazyProgress, MemoryBudgetOpt, check_output, console, info, warn, write_json
 from leakaudit.errors import LeakAuditError
 
 
@@ -24,6 +24,7 @@ def metrics(
     setting: Annotated[Optional[list[str]], typer.Option("--set", help="Metric setting METRIC.KEY=VALUE, e.g. mi.estimator=ksg (repeatable).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the results as JSON ('-' for stdout).")] = None,
     report_path: Annotated[Optional[Path], typer.Option("--report", help="Report to merge into (default: STORE's stem + .report.json).")] = None,
+    memory_budget: MemoryBudgetOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Compute leakage metrics on STORE and merge them into its report.json."""
@@ -33,6 +34,7 @@ def metrics(
     from leakaudit.registry import METRICS
     from leakaudit.report import Report, default_report_path, subject_of
     from leakaudit.store import open_store
+    from leakaudit.store.stream import budget
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     for name in names or []:
@@ -43,7 +45,7 @@ def metrics(
     if json_out not in (None, "-"):
         check_output(Path(json_out), force)
     report_path = report_path or default_report_path(store)
-    with open_store(store) as handle, LazyProgress() as bar:
+    with budget(memory_budget), open_store(store) as handle, LazyProgress() as bar:
         if is_main:
             report = Report.for_store(report_path, subject_of(handle))  # refused before the work, not after it
         else:

@@ -178,6 +178,10 @@ class Task(Generic[V]):
     rows: int = 0
     short_batches: ShortBatches = "keep"
 
+    def epoch_order(self, generator: torch.Generator, ctx: Context | None) -> torch.Tensor:
+        """This epoch's positions (this rank's share); a task whose rows stream draws its own."""
+        return epoch_order(self.rows, generator, ctx)
+
     def training(self, forward: Forward) -> contextlib.AbstractContextManager[Callable[[torch.Tensor], StepLoss]]:
         """Set up one epoch's training (modes, hooks); yields ``step(positions)`` → :class:`StepLoss`."""
         raise NotImplementedError
@@ -302,7 +306,7 @@ def fit(
         on_step(0, total_steps)
     for epoch in range(1, schedule.epochs + 1):
         started = time.perf_counter()
-        order = epoch_order(task.rows, generator, ctx)
+        order = task.epoch_order(generator, ctx)
         loss_sum, seen = 0.0, 0
         parts_sum: dict[str, float] = {}
         with task.training(forward) as train_step:

@@ -222,6 +222,8 @@ class ClassifierResult:
     raw_protocol: str | None = None
     raw_reference_shared: bool = False
     data_path: dict[str, Any] = field(default_factory=dict)
+    #: Per test row, behind the reported numbers: whether each scored attacker got it right, and its label.
+    test_correct: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     attack = "classifier"
 
@@ -230,7 +232,8 @@ class ClassifierResult:
         return self.accuracy
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, test_correct={}))
+        data.pop("test_correct")
         data = {"attack": self.attack, **data}
         data["private_accuracy"] = self.accuracy
         data["private_accuracy_ci95"] = self.accuracy_ci95
@@ -270,6 +273,20 @@ class ClassifierResult:
             if self.private_accuracy_raw is not None:
                 metrics["private_accuracy_drop_continuation_ci95"] = self.private_accuracy_drop_continuation_ci95
         return {name: value for name, value in metrics.items() if value is not None}
+
+    def row_statistics(self) -> dict[str, Any]:
+        """The per-row values behind each number with an interval, to combine training seeds on the same rows."""
+        from leakaudit.intervals import balanced_accuracy_rows, mean_rows
+
+        rows = self.test_correct
+        out: dict[str, Any] = {}
+        if "best" in rows:
+            out["private_accuracy"] = mean_rows(rows["best"])
+            out["private_balanced_accuracy"] = balanced_accuracy_rows(rows["best"], rows["labels"])
+        for name, key in (("private_accuracy_raw", "raw"), ("private_accuracy_continuation", "continuation")):
+            if key in rows:
+                out[name] = mean_rows(rows[key])
+        return out
 
     def render(self) -> list[Any]:
         """Rich renderables for the terminal (see :mod:`leakaudit.attacks.display`)."""
@@ -448,6 +465,9 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         raw_protocol=raw_protocol,
         raw_reference_shared=raw.cached,
         data_path=data_path,
+        test_correct={"best": best_correct, "labels": test_y,
+                      **({"raw": raw_correct} if raw_correct is not None else {}),
+                      **({"continuation": correct["continuation"]} if "continuation" in correct else {})},  # fmt: skip
     )
 
 

@@ -268,9 +268,11 @@ class DecoderResult:
     ssim_per_image: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     mean_image_array: np.ndarray | None = field(default=None, repr=False)
     data_path: dict[str, Any] = field(default_factory=dict)
+    #: Per test image, behind the reported numbers: ``{"best"|"mean-image": {"ssim": ..., "mse": ...}}``.
+    test_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     attack = "decoder"
-    _ARRAYS = ("test_rows", "reconstructions", "ssim_per_image", "mean_image_array")
+    _ARRAYS = ("test_rows", "reconstructions", "ssim_per_image", "mean_image_array", "test_scores")
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"attack": self.attack}
@@ -294,6 +296,22 @@ class DecoderResult:
             **self.scores.numbers("ssim_mean", "ssim_p95", "psnr", "mse"),
             **self.mean_image.numbers("ssim_p95", as_name="{}_mean_image"),
         }
+
+    def row_statistics(self) -> dict[str, Any]:
+        """The per-image values behind each number with an interval, to combine training seeds on the same images."""
+        from leakaudit.intervals import mean_rows, percentile_rows
+
+        out: dict[str, Any] = {}
+        for key, suffix in (("best", ""), ("mean-image", "_mean_image")):
+            scores = self.test_scores.get(key)
+            if scores is None:
+                continue
+            psnr = 10.0 * np.log10(1.0 / np.maximum(scores["mse"], 1e-10))  # as ImageScores.from_per_image
+            out.update({
+                "ssim_mean" + suffix: mean_rows(scores["ssim"]), "ssim_p95" + suffix: percentile_rows(scores["ssim"], 95),
+                "psnr" + suffix: mean_rows(psnr), "mse" + suffix: mean_rows(scores["mse"]),
+            })  # fmt: skip
+        return out
 
     def render(self) -> list[Any]:
         """Rich renderables for the terminal (see :mod:`leakaudit.attacks.display`)."""
@@ -470,6 +488,11 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
         ssim_per_image=per_image,
         mean_image_array=mean_image.numpy(),
         data_path={role: path.to_dict() for role, path in paths.items()},
+        test_scores={
+            "best": {"ssim": trained.per_image[best.arch].astype(np.float64),
+                     "mse": mse_per_image(trained.reconstructions, test_x).double().numpy()},
+            "mean-image": {"ssim": baseline_ssim, "mse": mse_per_image(mean_image.expand_as(test_x), test_x).double().numpy()},
+        },  # fmt: skip
     )
 
 

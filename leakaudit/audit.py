@@ -17,6 +17,7 @@ an optional baseline and hardening, and the policy::
     harden: {method: center-loss, lambda: 0.9}  # optional: harden, then audit the result
     policy: policy.yaml                    # or an inline {thresholds: ...}
     threat: {knows: weights, holds: pairs} # optional: the attackers in scope (default: all)
+    seeds: 3                               # optional: train each attack with 3 seeds (default 1)
 
 ``threat`` bounds the attackers the audit takes into account (:mod:`leakaudit.threat`): at most
 what an attacker ``knows`` of the encoder (``nothing``, ``architecture``, ``weights``) and at
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from leakaudit._io import atomic_write_text
-from leakaudit.config import from_mapping, load_yaml, positive
+from leakaudit.config import from_mapping, load_yaml, positive, seeds_setting
 from leakaudit.dump_cache import cache_dir, cached_dump
 from leakaudit.errors import ConfigError, UntrustedCheckpointError
 from leakaudit.models.spec import ModelSpec
@@ -122,9 +123,10 @@ class AuditConfig:
     threat: Scope = Scope()
     out_of_scope: dict[str, str] = dataclasses.field(default_factory=dict)
     memory_budget: int | None = None  # bytes; None: leakaudit.store.stream's default
+    seeds: int = 1
 
 
-_TOP_KEYS = ("model", "weights", "layer", "data", "tasks", "dump", "attacks", "metrics", "baseline", "harden", "policy", "cache", "threat", "memory_budget")
+_TOP_KEYS = ("model", "weights", "layer", "data", "tasks", "dump", "attacks", "metrics", "baseline", "harden", "policy", "cache", "threat", "memory_budget", "seeds")
 
 
 def _resolve_path(value: str | None, base: Path) -> str | None:
@@ -226,7 +228,7 @@ def parse_audit(data: Any, base_dir: Path, where: str = "audit") -> AuditConfig:
     budget = parse_budget(data["memory_budget"], "memory_budget") if data.get("memory_budget") is not None else None
     return AuditConfig(
         model, data["layer"], _resolve_data(data["data"], base_dir), tasks, dump, tuple(attacks_in_scope), metrics,
-        baseline, harden, policy, _resolve_path(cache, base_dir), base_dir, scope, out_of_scope, memory_budget=budget,
+        baseline, harden, policy, _resolve_path(cache, base_dir), base_dir, scope, out_of_scope, memory_budget=budget, seeds=seeds_setting(data.get("seeds", 1)),
     )  # fmt: skip
 
 
@@ -345,7 +347,7 @@ def audit_store(
         report.sections["threat_scope"] = config.threat.to_dict()
         if config.out_of_scope:
             report.sections["out_of_scope"] = dict(config.out_of_scope)
-        pipeline.run(store, steps, report, progress=progress, on_warning=on_warning, artifacts=where)
+        pipeline.run(store, steps, report, progress=progress, on_warning=on_warning, artifacts=where, seeds=config.seeds)
     return report
 
 

@@ -226,3 +226,14 @@ def positive(name: str, value: float | int, *, allow_zero: bool = False) -> None
     if value < 0 or (value == 0 and not allow_zero):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name}: expected a {kind} number, got {value!r}.")
+
+
+def seeds_setting(value: Any, path: str = "seeds") -> int:
+    """An audit file's ``seeds:`` (training seeds per attack) as a positive integer.
+
+    Raises:
+        ConfigError: it is not a positive integer.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: expected a positive integer (training seeds per attack), got {_show(value)}.")
+    return value

@@ -6,6 +6,8 @@ builds. Each statistic therefore comes with an interval: the percentile bootstra
 resample the n test rows with replacement B times, recompute the statistic on each resample,
 and take the 2.5th and 97.5th percentiles of the B values. The trained attacker is held
 fixed: the interval covers the sampling of test rows, not the randomness of training.
+With ``--seeds N`` the attack is retrained N times and :func:`seed_bootstrap` gives the
+interval of the mean over seeds, resampling seeds and test rows both.
 
 Resampling is :func:`scipy.stats.bootstrap`'s, vectorised (each batch of resamples is one
 NumPy call of the statistic), with a fixed seed: the same rows give the same interval, bit
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -232,3 +235,132 @@ def format_interval(value: Any, spec: str = ".3g", scale: float = 1.0) -> str:
         return "—"
     lo, hi = (scale * v for v in value)
     return f"[{lo:{spec}}, {hi:{spec}}]"
+
+
+# --------------------------------------------------------------------------- over training seeds
+
+
+@dataclass(frozen=True)
+class RowStatistic:
+    """A statistic and the per-row values it is computed from: what an attack exposes so that
+    its numbers over several training seeds can be combined on the same rows.
+
+    ``statistic(*samples, axis=-1)`` is vectorised over leading axes, as for
+    :func:`bootstrap_interval`; ``samples`` are per-row arrays of equal length (paired).
+    """
+
+    statistic: Callable[..., np.ndarray]
+    samples: tuple[np.ndarray, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.samples[0])
+
+    def value(self) -> float:
+        return float(self.statistic(*self.samples, axis=-1))
+
+    def on(self, index: np.ndarray) -> np.ndarray:
+        """The statistic on each resample of rows ``index`` [..., rows]."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(self.statistic(*(s[index] for s in self.samples), axis=-1), dtype=np.float64)
+
+
+def _percentile_statistic(q: float) -> Callable[..., np.ndarray]:
+    def percentile(v: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.percentile(v, q, axis=axis)
+
+    return percentile
+
+
+def mean_rows(values: Any) -> RowStatistic:
+    """The mean of per-row ``values`` (an accuracy from 0/1 correctness)."""
+    return RowStatistic(_mean, (np.asarray(values, dtype=np.float64).reshape(-1),))
+
+
+def percentile_rows(values: Any, q: float) -> RowStatistic:
+    """The ``q``-th percentile of per-row ``values`` (linear interpolation, as :func:`percentile_interval`)."""
+    return RowStatistic(_percentile_statistic(q), (np.asarray(values, dtype=np.float64).reshape(-1),))
+
+
+def balanced_accuracy_rows(correct: Any, labels: Any) -> RowStatistic:
+    """The balanced accuracy of per-row correctness against ``labels`` (as :func:`balanced_accuracy_interval`)."""
+    _, codes = np.unique(np.asarray(labels).reshape(-1), return_inverse=True)
+    classes = int(codes.max()) + 1 if codes.size else 0
+
+    def statistic(c: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return balanced_accuracy(c, y.astype(np.int64), classes, axis=axis)
+
+    return RowStatistic(statistic, (np.asarray(correct, dtype=np.float64).reshape(-1), codes.astype(np.float64)))
+
+
+def seed_bootstrap(
+    per_seed: Sequence[Sequence[RowStatistic]],
+    combine: Callable[[np.ndarray], np.ndarray] | None = None,
+    *,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = SEED,
+) -> Interval | None:
+    """The interval of the mean over training seeds of one statistic (or of several, combined).
+
+    ``per_seed[k]`` holds seed k's row statistics (one, or several that ``combine`` turns into
+    one number). Each of the B resamples draws N seeds with replacement and, for the rows, one
+    draw of row indices with replacement, shared by every seed: every seed was scored on the
+    same test rows, so a row hard for one is hard for the others and a shared draw keeps that
+    (resampling rows per seed independently would average the row noise away N-fold). The
+    statistic is recomputed for each drawn seed on the drawn rows; the resample's value is the
+    mean over its N seeds (with several statistics, ``combine`` of their means: a drop of two
+    means, as the report derives it). The interval is the percentiles of the B values.
+
+    This is the pigeonhole bootstrap of a crossed seeds × rows design (Owen 2007, "The pigeonhole
+    bootstrap", Ann. Appl. Stat. 1(2)): resampling both factors counts the rows' share of the
+    variance a second time, so it is a little conservative when row noise dominates. Between-seed
+    variance is estimated from N seeds only: with few seeds and a large seed effect it covers
+    less than its nominal 95 % (RESULTS-intervals.md measures by how much). With one seed it is
+    the bootstrap over test rows alone. Where the seeds' row counts differ, rows are drawn per
+    seed instead.
+
+    Args:
+        per_seed: for each seed, its statistics (the same ones, in the same order, for every seed).
+        combine: maps the [..., statistics] means to the combined value; ``None``: one statistic.
+        resamples: bootstrap resamples B.
+        confidence: the interval's coverage.
+        seed: seeds the resampling (same values and seed, same interval).
+
+    Returns:
+        ``[lo, hi]``, or ``None`` with fewer than two rows or where the statistic is undefined
+        on some resample.
+    """
+    count = len(per_seed)
+    stats_n = len(per_seed[0]) if count else 0
+    if count == 0 or stats_n == 0 or any(len(s) != stats_n for s in per_seed):
+        raise DataError("every seed must expose the same statistics to be combined.")
+    rows = [s[0].rows for s in per_seed]
+    if any(r.rows != rows[k] for k, s in enumerate(per_seed) for r in s):
+        raise DataError("the statistics of one seed must be computed on the same rows.")
+    if min(rows) < 2:
+        return None
+    shared = len(set(rows)) == 1
+    rng = np.random.default_rng(seed)
+    chosen = rng.integers(0, count, size=(resamples, count))  # the seeds of each resample
+    totals = np.zeros((resamples, stats_n), dtype=np.float64)
+    batch = max(1, _BATCH_VALUES // max(rows))
+    for start in range(0, resamples, batch):
+        stop = min(resamples, start + batch)
+        if shared:
+            index = rng.integers(0, rows[0], size=(stop - start, rows[0]))
+        for k in range(count):
+            times = (chosen[start:stop] == k).sum(axis=1)  # how often resample b drew seed k
+            if not times.any():
+                continue
+            own = index if shared else rng.integers(0, rows[k], size=(stop - start, rows[k]))
+            for j, statistic in enumerate(per_seed[k]):
+                totals[start:stop, j] += times * statistic.on(own)
+    means = totals / count
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.asarray(combine(means) if combine is not None else means[:, 0], dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        return None
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    return [float(lo), float(hi)]

@@ -149,10 +149,19 @@ def scoped(steps: Sequence[Step], scope: Scope) -> tuple[list[Step], dict[str, s
     return kept, left_out
 
 
-def run_step(step: Step, store: ActivationStore, progress: Progress | None = None, *, baseline: ActivationStore | None = None) -> Any:
+def run_step(
+    step: Step, store: ActivationStore, progress: Progress | None = None, *, baseline: ActivationStore | None = None,
+    seeds: int = 1,
+) -> Any:  # fmt: skip
     """Run one step and return the plugin's result (attacks get ``progress(label, done, total)``,
     metrics ``progress(done, total)``).
+
+    With ``seeds`` > 1 a step whose config has a ``seed`` setting runs once per seed and its
+    result is their :class:`SeededResult`; a step without one runs once.
     """
+    check_seeds(seeds)
+    if seeds > 1 and has_seed(step):
+        return run_seeds(step, store, seeds, progress, baseline=baseline)
     plugin = step.plugin
     if plugin.family == "metric":
         name = plugin.name
@@ -201,12 +210,14 @@ def run(
     artifacts: Callable[[Step], Mapping[str, Path]] | None = None,
     baseline: ActivationStore | None = None,
     extra: Mapping[str, Any] | None = None,
+    seeds: int = 1,
 ) -> Outcome:
     """Run ``steps`` on ``store``, recording each result in ``report`` (which is not written here).
 
     A step that is not ``explicit`` and cannot run on this store is skipped, with the reason.
     ``artifacts(step)`` names the files to write for each result; their paths are recorded in
     its result (``grid`` → ``results["attack:decoder"]["grid"]``). ``extra`` is recorded in every result.
+    ``seeds``: see :func:`run_step`.
     """
     outcome = Outcome()
     for s in steps:
@@ -215,7 +226,7 @@ def run(
             if reason is not None:
                 outcome.skipped[s.plugin.name] = reason
                 continue
-        result = run_step(s, store, progress, baseline=baseline)
+        result = run_step(s, store, progress, baseline=baseline, seeds=seeds)
         if on_warning is not None:
             for message in getattr(result, "warnings", None) or ():
                 on_warning(f"{Path(store.path).name}, {s.plugin.family} {s.plugin.name}: {message}")
@@ -223,6 +234,191 @@ def run(
         report.add(s.key, result, **written, **(extra or {}))
         outcome.results[s.key] = result
     return outcome
+
+
+# ----------------------------------------------------------------------------- training seeds
+
+
+def check_seeds(seeds: Any, where: str = "--seeds") -> int:
+    """``seeds`` if it is a positive integer.
+
+    Raises:
+        UsageError: it is not (a bool, a float, zero, negative).
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int):
+        raise UsageError(f"{where}: expected a positive integer (training seeds per attack), got {seeds!r}.")
+    if seeds < 1:
+        raise UsageError(f"{where}: expected a positive integer (training seeds per attack), got {seeds}.")
+    return seeds
+
+
+def has_seed(step: Step) -> bool:
+    """Whether ``step`` is an attack whose plugin declares an integer ``seed`` setting (it trains, and can be retrained).
+
+    Metrics run once: their seeds (a subsample, an estimator's) are not an attacker's training.
+    """
+    import dataclasses
+
+    config = step.config
+    if step.plugin.family != "attack" or config is None or not dataclasses.is_dataclass(config):
+        return False
+    return any(f.name == "seed" for f in dataclasses.fields(config)) and isinstance(getattr(config, "seed", None), int)
+
+
+def run_seeds(step: Step, store: ActivationStore, seeds: int, progress: Progress | None = None, *,
+              baseline: ActivationStore | None = None) -> SeededResult:  # fmt: skip
+    """Run ``step`` with seeds s, s+1, …, s+N−1 (s its configured seed), each a full retrain."""
+    import dataclasses
+
+    first = int(step.config.seed)
+    results = []
+    for k in range(seeds):
+        seeded = Step(step.plugin, dataclasses.replace(step.config, seed=first + k), step.explicit)
+        results.append(run_step(seeded, store, _labelled(progress, f"seed {first + k}"), baseline=baseline))
+    return SeededResult([first + k for k in range(seeds)], results)
+
+
+def _labelled(progress: Progress | None, prefix: str) -> Progress | None:
+    if progress is None:
+        return None
+    call = progress
+
+    def labelled(label: str, done: float, total: float | None) -> None:
+        call(f"{prefix}: {label}", done, total)
+
+    return labelled
+
+
+@dataclass
+class SeededResult:
+    """One step's results over several training seeds, combined.
+
+    Each number is the mean over seeds. Its ``_ci95`` is :func:`leakaudit.intervals.seed_bootstrap`'s
+    (seeds and test rows resampled together) where every seed's result exposes the per-row values
+    behind it (``row_statistics()``); a number whose interval cannot be combined that way is
+    reported without one (listed under ``no_combined_interval``), never with one seed's interval.
+    A drop the report derives from two such numbers (:data:`leakaudit.glossary.DERIVED`, within
+    the report) gets the interval of the drop of the two means, from the same resamples.
+
+    Everything that is not a number (the chosen head, the runs, artifacts) is the first seed's —
+    the configured seed, so what ``--seeds 1`` shows — and ``per_seed`` lists each seed's numbers
+    and choices (its result's text fields: the head or decoder it chose).
+    """
+
+    seeds: list[int]
+    results: list[Any]
+
+    def __post_init__(self) -> None:
+        self._metrics, self._uncombined = _combine(self.results)
+
+    def __getattr__(self, name: str) -> Any:
+        # Artifacts and renderers read the configured seed's result (images, reconstructions).
+        if name.startswith("_") or name in ("seeds", "results"):
+            raise AttributeError(name)
+        return getattr(self.results[0], name)
+
+    @property
+    def warnings(self) -> list[str]:
+        out: list[str] = []
+        for seed, result in zip(self.seeds, self.results):
+            for message in getattr(result, "warnings", None) or ():
+                line = message if len(self.seeds) == 1 else f"seed {seed}: {message}"
+                if line not in out:
+                    out.append(line)
+        return out
+
+    def report_metrics(self) -> dict[str, Any]:
+        return dict(self._metrics)
+
+    def per_seed(self) -> list[dict[str, Any]]:
+        rows = []
+        for seed, result in zip(self.seeds, self.results):
+            data = result.to_dict()
+            choices = {k: v for k, v in data.items() if isinstance(v, str) and k != "attack"}
+            rows.append({"seed": seed, "metrics": result.report_metrics(), **({"choices": choices} if choices else {})})
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.results[0].to_dict()
+        for name, value in self._metrics.items():
+            data[name] = value
+        for name in self._uncombined:
+            data.pop(name, None)
+        threats = [t for t in (r.to_dict().get("threat") for r in self.results) if isinstance(t, Mapping)]
+        if threats:
+            data["threat"] = _strongest(threats)
+        data["seeds"] = len(self.seeds)
+        data["seed_values"] = list(self.seeds)
+        data["per_seed"] = self.per_seed()
+        if self._uncombined:
+            data["no_combined_interval"] = sorted(self._uncombined)
+        data["warnings"] = self.warnings
+        return data
+
+    def render(self) -> list[Any]:
+        """The configured seed's view, then the numbers over seeds."""
+        from rich.table import Table
+
+        from leakaudit.intervals import format_interval, interval_name, is_interval_name
+
+        first = getattr(self.results[0], "render", None)
+        items = list(first()) if callable(first) else []
+        table = Table(title=f"over {len(self.seeds)} training seeds ({', '.join(map(str, self.seeds))}): mean, "
+                            "95 % interval over seeds and test rows; the tables above are seed "
+                            f"{self.seeds[0]}'s")  # fmt: skip
+        for column in ("metric", "mean", "95 % interval", *(f"seed {s}" for s in self.seeds)):
+            table.add_column(column)
+        per_seed = [r.report_metrics() for r in self.results]
+        for name, value in self._metrics.items():
+            if is_interval_name(name) or not isinstance(value, (int, float)):
+                continue
+            cells = [f"{m[name]:.4g}" if isinstance(m.get(name), (int, float)) else "—" for m in per_seed]
+            table.add_row(name, f"{value:.4g}", format_interval(self._metrics.get(interval_name(name)), ".4g"), *cells)
+        return [*items, table]
+
+
+def _strongest(threats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The threat of the most capable attacker among the seeds': the mean mixes them all."""
+    from leakaudit.threat import HOLDS, KNOWS
+
+    def rank(t: Any) -> tuple[int, int]:
+        return (KNOWS.index(t["knows"]) if t.get("knows") in KNOWS else -1, HOLDS.index(t["holds"]) if t.get("holds") in HOLDS else -1)
+
+    return dict(max(threats, key=rank))
+
+
+def _combine(results: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
+    """The numbers over seeds (means, combined intervals) and the intervals that could not be combined."""
+    from leakaudit.glossary import DERIVED
+    from leakaudit.intervals import interval_name, is_interval_name, seed_bootstrap
+
+    numbers = [r.report_metrics() for r in results]
+    rows = [dict(r.row_statistics()) if callable(getattr(r, "row_statistics", None)) else {} for r in results]
+    combined: dict[str, Any] = {}
+    for name in numbers[0]:
+        if is_interval_name(name):
+            continue
+        values = [n.get(name) for n in numbers]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue  # a number some seed did not report (a head it skipped) is not averaged
+        combined[name] = float(sum(values) / len(values))
+        if all(name in r for r in rows):
+            combined[interval_name(name)] = seed_bootstrap([[r[name]] for r in rows])
+    for d in DERIVED:
+        wanted = interval_name(d.name)
+        if d.against != "self" or wanted not in numbers[0]:
+            continue
+        if all(d.value in r and d.reference in r for r in rows):
+
+            def derived(means: Any, kind: str = d.kind) -> Any:
+                ratio = means[:, 0] / means[:, 1]
+                return ratio if kind == "ratio" else 1.0 - ratio
+
+            combined[wanted] = seed_bootstrap([[r[d.value], r[d.reference]] for r in rows], derived)
+    kept = {k: v for k, v in combined.items() if v is not None}
+    # Every interval one seed reported that the combination does not give is left out, not kept from one seed.
+    uncombined = {k for k in numbers[0] if is_interval_name(k) and k not in kept}
+    return kept, uncombined
 
 
 # ----------------------------------------------------------------------------- baselines

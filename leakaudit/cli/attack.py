@@ -83,6 +83,7 @@ def attack(
     reconstructions: Annotated[Optional[Path], typer.Option("--reconstructions", metavar="OUT.h5", help="Decoder: HDF5 of the best decoder's test reconstructions (--artifact reconstructions=OUT.h5).", show_default=False)] = None,
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", metavar="NAME=PATH", help="Write the attack's artifact NAME to PATH (see `leakaudit list attacks`; repeatable).", show_default=False)] = None,
     memory_budget: MemoryBudgetOpt = None,
+    seeds: Annotated[int, typer.Option("--seeds", metavar="N", help="Train the attack N times, with seeds s … s+N−1 (s: --seed): each number is the mean over seeds, its 95 % interval covers seeds and test rows.")] = 1,
     force: ForceOpt = False,
 ) -> None:
     """Attack STORE with any registered attack: --classifier retrains a private-task classifier on Z, --decoder reconstructs X from Z."""
@@ -130,6 +131,9 @@ def attack(
         settings["arch"] = decoder
     settings.update({key: value for key, value in shorthands.values() if value is not None})
     step = pipeline.Step(plugin, plugin.configure(settings))
+    pipeline.check_seeds(seeds)
+    if seeds > 1 and not pipeline.has_seed(step):
+        raise UsageError(f"--seeds: attack {name!r} has no seed setting to vary; it runs once.")
 
     outputs = [Path(json_out)] if json_out not in (None, "-") else []
     outputs += list(wanted.values())
@@ -154,7 +158,7 @@ def attack(
             if is_main:  # refused before training, not after it
                 merged = Report.for_store(report_path, subject_of(handle))
         with LazyProgress() as bar:
-            result = pipeline.run_step(step, handle, progress=bar.update if is_main else None)
+            result = pipeline.run_step(step, handle, progress=bar.update if is_main else None, seeds=seeds)
         # Reached by every rank only when every rank finished its training; rank 0 then writes,
         # but only numbers that every rank computed: rank 0 speaks for the group.
         numbers = distributed.all_gather(result.report_metrics()) if ctx is not None else []

@@ -16,6 +16,7 @@ def audit(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: AUDIT-out beside the current directory).")] = None,
     force: ForceOpt = False,
     knows: Annotated[Optional[str], typer.Option("--knows", help="Threat scope: the most an attacker knows of the encoder: nothing, architecture or weights (default: the file's threat, else weights).", show_default=False)] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", metavar="N", help="Train each attack N times (seeds s … s+N−1): numbers are means over seeds, intervals cover seeds and test rows (default: the file's seeds, else 1).", show_default=False)] = None,
     holds: Annotated[Optional[str], typer.Option("--holds", help="Threat scope: the most data an attacker holds: none, unpaired or pairs (default: the file's threat, else pairs).", show_default=False)] = None,
     memory_budget: MemoryBudgetOpt = None,
 ) -> None:
@@ -35,6 +36,12 @@ def audit(
 
     limit = parse_budget(memory_budget) if memory_budget is not None else None  # refused before the file is read
     config = with_scope(load_audit(audit_file), knows, holds)
+    if seeds is not None:
+        import dataclasses
+
+        from leakaudit.pipeline import check_seeds
+
+        config = dataclasses.replace(config, seeds=check_seeds(seeds))
     output = output or Path(f"{audit_file.stem}-out")
     with budget(limit if limit is not None else config.memory_budget), LazyProgress() as bar:
         result = run_audit(config, output, force=force, progress=bar.update, on_warning=warn)

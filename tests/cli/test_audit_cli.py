@@ -108,7 +108,7 @@ def test_existing_output_needs_force(cli, tmp_path):
     [
         ("layer: conv3\ndata: digits\ntasks: {public: parity}\n", "Error: audit: missing required key 'model'."),
         ("model: lenet5\nlayer: conv3\ndata: digits\ntasks: {public: parity}\nattack: []\n",
-         "Error: attack: unknown key. Did you mean 'attacks'? Allowed: model, weights, layer, data, tasks, dump, attacks, metrics, baseline, harden, policy, cache, threat, memory_budget."),
+         "Error: attack: unknown key. Did you mean 'attacks'? Allowed: model, weights, layer, data, tasks, dump, attacks, metrics, baseline, harden, policy, cache, threat, memory_budget, seeds."),
         ("model: lenet5\nlayer: conv3\ndata: digits\ntasks: {public: parity}\nattacks:\n  - classifier: {task: public}\n  - decoder: {epochs: ten}\n",
          "Error: attacks[1].decoder.epochs: expected an integer, got 'ten'."),
         ("model: lenet5\nlayer: conv3\ndata: digits\ntasks: {public: parity}\nattacks: [{decodr: {}}]\n",

@@ -9,7 +9,7 @@ import numpy as np
 
 from leakaudit.errors import DataError
 from leakaudit.store import ROLES, ActivationStore
-from leakaudit.store.stream import check_finite, float32_bytes, format_bytes, memory_budget
+from leakaudit.store.stream import budget_record, check_finite, float32_bytes, format_bytes, memory_budget
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,11 @@ def rows_within_budget(store: ActivationStore, rows: AttackRows, labels: np.ndar
     limit = memory_budget() if budget_bytes is None else budget_bytes
     total = len(rows.train) + len(rows.val) + len(rows.test)
     needed = WHOLE_ROW_COPIES * float32_bytes(store, names, total)
-    record: dict[str, Any] = {"memory_budget": limit, "role_bytes": needed, "role": "all attacker roles"}
-    if needed <= limit:
-        reason = f"{WHOLE_ROW_COPIES} float32 copies of every row take {format_bytes(needed)}, within the memory budget of {format_bytes(limit)}"
+    path = "memory" if needed <= limit else "subsample"
+    recorded, named = budget_record(limit, path) if budget_bytes is None else (limit, f"the memory budget of {format_bytes(limit)}")
+    record: dict[str, Any] = {"memory_budget": recorded, "role_bytes": needed, "role": "all attacker roles"}
+    if path == "memory":
+        reason = f"{WHOLE_ROW_COPIES} float32 copies of every row take {format_bytes(needed)}, within {named}"
         return rows, {"data_path": "memory", **record, "reason": reason}
     share = limit / needed
     rng = np.random.default_rng(seed)

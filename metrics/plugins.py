@@ -57,13 +57,14 @@ def within_budget(store: ActivationStore, rows: np.ndarray, names: tuple[str, ..
     estimate is the metric on fewer rows: where the metric has a bootstrap interval it is
     computed over those rows, so it widens with the smaller sample.
     """
-    from leakaudit.store.stream import float32_bytes, format_bytes, memory_budget
+    from leakaudit.store.stream import budget_record, float32_bytes, format_bytes, memory_budget
 
     limit = memory_budget()
     needed = 2 * copies * float32_bytes(store, names, len(rows))  # float64
-    record: dict[str, Any] = {"memory_budget": limit, "role_bytes": needed, "rows_all": int(len(rows))}
+    recorded, named = budget_record(limit, "memory" if needed <= limit else "subsample")
+    record: dict[str, Any] = {"memory_budget": recorded, "role_bytes": needed, "rows_all": int(len(rows))}
     if needed <= limit:
-        reason = f"{what} holds {format_bytes(needed)}, within the memory budget of {format_bytes(limit)}"
+        reason = f"{what} holds {format_bytes(needed)}, within {named}"
         return rows, {"data_path": "memory", **record, "rows": int(len(rows)), "reason": reason}
     keep = max(2, int(len(rows) * limit / needed))
     kept = np.sort(np.random.default_rng(seed).choice(rows, size=min(keep, len(rows)), replace=False))

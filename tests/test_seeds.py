@@ -123,3 +123,20 @@ def test_seeded_result_means_lists_seeds_and_drops_what_it_cannot_combine():
 def test_bad_seed_counts_are_refused(bad):
     with pytest.raises(UsageError, match="expected a positive integer"):
         check_seeds(bad)
+
+
+def test_the_gate_judges_the_combined_interval():
+    # Seeds that disagree: the point passes a minimum that the low end of the interval over seeds fails.
+    from leakaudit.gate import evaluate, parse_policy
+    from leakaudit.report import Report
+
+    rng = np.random.default_rng(8)
+    fakes = [_Fake(rng.random(300) < p, "mlp") for p in (0.55, 0.7, 0.85)]
+    report = Report({"store": "s.h5"})
+    report.add("attack:fake", SeededResult([0, 1, 2], fakes))
+    metrics = report.metrics
+    lo, _ = metrics["private_accuracy_ci95"]
+    assert lo < 0.65 < metrics["private_accuracy"]
+    point = evaluate(metrics, parse_policy({"thresholds": {"private_accuracy": {"min": 0.65}}}))
+    bound = evaluate(metrics, parse_policy({"thresholds": {"private_accuracy": {"min": 0.65, "use": "lower95"}}}))
+    assert point.to_dict()["passed"] and not bound.to_dict()["passed"]

@@ -104,3 +104,18 @@ def test_path_choice(tmp_path):
     assert stream.choose_path(store, ["activations"], rows, "test", size).path == "memory"
     chosen = stream.choose_path(store, ["activations"], rows, "test", size - 1)
     assert chosen.path == "stream" and chosen.role_bytes == size and "exceed" in chosen.reason
+
+
+def test_the_default_budget_is_recorded_as_default_where_it_changed_nothing(tmp_path):
+    # Its bytes are a share of the memory free at the time: recording them would give two runs of
+    # the same settings different reports.
+    store, _ = _store(tmp_path)
+    rows = np.arange(100)
+    by_default = stream.choose_path(store, ["activations"], rows, "test").to_dict()
+    assert by_default["data_path"] == "memory" and by_default["memory_budget"] == "default"
+    assert "default memory budget" in by_default["reason"]
+    with stream.budget("1K"):
+        given = stream.choose_path(store, ["activations"], rows, "test").to_dict()
+        assert stream.budget_record(1024, "memory") == (1024, "the memory budget of 1.0 KiB")
+    assert given["data_path"] == "stream" and given["memory_budget"] == 1024
+    assert stream.budget_record(10, "subsample")[0] == 10  # a default that chose a subsample is recorded

@@ -102,13 +102,42 @@ def memory_budget() -> int:
 
 @contextlib.contextmanager
 def budget(value: int | str | None) -> Iterator[int]:
-    """Set the memory budget (bytes, or text for :func:`parse_budget`) for what runs inside."""
+    """Set the memory budget (bytes, or text for :func:`parse_budget`) for what runs inside.
+
+    ``None`` leaves the default in force (and known as the default, see :func:`budget_record`).
+    """
+    if value is None:
+        yield memory_budget()
+        return
     resolved = value if isinstance(value, int) and not isinstance(value, bool) else parse_budget(value)
     token = _current.set(resolved)
     try:
         yield resolved
     finally:
         _current.reset(token)
+
+
+def budget_is_default() -> bool:
+    """Whether no budget was set: the default, a share of the memory available at the time."""
+    return _current.get() is None
+
+
+def budget_record(limit: int, path: str) -> tuple[int | str, str]:
+    """What a result records of the budget, and how its reason names it.
+
+    The default budget is a share of the memory free at the time, so its bytes differ from one
+    run to the next; recording them would make two runs of the same settings write different
+    reports. Where the default budget made no difference (everything was read into memory) the
+    result says ``default``; where it chose a path or a subsample, its bytes are part of the
+    result and are recorded.
+    """
+    return _budget_words(limit, budget_is_default(), path)
+
+
+def _budget_words(limit: int, default: bool, path: str) -> tuple[int | str, str]:
+    if default and path == "memory":
+        return "default", f"the default memory budget ({DEFAULT_FRACTION:.0%} of available memory)"
+    return limit, f"the memory budget of {format_bytes(limit)}"
 
 
 def format_bytes(n: int) -> str:
@@ -127,14 +156,18 @@ class DataPath:
     role_bytes: int
     role: str
 
+    default: bool = False  # the budget is the default one (see :func:`budget_record`)
+
+    def _recorded(self) -> tuple[int | str, str]:
+        return _budget_words(self.budget, self.default, self.path)
+
     @property
     def reason(self) -> str:
         relation = "fit in" if self.path == "memory" else "exceed"
-        return (f"{self.role} rows take {format_bytes(self.role_bytes)} as float32, which {relation} "
-                f"the memory budget of {format_bytes(self.budget)}")
+        return f"{self.role} rows take {format_bytes(self.role_bytes)} as float32, which {relation} {self._recorded()[1]}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data_path": self.path, "memory_budget": self.budget, "role_bytes": self.role_bytes,
+        return {"data_path": self.path, "memory_budget": self._recorded()[0], "role_bytes": self.role_bytes,
                 "role": self.role, "reason": self.reason}
 
 
@@ -147,7 +180,7 @@ def choose_path(store: Any, names: Sequence[str], rows: np.ndarray, role: str, b
     """``memory`` when the role's float32 bytes fit in the budget, ``stream`` otherwise."""
     limit = memory_budget() if budget_bytes is None else budget_bytes
     size = float32_bytes(store, names, len(rows))
-    return DataPath("memory" if size <= limit else "stream", limit, size, role)
+    return DataPath("memory" if size <= limit else "stream", limit, size, role, default=budget_bytes is None and budget_is_default())
 
 
 @dataclass(frozen=True)

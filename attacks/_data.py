@@ -94,7 +94,7 @@ def rows_within_budget(store: ActivationStore, rows: AttackRows, labels: np.ndar
     total = len(rows.train) + len(rows.val) + len(rows.test)
     needed = WHOLE_ROW_COPIES * float32_bytes(store, names, total)
     path = "memory" if needed <= limit else "subsample"
-    recorded, named = budget_record(limit, path) if budget_bytes is None else (limit, f"the memory budget of {format_bytes(limit)}")
+    recorded, named = budget_record(limit, path, default=None if budget_bytes is None else False)
     record: dict[str, Any] = {"memory_budget": recorded, "role_bytes": needed, "role": "all attacker roles"}
     if path == "memory":
         reason = f"{WHOLE_ROW_COPIES} float32 copies of every row take {format_bytes(needed)}, within {named}"

@@ -122,20 +122,17 @@ def budget_is_default() -> bool:
     return _current.get() is None
 
 
-def budget_record(limit: int, path: str) -> tuple[int | str, str]:
+def budget_record(limit: int, path: str, default: bool | None = None) -> tuple[int | str, str]:
     """What a result records of the budget, and how its reason names it.
 
     The default budget is a share of the memory free at the time, so its bytes differ from one
     run to the next; recording them would make two runs of the same settings write different
     reports. Where the default budget made no difference (everything was read into memory) the
     result says ``default``; where it chose a path or a subsample, its bytes are part of the
-    result and are recorded.
+    result and are recorded. ``default``: whether ``limit`` is the default (``None``: whether no
+    budget is set now).
     """
-    return _budget_words(limit, budget_is_default(), path)
-
-
-def _budget_words(limit: int, default: bool, path: str) -> tuple[int | str, str]:
-    if default and path == "memory":
+    if (budget_is_default() if default is None else default) and path == "memory":
         return "default", f"the default memory budget ({DEFAULT_FRACTION:.0%} of available memory)"
     return limit, f"the memory budget of {format_bytes(limit)}"
 
@@ -159,7 +156,7 @@ class DataPath:
     default: bool = False  # the budget is the default one (see :func:`budget_record`)
 
     def _recorded(self) -> tuple[int | str, str]:
-        return _budget_words(self.budget, self.default, self.path)
+        return budget_record(self.budget, self.path, self.default)
 
     @property
     def reason(self) -> str:

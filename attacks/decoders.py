@@ -41,16 +41,15 @@ from leakaudit import distributed
 from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
 from leakaudit.attacks._sources import Source, StreamSource, TensorSource, mean_target
 from leakaudit.attacks._training import (
-    EVAL_BATCH,
     Progress,
     Standardizer,
     as_tensor,
     fit,
     parameter_count,
-    predict,
 )
 from leakaudit.attacks.decoder_nets import ARCHS, AlexNetDecoder, build_decoder, geometry
 from leakaudit.attacks.display import decoder_html
+from leakaudit.attacks.image_scores import ImageScores, Scored, HeldOutImages, _ssim_fn
 from leakaudit.attacks.reconstructions import save_grid, save_reconstructions
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError
@@ -144,69 +143,6 @@ def _fractions(value: tuple[float, ...] | str) -> tuple[float, ...]:
 
 #: Fewest pairs a leaked share may leave in a role: fewer cannot fit or select a decoder.
 MIN_LEAKED_ROWS = 8
-
-
-@dataclass
-class ImageScores:
-    """Scores of reconstructions against the test images (data range 1).
-
-    Each score has its 95 % interval (``<score>_ci95``, ``[lo, hi]``): a bootstrap over the
-    test images (:mod:`leakaudit.intervals`), the reconstructions held fixed; ``None`` with
-    fewer than two images.
-    """
-
-    ssim_mean: float
-    ssim_p5: float
-    ssim_p50: float
-    ssim_p95: float
-    psnr: float
-    mse: float
-    ssim_mean_ci95: list[float] | None = None
-    ssim_p5_ci95: list[float] | None = None
-    ssim_p50_ci95: list[float] | None = None
-    ssim_p95_ci95: list[float] | None = None
-    psnr_ci95: list[float] | None = None
-    mse_ci95: list[float] | None = None
-
-    #: The scores that have an interval, in field order.
-    SCORES = ("ssim_mean", "ssim_p5", "ssim_p50", "ssim_p95", "psnr", "mse")
-
-    @classmethod
-    def from_per_image(cls, ssim: np.ndarray, mse: np.ndarray) -> ImageScores:
-        from leakaudit.intervals import mean_interval, percentile_interval
-        from leakaudit.metrics.ssim import ssim_percentiles
-
-        percentiles = ssim_percentiles(ssim, (5, 50, 95))
-        p5, p50, p95 = (percentiles[q] for q in (5, 50, 95))
-        # An exact reconstruction has MSE 0; cap its PSNR at 100 dB instead of infinity.
-        psnr = 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
-        return cls(
-            ssim_mean=float(ssim.mean()),
-            ssim_p5=float(p5),
-            ssim_p50=float(p50),
-            ssim_p95=float(p95),
-            psnr=float(psnr.mean()),
-            mse=float(mse.mean()),
-            ssim_mean_ci95=mean_interval(ssim),
-            ssim_p5_ci95=percentile_interval(ssim, 5),
-            ssim_p50_ci95=percentile_interval(ssim, 50),
-            ssim_p95_ci95=percentile_interval(ssim, 95),
-            psnr_ci95=mean_interval(psnr),
-            mse_ci95=mean_interval(mse),
-        )
-
-    def interval(self, score: str) -> list[float] | None:
-        """The 95 % interval of ``score`` (a name of :attr:`SCORES`)."""
-        return getattr(self, score + "_ci95")
-
-    def numbers(self, *scores: str, as_name: str = "{}") -> dict[str, Any]:
-        """``scores`` for report.json, each beside its ``_ci95`` interval (``as_name`` renames them)."""
-        out: dict[str, Any] = {}
-        for score in scores:
-            out[as_name.format(score)] = getattr(self, score)
-            if self.interval(score) is not None:
-                out[as_name.format(score) + "_ci95"] = self.interval(score)
-        return out
 
 
 @dataclass
@@ -326,36 +262,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-def _ssim_fn():
-    from leakaudit.metrics.ssim import structural_similarity
-
-    return structural_similarity
-
-
-def ssim_per_image(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SSIM of each image pair, computed in batches (float32 [N])."""
-    ssim = _ssim_fn()
-    parts = [
-        ssim(recon[i : i + EVAL_BATCH].float(), target[i : i + EVAL_BATCH].float(), data_range=1.0, reduction="none")
-        for i in range(0, len(recon), EVAL_BATCH)
-    ]
-    return torch.cat(parts).float() if parts else torch.empty(0)
-
-
-def mse_per_image(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (recon.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-
-
-def score_images(recon: torch.Tensor, target: torch.Tensor) -> tuple[ImageScores, np.ndarray]:
-    """Test scores and the per-image SSIM of reconstructions ``recon`` of ``target``."""
-    ssim = ssim_per_image(recon, target).double().numpy()
-    mse = mse_per_image(recon, target).double().numpy()
-    return ImageScores.from_per_image(ssim, mse), ssim
-
-
 def _losses(config: DecoderConfig):
     ssim = _ssim_fn()
 
@@ -438,10 +344,10 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
         train, val, test = (_source(store, r, paths[role]) for r, role in roles)
 
     mean_image = mean_target(train)
-    test_x = _targets(test)
-    baseline, baseline_ssim = score_images(mean_image.expand_as(test_x), test_x)
-    trained = _train_decoders(train, val, test, test_x, layer_shape, input_shape, config, device, autocast, progress)
-    per_image: dict[str, np.ndarray] = {"mean-image": baseline_ssim.astype(np.float32), **trained.per_image}
+    images = HeldOutImages(test)
+    baseline = images.score_image(mean_image)
+    trained = _train_decoders(train, val, images, layer_shape, input_shape, config, device, autocast, progress)
+    per_image: dict[str, np.ndarray] = {"mean-image": baseline.ssim.astype(np.float32), **trained.per_image}
     curve = []
     if len(config.shares) > 1:
         # Nested shares: the attacker holding 1 % holds a subset of the one holding 10 %.
@@ -460,7 +366,7 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
                 t, v = np.sort(train_order[: held[0]]), np.sort(val_order[: held[1]])
                 labelled = (lambda what, done, total, share=share: progress(f"{what} ({share:g} leaked)", done, total)) if progress else None
                 point = _train_decoders(
-                    train.subset(t), val.subset(v), test, test_x,
+                    train.subset(t), val.subset(v), images,
                     layer_shape, input_shape, config, device, autocast, labelled,
                 )  # fmt: skip
             assert point.best.test is not None
@@ -473,25 +379,30 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
             })  # fmt: skip
     best = trained.best
     assert best.test is not None
+    warnings_ = []
+    if images.streamed:
+        warnings_.append(f"the test role was streamed (it exceeds the memory budget): every test image was scored, and "
+                         f"only the first {len(trained.scored.kept)} reconstructions were kept (for the grid).")
     return DecoderResult(
         runs=trained.runs,
         best=best.arch,
         scores=best.test,
-        mean_image=baseline,
+        mean_image=baseline.scores,
         rows=rows.sizes(),
         input_shape=list(input_shape),
         layer_shape=list(layer_shape),
         config=dataclasses.asdict(config),
+        warnings=warnings_,
         leaked=curve,
         test_rows=rows.test,
-        reconstructions=trained.reconstructions.numpy(),
+        reconstructions=trained.scored.kept.numpy(),
         ssim_per_image=per_image,
         mean_image_array=mean_image.numpy(),
         data_path={role: path.to_dict() for role, path in paths.items()},
         test_scores={
             "best": {"ssim": trained.per_image[best.arch].astype(np.float64),
-                     "mse": mse_per_image(trained.reconstructions, test_x).double().numpy()},
-            "mean-image": {"ssim": baseline_ssim, "mse": mse_per_image(mean_image.expand_as(test_x), test_x).double().numpy()},
+                     "mse": trained.scored.mse},
+            "mean-image": {"ssim": baseline.ssim, "mse": baseline.mse},
         },  # fmt: skip
     )
 
@@ -504,31 +415,24 @@ def _source(store: ActivationStore, rows: np.ndarray, path: DataPath) -> Source:
     return StreamSource(store, rows, path.role, Blocks.for_budget(row_bytes, path.budget), y_name="inputs", data_path=path)
 
 
-def _targets(source: Source) -> torch.Tensor:
-    """The test images in memory: the result holds their reconstructions, as many bytes again."""
-    if isinstance(source, TensorSource):
-        return source.y
-    return torch.cat([y for _, y in source.chunks(EVAL_BATCH, None)])
-
-
 @dataclass
 class _Trained:
     runs: list[DecoderRun]
     best: DecoderRun
-    reconstructions: torch.Tensor
+    scored: Scored
     per_image: dict[str, np.ndarray]
 
 
-def _train_decoders(train: Source, val: Source, test: Source, test_x: torch.Tensor, layer_shape, input_shape,
+def _train_decoders(train: Source, val: Source, images: HeldOutImages, layer_shape, input_shape,
                     config: DecoderConfig, device, autocast, progress) -> _Trained:
-    """Train the configured decoders on ``train`` pairs, select on ``val`` SSIM, score on ``test`` (images ``test_x``)."""
+    """Train the configured decoders on ``train`` pairs, select on ``val`` SSIM, score on the test ``images``."""
     mean_image = mean_target(train)
     loss_fn, val_loss_fn, score_fn = _losses(config)
     archs = ARCHS if config.arch == "best" else (config.arch,)
     runs: list[DecoderRun] = []
     per_image: dict[str, np.ndarray] = {}
     best_run: DecoderRun | None = None
-    best_recon: torch.Tensor | None = None
+    best_scored: Scored | None = None
     best_val = -math.inf  # best_run's val_ssim, once there is one
     for arch in archs:
         torch.manual_seed(seed_for(config.seed, arch))  # initialisation of this decoder
@@ -557,12 +461,11 @@ def _train_decoders(train: Source, val: Source, test: Source, test_x: torch.Tens
             autocast=autocast,
             on_progress=(lambda done, total, what=description: progress(what, done, total)) if progress else None,
         )
-        recon = predict(model, test.mapped(standardizer), device).clamp_(0.0, 1.0)
-        scores, ssim = score_images(recon, test_x)
-        per_image[arch] = ssim.astype(np.float32)
+        scored = images.score_model(model, standardizer, device)
+        per_image[arch] = scored.ssim.astype(np.float32)
         run = DecoderRun(
             arch=arch,
-            test=scores,
+            test=scored.scores,
             val_ssim=fitted.val_score,
             epochs=fitted.epochs,
             best_epoch=fitted.best_epoch,
@@ -573,7 +476,7 @@ def _train_decoders(train: Source, val: Source, test: Source, test_x: torch.Tens
         runs.append(run)
         # Selection on attacker-validation only; keep just the leader's images in memory.
         if best_run is None or fitted.val_score > best_val:
-            best_run, best_recon, best_val = run, recon, fitted.val_score
+            best_run, best_scored, best_val = run, scored, fitted.val_score
         del model
-    assert best_run is not None and best_run.test is not None and best_recon is not None
-    return _Trained(runs, best_run, best_recon, per_image)
+    assert best_run is not None and best_run.test is not None and best_scored is not None
+    return _Trained(runs, best_run, best_scored, per_image)

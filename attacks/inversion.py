@@ -29,7 +29,7 @@ encoder maps the stored X to the stored Z and warns where it does not. Gradients
 with respect to x̂ only (``torch.autograd.grad``), so the model's parameters gain no gradients,
 and the forward runs in eval mode: BatchNorm statistics and dropout stay as they are.
 
-Scores are the decoder attack's (:func:`leakaudit.attacks.decoders.score_images`): per-image
+Scores are the decoder attack's (:func:`leakaudit.attacks.image_scores.score_images`): per-image
 SSIM and PSNR against the true test images. The "predict the mean image" floor beside them is
 a reference the tool computes from attacker-train rows; this attacker has no such data.
 """
@@ -47,7 +47,8 @@ import torch
 
 from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
 from leakaudit.attacks._training import Progress
-from leakaudit.attacks.decoders import SSIM_MIN_SIDE, ImageScores, score_images
+from leakaudit.attacks.decoders import SSIM_MIN_SIDE
+from leakaudit.attacks.image_scores import ImageScores, score_images
 from leakaudit.attacks.reconstructions import save_grid, save_reconstructions
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UntrustedCheckpointError, UsageError

@@ -44,6 +44,11 @@ def save_reconstructions(result: Any, path: str | Path, *, store_path: str | Pat
     path = Path(path)
     if result.reconstructions is None or result.test_rows is None:
         raise DataError("this decoder result holds no reconstructions to save.")
+    if len(result.reconstructions) < len(result.test_rows):
+        raise DataError(
+            f"only {len(result.reconstructions)} of the {len(result.test_rows):,} test reconstructions were kept: the test "
+            "role exceeded the memory budget and was streamed. Raise --memory-budget to save them all."
+        )
     tmp = _atomic_path(path)
     try:
         with h5py.File(tmp, "w") as f:

@@ -41,7 +41,7 @@ reconstructions of the set-aside Z. If they agree with those rows' public labels
 than under permutations of the labels (:func:`chance_check`, p-value above ``alpha``), the
 attack reports the mean image, with a warning. Without public labels there is no such check,
 and a warning says so. Scores are the decoder
-attack's (:func:`leakaudit.attacks.decoders.score_images`: per-image SSIM and PSNR on test rows),
+attack's (:func:`leakaudit.attacks.image_scores.score_images`: per-image SSIM and PSNR on test rows),
 beside the mean-image floor (the attacker-train mean), so the numbers mean the same for every
 attack. Alignment was chosen because it trains a decoder once and decodes every test row in one
 pass; UnSplit's alternating optimisation over the test Z is not implemented, so the two are not
@@ -67,7 +67,8 @@ from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
 from leakaudit.attacks._training import Progress, Standardizer, as_tensor, fit, predict
 from leakaudit.attacks.classifier_heads import mlp_head
 from leakaudit.attacks.decoder_nets import ARCHS, AlexNetDecoder, build_decoder, geometry
-from leakaudit.attacks.decoders import SSIM_MIN_SIDE, ImageScores, score_images
+from leakaudit.attacks.decoders import SSIM_MIN_SIDE
+from leakaudit.attacks.image_scores import ImageScores, score_images
 from leakaudit.attacks.reconstructions import save_grid
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError, UsageError

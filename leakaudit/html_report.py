@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from leakaudit import __version__, glossary
+from leakaudit import __version__, data_paths, glossary
 from leakaudit.intervals import format_interval, interval_name, interval_problem, is_interval_name
 
 PALETTE = (
@@ -299,6 +299,11 @@ def render(
     for name, reason in (report.get("out_of_scope") or {}).items():
         block += f"<p class='sub'>left out: attack <code>{html.escape(name)}</code> — {html.escape(reason)}</p>"
     sections.append(block)
+    paths = data_paths.records(results)
+    if paths:
+        path_rows = [tuple(f"<span>{html.escape(text)}</span>" for text in (r.result, r.part or "all rows", r.path, r.reason))
+                     for r in paths]  # fmt: skip
+        sections.append("<h2>How the rows were read</h2>" + table(["result", "rows", "path", "why"], path_rows))
 
     comparison = report.get("comparison")
     if comparison:

@@ -25,6 +25,7 @@ import typer
 from typer.core import TyperCommand
 
 from leakaudit.cli._common import ForceOpt, LazyProgress, MemoryBudgetOpt, check_output, console, warn, write_json
+from leakaudit.data_paths import records
 from leakaudit.errors import ConfigError, LeakAuditError, UsageError
 
 DECODER_ARCHS = ("upsample", "alexnet", "resnet", "best")
@@ -187,9 +188,9 @@ def attack(
 
 
 def show_data_path(paths: dict[str, dict[str, Any]] | None) -> None:
-    """One line per role: which path read it (memory or stream) and why."""
-    for role, path in (paths or {}).items():
-        console().print(f"data: {role} {path['data_path']} ({path['reason']})", highlight=False, soft_wrap=True)
+    """One line per role: which path read it (memory, stream or subsample) and why."""
+    for record in records({"": {"data_path": paths}}):
+        console().print(record.line(), highlight=False, soft_wrap=True)
 
 
 def _fields(plugin: Any) -> set[str]:

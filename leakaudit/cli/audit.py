@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from leakaudit.cli._common import ForceOpt, LazyProgress, MemoryBudgetOpt, console, warn
+from leakaudit.data_paths import summary_lines
 from leakaudit.errors import EXIT_GATE_FAILED
 
 
@@ -67,6 +68,8 @@ def audit(
     out.print(table)
     for name, reason in report.get("out_of_scope", {}).items():
         out.print(f"left out: attack {name} — {reason}", highlight=False)
+    for line in summary_lines(report.get("results", {})):
+        out.print(line, highlight=False, soft_wrap=True)
     reused = ", ".join(f"{k} {'reused' if v else 'dumped'}" for k, v in result.reused.items())
     out.print(f"stores: {reused}; wrote {result.report} and {result.html}", highlight=False)
     if result.verdict is not None:

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from leakaudit.cli._common import ForceOpt, LazyProgress, MemoryBudgetOpt, check_output, console, info, warn, write_json
+from leakaudit.data_paths import summary_lines
 from leakaudit.errors import LeakAuditError
 
 
@@ -99,6 +100,8 @@ def metrics(
         text = "—" if value is None else f"{value:.4g}"
         table.add_row(name, text, f"{base_numbers[name]:.4g}" if name in base_numbers else "", meanings.get(name, ""))
     console().print(table)
+    for line in summary_lines({key: r.to_dict() for key, r in outcome.results.items()}):
+        console().print(line, highlight=False, soft_wrap=True)
     console().print(f"merged into {report_path} ({len(written['metrics'])} metrics)", highlight=False)
 
 

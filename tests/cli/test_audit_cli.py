@@ -132,3 +132,16 @@ def test_bad_audit_files(cli, tmp_path, text, message):
     assert result.exit_code == 2
     assert message in error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_audit_says_which_rows_were_subsampled_under_a_tiny_budget(cli, tmp_path):
+    weights = _weights(tmp_path / "model.safetensors", 0)
+    audit = tmp_path / "audit.yaml"
+    audit.write_text(AUDIT.format(weights=weights.name, max_accuracy=1.0) + "memory_budget: 1K\n")
+    out = tmp_path / "out"
+    result = cli("audit", audit, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("data: ")]
+    assert any(line.startswith("data: attack:classifier") and " subsample (" in line for line in lines), lines
+    assert any(line.startswith("data: metric:dcor") and " stream (" in line for line in lines), lines
+    assert "How the rows were read" in (out / "report.html").read_text()

@@ -49,7 +49,7 @@ from leakaudit.attacks._training import (
 )
 from leakaudit.attacks.decoder_nets import ARCHS, AlexNetDecoder, build_decoder, geometry
 from leakaudit.attacks.display import decoder_html
-from leakaudit.attacks.image_scores import ImageScores, Scored, HeldOutImages, _ssim_fn
+from leakaudit.attacks.image_scores import HeldOutImages, ImageScores, Scored, _ssim_fn
 from leakaudit.attacks.reconstructions import save_grid, save_reconstructions
 from leakaudit.config import positive
 from leakaudit.errors import DataError, UnknownNameError

@@ -181,8 +181,9 @@ def classifier_data(store: ActivationStore, rows: AttackRows, labels: np.ndarray
         else:
             reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {needed}, more than the memory budget of "
                       f"{format_bytes(limit)}; these heads need all their rows at once, so they were fitted on a seeded "
-                      f"per-class subsample of {share:.1%} of attacker-train and attacker-validation (an attacker holding "
-                      "fewer pairs), then compared and scored on every attacker-validation and test row")  # fmt: skip
+                      f"per-class subsample ({len(sub.train):,} of {len(rows.train):,} attacker-train and {len(sub.val):,} "
+                      f"of {len(rows.val):,} attacker-validation rows: an attacker holding fewer pairs), then compared and "
+                      "scored on every attacker-validation and test row")  # fmt: skip
             kept_sizes = {"attacker-train": len(sub.train), "attacker-validation": len(sub.val), "test": len(rows.test)}
             records[", ".join(whole)] = {"data_path": "subsample", **base, "seed": seed, "share": share,
                                          "rows_kept": kept_sizes, "rows_all": rows.sizes(), "reason": reason}  # fmt: skip

@@ -64,31 +64,19 @@ import numpy as np
 import torch
 
 from leakaudit import distributed
-from leakaudit.attacks._data import (
-    AttackRows,
-    attack_rows,
-    check_class_rows,
-    read_activations,
-    read_inputs,
-    rows_within_budget,
-)
-from leakaudit.attacks._training import (
-    Progress,
-    as_tensor,
-)
+from leakaudit.attacks._data import AttackRows, attack_rows, check_class_rows
+from leakaudit.attacks._training import Progress
+from leakaudit.attacks.classifier_data import classifier_data
 from leakaudit.attacks.classifier_heads import continuation_head, raw_cnn  # noqa: F401 - re-exported
-from leakaudit.attacks.classifier_raw import RawReference, content_key, shared_reference
+from leakaudit.attacks.classifier_raw import RawReference, content_key, raw_reference, shared_reference
 from leakaudit.attacks.classifier_train import (  # noqa: F401 - balanced_accuracy, LINEAR_HEADS re-exported
     FRESH_HEADS,
     HEADS,
     LINEAR_HEADS,
     RAW_HEADS,
-    HeadData,
     HeadResult,
     balanced_accuracy,
     build_head,
-    build_raw,
-    pooled,
     refit_head,
     stronger,
     train_head,
@@ -167,7 +155,7 @@ class ClassifierResult:
     Attributes:
         task: the attacked task.
         class_names: its classes.
-        rows: rows per role.
+        rows: rows per role the best head used (fewer where it was fitted on a subsample, see ``data_path``).
         layer_shape: shape of one Z row.
         heads: every head on Z, trained or skipped.
         raw_heads: the references trained on raw X (empty without ``/inputs``).
@@ -193,8 +181,10 @@ class ClassifierResult:
         raw_protocol: the same for ``private_accuracy_raw``.
         raw_reference_shared: the raw-X heads are those an earlier store of the same content
             trained in this process (:mod:`leakaudit.attacks.classifier_raw`), not trained again.
-        data_path: ``memory``, or ``subsample`` when the rows exceed the memory budget, with the
-            budget, the bytes, the rows kept, the seed and why (:func:`~leakaudit.attacks._data.rows_within_budget`).
+        data_path: ``{"attacker roles": ...}`` ``memory`` when every row fits in the memory budget;
+            otherwise, per group of heads, ``stream`` (the network heads, every row) or ``subsample``
+            (the heads that need all rows at once, with the rows kept and the seed), each with the
+            budget, the bytes and why (:mod:`leakaudit.attacks.classifier_data`).
     """
 
     task: str
@@ -352,32 +342,34 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     """
     device = resolve_device(config.device)
     ctx = distributed.current(device)
+    names = {"best": HEADS, "fresh": FRESH_HEADS}.get(config.head, (config.head,))
     # Under torchrun, a rank that cannot read the store stops every rank here, before training.
     with distributed.agreed(ctx):
         labels_all = store.labels(config.task)
         class_names = store.class_names(config.task)
         classes = len(class_names)
         rows = attack_rows(store)
-        names = ("activations", "inputs") if config.raw_reference and store.has_inputs else ("activations",)
-        rows, record = rows_within_budget(store, rows, labels_all, names, seed_for(config.seed, "subsample"))
-        data_path = {"attacker roles": record}  # one record for the three roles, keyed as the decoder's per role
+        with_raw = config.raw_reference and store.has_inputs
+        datasets = ("activations", "inputs") if with_raw else ("activations",)
+        every_head = (*names, *(RAW_HEADS if with_raw else ()))
+        source = classifier_data(store, rows, labels_all, datasets, seed_for(config.seed, "subsample"), every_head)
         check_task_roles(config.task, {role: labels_all[r] for r, role in _roles(rows)})
         check_class_rows(labels_all, rows, class_names, config.task)
         train_y = torch.from_numpy(labels_all[rows.train]).long()
-        val_y = torch.from_numpy(labels_all[rows.val]).long()
         test_y = labels_all[rows.test]
-        labels = (train_y, val_y, test_y)
         layer_shape = tuple(int(s) for s in store.layer_shape)
-        z = HeadData(*(as_tensor(read_activations(store, r, role)) for r, role in _roles(rows)))
+        source.load("activations")
 
-    warnings_: list[str] = [f"classifier ran on a subsample: {record['reason']}."] if record["data_path"] == "subsample" else []
-    names = {"best": HEADS, "fresh": FRESH_HEADS}.get(config.head, (config.head,))
+    warnings_: list[str] = [
+        f"classifier ran on a subsample for {group}: {record['reason']}."
+        for group, record in source.records.items() if record["data_path"] == "subsample"
+    ]  # fmt: skip
     heads: list[HeadResult] = []
     correct: dict[str, np.ndarray] = {}  # per trained head, whether it got each test row right
     for name in names:
         torch.manual_seed(seed_for(config.seed, name))  # initialisation of this head
         try:
-            model, data = build_head(name, store, layer_shape, classes, z)
+            model, data = build_head(name, store, layer_shape, classes, source.inputs(name, "activations"))
         except UsageError as exc:
             reason = str(exc).rstrip(".")
             if config.head not in ("best", "fresh"):
@@ -385,20 +377,28 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
             heads.append(HeadResult(name=name, input="Z", status="skipped", reason=reason))
             warnings_.append(f"classifier head {name!r} skipped: {reason}.")
             continue
-        head, correct[name] = train_head(name, "Z", model, data, labels, classes, config, device, progress)
+        head, correct[name] = train_head(name, "Z", model, data, source.head_labels(name), classes, config, device, progress)
+        source.note_rows(head)
         heads.append(head)
         del model, data
 
-    pooled_y = (torch.cat([train_y, val_y]), test_y)
     raw = RawReference([], {})
     if config.raw_reference:
         if store.has_inputs:
             with distributed.agreed(ctx):
-                x = HeadData(*(as_tensor(read_inputs(store, r, role)) for r, role in _roles(rows)))
-            world_size = ctx.world_size if ctx is not None else 1
-            key = content_key(x, labels, config, classes, device, world_size)
-            raw = shared_reference(key, lambda: _raw_reference(x, labels, pooled_y, classes, config, device, progress))
-            del x
+                source.load("inputs")
+            if source.path == "memory":
+                world_size = ctx.world_size if ctx is not None else 1
+                x = source.inputs("raw-linear", "inputs")
+                key = content_key(x, source.head_labels("raw-linear"), config, classes, device, world_size)
+                raw = shared_reference(key, lambda: raw_reference(source, classes, config, device, progress))
+                del x
+            else:
+                # Not shared: the key hashes X's rows, which the streamed path never holds, and a key from the
+                # store's recorded checksum of /inputs could match bytes changed since (plain opening does not
+                # re-read /inputs), a wrong reuse; a streamed reference is trained for its store alone.
+                raw = raw_reference(source, classes, config, device, progress)
+            source.release("inputs")
             correct.update(raw.correct)
         else:
             warnings_.append(
@@ -414,12 +414,12 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     # Refit the chosen heads on every pair the attacker holds, from the same initialisation.
     refitted: dict[str, np.ndarray | None] = dict(raw.refitted)
     if config.refit != "none":
-        pooled_z = pooled(z)
         for head in trained if config.refit == "all" else [best]:
             torch.manual_seed(seed_for(config.seed, head.name))
-            model, data = build_head(head.name, store, layer_shape, classes, pooled_z)
-            refitted[head.name] = refit_head(head, model, data, pooled_y, classes, config, device, progress)
-        del pooled_z
+            model, data = build_head(head.name, store, layer_shape, classes, source.pooled_inputs(head.name, "activations"))
+            refitted[head.name] = refit_head(head, model, data, source.pooled_labels(head.name), classes, config, device,
+                                             progress)  # fmt: skip
+    source.release("activations")
 
     protocol, best_correct = stronger(best, correct[best.name], refitted.get(best.name))
     prefix = "refit_" if protocol == "refit" else ""
@@ -442,7 +442,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
     return ClassifierResult(
         task=config.task,
         class_names=class_names,
-        rows=rows.sizes(),
+        rows=source.sizes(best.name),
         layer_shape=list(layer_shape),
         heads=heads,
         raw_heads=raw_heads,
@@ -464,36 +464,11 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         protocol=protocol,
         raw_protocol=raw_protocol,
         raw_reference_shared=raw.cached,
-        data_path=data_path,
+        data_path=source.records,
         test_correct={"best": best_correct, "labels": test_y,
                       **({"raw": raw_correct} if raw_correct is not None else {}),
                       **({"continuation": correct["continuation"]} if "continuation" in correct else {})},  # fmt: skip
     )
-
-
-def _raw_reference(
-    x: HeadData, labels: Any, pooled_y: Any, classes: int, config: ClassifierConfig, device: torch.device,
-    progress: Progress | None,
-) -> RawReference:  # fmt: skip
-    """Train the raw-X heads on X, and refit the chosen one (or all) on attacker-train + attacker-validation."""
-    heads: list[HeadResult] = []
-    correct: dict[str, np.ndarray] = {}
-    for name in RAW_HEADS:
-        torch.manual_seed(seed_for(config.seed, name))
-        model, data = build_raw(name, classes, x)
-        head, correct[name] = train_head(name, "X", model, data, labels, classes, config, device, progress)
-        heads.append(head)
-        del model, data
-    refitted: dict[str, np.ndarray | None] = {}
-    if config.refit != "none":
-        chosen = max(heads, key=val_accuracy)
-        pooled_x = pooled(x)
-        for head in heads if config.refit == "all" else [chosen]:
-            torch.manual_seed(seed_for(config.seed, head.name))
-            model, data = build_raw(head.name, classes, pooled_x)
-            refitted[head.name] = refit_head(head, model, data, pooled_y, classes, config, device, progress)
-        del pooled_x
-    return RawReference(heads, correct, refitted)
 
 
 def below_chance_warnings(task: str, accuracy: float, raw_accuracy: float | None, chance: float) -> list[str]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leakaudit import distributed
+from leakaudit.attacks._sources import Source
 from leakaudit.attacks._training import OnProgress, TensorFn, _TensorTask, _Validation
 from leakaudit.distributed import Context
 from leakaudit.training import engine
@@ -186,7 +187,8 @@ class SvmFit:
         rows: training rows it was fitted on (a subsample above ``max_rows``).
         params: values the fitted model holds (support vectors, dual coefficients, intercepts).
         val_accuracy: accuracy on the rows it was selected on (``None`` for a refit).
-        test_pred: its predictions for the test rows.
+        test_pred: its predictions for the test rows (empty when none were given).
+        model: the fitted ``SVC``, to predict rows read later (test rows streamed in chunks).
     """
 
     c: float
@@ -195,6 +197,7 @@ class SvmFit:
     params: int
     test_pred: np.ndarray
     val_accuracy: float | None = None
+    model: Any = field(default=None, repr=False)
 
 
 def _subsample(n: int, max_rows: int, seed: int) -> np.ndarray:
@@ -226,14 +229,17 @@ def _on_rank_0(ctx: Context | None, work: Callable[[], Any]) -> Any:
 def svm_probe(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
-    test_x: torch.Tensor,
+    test_x: torch.Tensor | None,
     *,
     max_rows: int,
     seed: int,
     device: torch.device,
     on_progress: OnProgress | None = None,
 ) -> SvmFit:
-    """The RBF SVM of the C × γ grid with the best validation accuracy (ties: the first, smaller C and γ)."""
+    """The RBF SVM of the C × γ grid with the best validation accuracy (ties: the first, smaller C and γ).
+
+    ``test_x`` ``None``: no test predictions (``test_pred`` empty); predict with the returned ``model``.
+    """
 
     def work() -> SvmFit:
         keep = _subsample(len(train[0]), max_rows, seed)
@@ -251,23 +257,27 @@ def svm_probe(
                 on_progress(done, len(grid))
         assert best is not None
         accuracy, model, c, gamma = best
-        return SvmFit(c, gamma, len(keep), _svc_params(model), model.predict(test_x.numpy().astype(np.float64)), accuracy)
+        return SvmFit(c, gamma, len(keep), _svc_params(model), _svm_predict(model, test_x), accuracy, model)
 
     return _on_rank_0(distributed.current(device), work)
 
 
 def svm_refit(
-    train: tuple[torch.Tensor, torch.Tensor], test_x: torch.Tensor, chosen: SvmFit, *, max_rows: int, seed: int,
+    train: tuple[torch.Tensor, torch.Tensor], test_x: torch.Tensor | None, chosen: SvmFit, *, max_rows: int, seed: int,
     device: torch.device,
 ) -> SvmFit:  # fmt: skip
-    """The SVM of ``chosen``'s C and γ fitted on ``train`` (all the attacker's rows), predicting ``test_x``."""
+    """The SVM of ``chosen``'s C and γ fitted on ``train`` (all the attacker's rows), predicting ``test_x`` (if given)."""
 
     def work() -> SvmFit:
         keep = _subsample(len(train[0]), max_rows, seed)
         model = _svc(train[0].numpy()[keep].astype(np.float64), train[1].numpy()[keep], chosen.c, chosen.gamma)
-        return SvmFit(chosen.c, chosen.gamma, len(keep), _svc_params(model), model.predict(test_x.numpy().astype(np.float64)))
+        return SvmFit(chosen.c, chosen.gamma, len(keep), _svc_params(model), _svm_predict(model, test_x), model=model)
 
     return _on_rank_0(distributed.current(device), work)
+
+
+def _svm_predict(model: Any, x: torch.Tensor | None) -> np.ndarray:
+    return np.empty(0, dtype=np.int64) if x is None else model.predict(x.numpy().astype(np.float64))
 
 
 def _svc_params(model: Any) -> int:
@@ -293,7 +303,7 @@ class _RefitTask(_TensorTask):
 
 def refit_network(
     model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: Source | tuple[torch.Tensor, torch.Tensor],
     *,
     loss_fn: TensorFn,
     epochs: int,
@@ -317,7 +327,8 @@ def refit_network(
     generator = torch.Generator().manual_seed(seed)
     if ctx is None:
         torch.manual_seed(seed)
-    task = _RefitTask(model, train, train, loss_fn, loss_fn, loss_fn, device, ctx)
+    # step_rows lets a streamed source read its batches ahead; in memory it changes nothing.
+    task = _RefitTask(model, train, train, loss_fn, loss_fn, loss_fn, device, ctx, step_rows=engine.step_rows_of(batch_size, ctx))
     started = time.perf_counter()
     engine.fit(
         model,

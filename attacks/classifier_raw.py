@@ -20,10 +20,18 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from leakaudit.attacks._training import Progress
+from leakaudit.attacks.classifier_train import RAW_HEADS, HeadResult, build_raw, refit_head, train_head, val_accuracy
+from leakaudit.training.engine import seed_for
+
+if TYPE_CHECKING:
+    from leakaudit.attacks.classifier import ClassifierConfig
+    from leakaudit.attacks.classifier_data import ClassifierData
 
 #: References kept (each holds a few test-row arrays and head results).
 CACHE_SIZE = 8
@@ -53,6 +61,30 @@ def content_key(x: Any, labels: tuple[torch.Tensor, torch.Tensor, np.ndarray], c
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()
+
+
+def raw_reference(
+    source: ClassifierData, classes: int, config: ClassifierConfig, device: torch.device, progress: Progress | None,
+) -> RawReference:  # fmt: skip
+    """Train the raw-X heads on X, and refit the chosen one (or all) on attacker-train + attacker-validation."""
+    heads: list[HeadResult] = []
+    correct: dict[str, np.ndarray] = {}
+    for name in RAW_HEADS:
+        torch.manual_seed(seed_for(config.seed, name))
+        model, data = build_raw(name, classes, source.inputs(name, "inputs"))
+        head, correct[name] = train_head(name, "X", model, data, source.head_labels(name), classes, config, device, progress)
+        source.note_rows(head)
+        heads.append(head)
+        del model, data
+    refitted: dict[str, np.ndarray | None] = {}
+    if config.refit != "none":
+        chosen = max(heads, key=val_accuracy)
+        for head in heads if config.refit == "all" else [chosen]:
+            torch.manual_seed(seed_for(config.seed, head.name))
+            model, data = build_raw(head.name, classes, source.pooled_inputs(head.name, "inputs"))
+            refitted[head.name] = refit_head(head, model, data, source.pooled_labels(head.name), classes, config, device,
+                                             progress)  # fmt: skip
+    return RawReference(heads, correct, refitted)
 
 
 def shared_reference(key: str, compute: Callable[[], RawReference]) -> RawReference:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leakaudit.attacks._training import Progress, Standardizer, fit, parameter_count, predict
+from leakaudit.attacks._sources import Source
+from leakaudit.attacks._training import EVAL_BATCH, Progress, Standardizer, fit, parameter_count, predict
 from leakaudit.attacks.classifier_fit import SvmFit, linear_probe, logistic_regression, refit_network, svm_probe, svm_refit
 from leakaudit.attacks.classifier_heads import continuation_head, conv_head, mlp_head, raw_cnn
 from leakaudit.errors import UnknownNameError, UsageError
@@ -108,14 +110,49 @@ def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
 
 @dataclass
 class HeadData:
-    """One input (Z or X) of every role, as tensors."""
+    """One input (Z or X) of every role: tensors in memory, or sources (:mod:`leakaudit.attacks._sources`).
 
-    train: torch.Tensor
-    val: torch.Tensor
-    test: torch.Tensor
+    A network head takes sources for all three roles (streamed from the store, labels inside). The
+    heads that need all their rows at once (the linear probes, the SVM) take tensors for
+    ``train`` and ``val``; their ``test`` may be a source, predicted chunk by chunk, and where
+    ``val`` is a subsample, ``val_all`` holds every attacker-validation row, on which their
+    ``val_accuracy`` (what heads are compared by) is then measured.
+    """
+
+    train: torch.Tensor | Source
+    val: torch.Tensor | Source
+    test: torch.Tensor | Source
+    val_all: Source | None = None
 
     def transformed(self, standardizer: Standardizer) -> HeadData:
+        assert isinstance(self.train, torch.Tensor) and isinstance(self.val, torch.Tensor) and isinstance(self.test, torch.Tensor)
         return HeadData(standardizer(self.train), standardizer(self.val), standardizer(self.test))
+
+
+def _tensor(x: torch.Tensor | Source) -> torch.Tensor:
+    assert isinstance(x, torch.Tensor), "the linear probes and the SVM fit rows held in memory"
+    return x
+
+
+def _pairs(x: torch.Tensor | Source, y: torch.Tensor) -> Source | tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`fit` trains on: a source as it is (its labels inside), a tensor with its labels."""
+    return (x, y) if isinstance(x, torch.Tensor) else x
+
+
+def predictions(x: torch.Tensor | Source, predict_rows: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+    """``predict_rows`` of every row of ``x``: at once in memory, chunk by chunk from a source."""
+    if isinstance(x, torch.Tensor):
+        return predict_rows(x)
+    parts = [predict_rows(xb) for xb, _ in x.chunks(EVAL_BATCH, None)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def _source_accuracy(source: Source, predict_rows: Callable[[torch.Tensor], np.ndarray]) -> float:
+    right = total = 0
+    for xb, yb in source.chunks(EVAL_BATCH, None):
+        right += int(np.sum(predict_rows(xb) == yb.numpy()))
+        total += len(yb)
+    return right / max(total, 1)
 
 
 #: Labels of the three roles: attacker-train and attacker-validation as tensors, test as an array.
@@ -154,24 +191,28 @@ def train_head(
     on_progress = (lambda done, total: progress(description, done, total)) if progress else None
     started = time.perf_counter()
     if name in LINEAR_HEADS:
-        fitted = linear_probe((data.train, train_y), (data.val, val_y), classes, device=device, on_progress=on_progress)
+        fitted = linear_probe((_tensor(data.train), train_y), (_tensor(data.val), val_y), classes, device=device,
+                              on_progress=on_progress)  # fmt: skip
         seconds = time.perf_counter() - started
-        head = HeadResult(name=name, input=input_name, val_accuracy=fitted.val_accuracy, epochs=fitted.iterations,
+        val_score = fitted.val_accuracy if data.val_all is None else _source_accuracy(data.val_all, fitted.predict)
+        head = HeadResult(name=name, input=input_name, val_accuracy=val_score, epochs=fitted.iterations,
                           best_epoch=fitted.iterations, params=fitted.params, seconds=round(seconds, 3),
                           seconds_per_epoch=round(seconds / max(fitted.iterations, 1), 4), chosen={"c": fitted.c})  # fmt: skip
-        return head, _scored(head, fitted.predict(data.test), test_y)
+        return head, _scored(head, predictions(data.test, fitted.predict), test_y)
     if name == "svm":
-        svm = svm_probe((data.train, train_y), (data.val, val_y), data.test, max_rows=config.svm_rows,
-                        seed=seed_for(config.seed, name), device=device, on_progress=on_progress)  # fmt: skip
-        head = HeadResult(name=name, input=input_name, val_accuracy=svm.val_accuracy, params=svm.params,
+        in_memory = isinstance(data.test, torch.Tensor)
+        svm = svm_probe((_tensor(data.train), train_y), (_tensor(data.val), val_y), data.test if in_memory else None,  # type: ignore[arg-type]
+                        max_rows=config.svm_rows, seed=seed_for(config.seed, name), device=device, on_progress=on_progress)  # fmt: skip
+        val_score = svm.val_accuracy if data.val_all is None else _source_accuracy(data.val_all, _svm_rows(svm))
+        head = HeadResult(name=name, input=input_name, val_accuracy=val_score, params=svm.params,
                           seconds=round(time.perf_counter() - started, 3), chosen={"c": svm.c, "gamma": svm.gamma},
                           train_rows=svm.rows if svm.rows < len(train_y) else None)  # fmt: skip
-        return head, _scored(head, svm.test_pred, test_y)
+        return head, _scored(head, svm.test_pred if in_memory else predictions(data.test, _svm_rows(svm)), test_y)
     assert model is not None  # every other head is a network
     result = fit(
         model,
-        (data.train, train_y),
-        (data.val, val_y),
+        _pairs(data.train, train_y),
+        _pairs(data.val, val_y),
         loss_fn=_cross_entropy,
         score_fn=_correct,
         epochs=config.epochs,
@@ -219,26 +260,32 @@ def refit_head(
     on_progress = (lambda done, total: progress(description, done, total)) if progress else None
     if head.name in LINEAR_HEADS:
         assert head.chosen is not None  # set by _train_head
-        fitted = logistic_regression(data.train, train_y, classes, head.chosen["c"], device=device)
-        pred, head.refit_epochs, head.refit_rows = fitted.predict(data.test), fitted.iterations, len(train_y)
+        fitted = logistic_regression(_tensor(data.train), train_y, classes, head.chosen["c"], device=device)
+        pred, head.refit_epochs, head.refit_rows = predictions(data.test, fitted.predict), fitted.iterations, len(train_y)
     elif head.name == "svm":
         assert head.chosen is not None
         chosen = SvmFit(head.chosen["c"], head.chosen["gamma"], 0, 0, np.empty(0))
-        svm = svm_refit((data.train, train_y), data.test, chosen, max_rows=config.svm_rows,
-                        seed=seed_for(config.seed, head.name), device=device)  # fmt: skip
-        pred, head.refit_rows = svm.test_pred, svm.rows
+        in_memory = isinstance(data.test, torch.Tensor)
+        svm = svm_refit((_tensor(data.train), train_y), data.test if in_memory else None, chosen,  # type: ignore[arg-type]
+                        max_rows=config.svm_rows, seed=seed_for(config.seed, head.name), device=device)  # fmt: skip
+        pred = svm.test_pred if in_memory else predictions(data.test, _svm_rows(svm))
+        head.refit_rows = svm.rows
     else:
         assert model is not None
         if not head.best_epoch:
             return None
         refit_network(
-            model, (data.train, train_y), loss_fn=_cross_entropy, epochs=head.best_epoch, batch_size=config.batch_size,
+            model, _pairs(data.train, train_y), loss_fn=_cross_entropy, epochs=head.best_epoch, batch_size=config.batch_size,
             lr=config.lr, patience=config.patience, seed=seed_for(config.seed, head.name), device=device,
             weight_decay=config.weight_decay, autocast=autocast_dtype(config.precision, device), on_progress=on_progress,
         )  # fmt: skip
         pred = predict(model, data.test, device).argmax(dim=1).numpy()
         head.refit_epochs, head.refit_rows = head.best_epoch, len(train_y)
     return _scored(head, pred, test_y, refit=True)
+
+
+def _svm_rows(svm: SvmFit) -> Callable[[torch.Tensor], np.ndarray]:
+    return lambda x: svm.model.predict(x.numpy().astype(np.float64))
 
 
 def stronger(head: HeadResult, selection: np.ndarray, refit: np.ndarray | None) -> tuple[str, np.ndarray]:
@@ -269,34 +316,64 @@ def build_head(
     features = math.prod(layer_shape)
     spatial = len(layer_shape) == 3
     if name in ("linear", "svm"):
-        return None, _flat(z)
+        return None, standardised(z, flat=True)
     if name == "mlp":
-        return mlp_head(features, classes), _flat(z)
-    per_channel = z.transformed(Standardizer.fit(z.train, per_channel=True))
+        return mlp_head(features, classes), standardised(z, flat=True)
     if name == "conv":
         if not spatial:
             shape = "×".join(map(str, layer_shape))
             raise UsageError(f"Z ({shape}) is not spatial [C, H, W]; the conv head needs a feature map")
         if layer_shape[1] * layer_shape[2] == 1:
             raise UsageError(f"Z is {layer_shape[0]}×1×1, with no spatial extent; the conv head would add nothing to mlp")
-        return conv_head(layer_shape, classes), per_channel
+        return conv_head(layer_shape, classes), standardised(z, flat=False)
     if name == "continuation":
-        return continuation_head(store, classes, per_channel.train[:2]), per_channel
+        per_channel = standardised(z, flat=False)
+        return continuation_head(store, classes, first_rows(per_channel.train, 2)), per_channel
     raise UnknownNameError("classifier head", name, HEADS)
 
 
 def build_raw(name: str, classes: int, x: HeadData) -> tuple[nn.Module | None, HeadData]:
     """The raw-X reference ``name`` and its input."""
     if name == "raw-linear":
-        return None, _flat(x)
-    return raw_cnn(tuple(int(s) for s in x.train.shape[1:]), classes), x.transformed(Standardizer.fit(x.train, per_channel=True))
+        return None, standardised(x, flat=True)
+    shape = tuple(int(s) for s in first_rows(x.train, 1).shape[1:])
+    return raw_cnn(shape, classes), standardised(x, flat=False)
 
 
-def _flat(data: HeadData) -> HeadData:
-    flat = HeadData(data.train.flatten(1), data.val.flatten(1), data.test.flatten(1))
-    return flat.transformed(Standardizer.fit(flat.train))
+def first_rows(x: torch.Tensor | Source, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``x`` (as the head will see them: a source's transform applied)."""
+    if isinstance(x, torch.Tensor):
+        return x[:n]
+    return next(iter(x.chunks(n, None)))[0]
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1)
+
+
+def standardised(data: HeadData, *, flat: bool) -> HeadData:
+    """``data`` standardised on its training rows: per feature of flattened rows (``flat``), else per channel.
+
+    Tensors are transformed at once; a source gets the standardizer as its transform, fitted on
+    a streamed training source by a pass over it (:meth:`Standardizer.fit_source`).
+    """
+    parts = [data.train, data.val, data.test, data.val_all]
+    if flat:
+        parts = [None if p is None else p.flatten(1) if isinstance(p, torch.Tensor) else p.mapped(_flatten) for p in parts]
+    train = parts[0]
+    assert train is not None
+    if isinstance(train, torch.Tensor):
+        standardizer = Standardizer.fit(train, per_channel=not flat)
+    else:
+        standardizer = Standardizer.fit_source(train, per_channel=not flat)
+    out = [None if p is None else standardizer(p) if isinstance(p, torch.Tensor) else p.mapped(standardizer) for p in parts]
+    assert out[0] is not None and out[1] is not None and out[2] is not None
+    val_all = out[3]
+    assert val_all is None or not isinstance(val_all, torch.Tensor)
+    return HeadData(out[0], out[1], out[2], val_all)
 
 
 def pooled(data: HeadData) -> HeadData:
     """Attacker-train and attacker-validation rows as the training rows of a refit (standardised on them both)."""
-    return HeadData(torch.cat([data.train, data.val]), data.val, data.test)
+    train, val = _tensor(data.train), _tensor(data.val)
+    return HeadData(torch.cat([train, val]), val, data.test)

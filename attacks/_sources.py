@@ -18,6 +18,7 @@ with its own first rows, so that each rank reads only its own rows.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -69,6 +70,10 @@ class TensorSource:
     def local_rows(self, ctx: Context) -> int:
         return len(range(ctx.rank, self.rows, ctx.world_size))
 
+    def row_elements(self) -> tuple[int, int]:
+        """Values in one row of ``x`` and of ``y``."""
+        return (self.x[0].numel() if self.rows else 1), (self.y[0].numel() if self.rows and self.y.dim() > 1 else 1)
+
 
 class StreamSource:
     """A role's rows streamed from a store: ``x`` from dataset ``x_name``, ``y`` from ``y_name`` or ``targets``.
@@ -116,6 +121,11 @@ class StreamSource:
     def local_rows(self, ctx: Context) -> int:
         lo, hi = self._range(ctx)
         return hi - lo
+
+    def row_elements(self) -> tuple[int, int]:
+        """Values in one row of ``x`` and of ``y`` (as stored: a transform that reshapes keeps the count)."""
+        x = math.prod(self.store.file[self.x_name].shape[1:])
+        return x, (math.prod(self.store.file[self.y_name].shape[1:]) if self.y_name is not None else 1)
 
     def _reader(self, lo: int, hi: int) -> StreamReader:
         names = [self.x_name] if self.y_name is None else [self.x_name, self.y_name]
@@ -173,12 +183,22 @@ def as_source(data: Source | tuple[torch.Tensor, torch.Tensor]) -> Source:
     return data if isinstance(data, (TensorSource, StreamSource)) else TensorSource(*data)
 
 
+#: Bytes of float64 values a streamed statistic converts at a time: with its few temporary copies,
+#: well within any useful budget whatever the width of a row.
+STATISTIC_CHUNK_BYTES = 64 << 20
+
+
+def statistic_chunk_rows(elements: int, most: int = 1024) -> int:
+    """Rows per chunk of a streamed float64 statistic over rows of ``elements`` values."""
+    return max(1, min(most, STATISTIC_CHUNK_BYTES // (8 * max(1, elements))))
+
+
 def mean_target(source: Source) -> torch.Tensor:
     """The mean of the targets ``y`` over the source's rows (float64 sums, returned as float32)."""
     if isinstance(source, TensorSource):
         return source.y.mean(dim=0)
     total, rows = None, 0
-    for _, yb in source.chunks(1024, None):
+    for _, yb in source.chunks(statistic_chunk_rows(source.row_elements()[1]), None):
         part = yb.double().sum(dim=0)
         total = part if total is None else total + part
         rows += len(yb)

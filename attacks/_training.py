@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from leakaudit import distributed
-from leakaudit.attacks._sources import Source, StreamSource, TensorSource, as_source
+from leakaudit.attacks._sources import Source, StreamSource, TensorSource, as_source, statistic_chunk_rows
 from leakaudit.distributed import Context
 from leakaudit.training import engine
 from leakaudit.training.engine import EpochTraining, Schedule, StepLoss
@@ -335,13 +335,17 @@ class Standardizer:
         Equal to :meth:`fit` on the same rows up to float64 rounding.
         """
         count, mean, m2 = 0, None, None
-        for xb, _ in source.chunks(EVAL_BATCH, None):
+        for xb, _ in source.chunks(statistic_chunk_rows(source.row_elements()[0]), None):
             data = xb.double()
             if per_channel and data.dim() >= 3:
-                data = data.transpose(0, 1).reshape(data.shape[1], -1).T.reshape(-1, data.shape[1], *([1] * (data.dim() - 2)))
-            n = len(data)
-            b_mean = data.mean(dim=0)
-            b_m2 = ((data - b_mean) ** 2).sum(dim=0)
+                dims = [0, *range(2, data.dim())]
+                n = data.numel() // data.shape[1]
+                b_mean = data.mean(dim=dims, keepdim=True)[0]
+                b_m2 = ((data - b_mean) ** 2).sum(dim=dims, keepdim=True)[0]
+            else:
+                n = len(data)
+                b_mean = data.mean(dim=0)
+                b_m2 = ((data - b_mean) ** 2).sum(dim=0)
             if mean is None or m2 is None:
                 count, mean, m2 = n, b_mean, b_m2
                 continue

@@ -79,3 +79,32 @@ def test_saving_all_reconstructions_of_a_streamed_test_role_is_refused(cli, smal
     assert result.exit_code != 0
     assert "only 8 of the" in error_line(result) and "--memory-budget" in error_line(result)
     assert not target.exists() and not list(tmp_path.glob(".recon.h5.*"))
+
+
+def test_streamed_statistics_convert_a_bounded_chunk_of_wide_rows(small_digits_store, monkeypatch):
+    """fit_source and mean_target take as many rows a chunk as 64 MiB of float64 holds, not a fixed 1,024."""
+    from leakaudit.attacks import _sources
+    from leakaudit.attacks._sources import STATISTIC_CHUNK_BYTES, mean_target, statistic_chunk_rows
+
+    assert statistic_chunk_rows(128 * 16 * 16) == STATISTIC_CHUNK_BYTES // (8 * 128 * 16 * 16) < 1024
+    assert statistic_chunk_rows(120) == 1024 and statistic_chunk_rows(10**9) == 1
+    asked: list[int] = []
+    real = StreamSource.chunks
+
+    def recording(self, rows, ctx):
+        asked.append(rows)
+        return real(self, rows, ctx)
+
+    monkeypatch.setattr(_sources.StreamSource, "chunks", recording)
+    monkeypatch.setattr(_sources, "STATISTIC_CHUNK_BYTES", 8 * 120 * 7)  # 7 rows of Z, 1 row of X a chunk
+    with open_store(small_digits_store) as store:
+        rows = attack_rows(store).train
+        source = StreamSource(store, rows, "attacker-train", Blocks(block_rows=9, window_blocks=2), y_name="inputs")
+        fitted = Standardizer.fit_source(source)
+        mean = mean_target(source)
+        z, x = as_tensor(read_activations(store, rows, "t")), as_tensor(read_inputs(store, rows, "t"))
+    assert asked == [7, 1]
+    expected = Standardizer.fit(z)
+    torch.testing.assert_close(fitted.mean, expected.mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fitted.std, expected.std, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mean, x.mean(dim=0), rtol=1e-5, atol=1e-6)

@@ -119,3 +119,63 @@ def test_the_default_budget_is_recorded_as_default_where_it_changed_nothing(tmp_
         assert stream.budget_record(1024, "memory") == (1024, "the memory budget of 1.0 KiB")
     assert given["data_path"] == "stream" and given["memory_budget"] == 1024
     assert stream.budget_record(10, "subsample")[0] == 10  # a default that chose a subsample is recorded
+
+
+def test_contiguous_datasets_read_only_the_roles_rows_and_chunked_ones_through_hdf5(tmp_path):
+    """A role's rows come straight from the file run by run (no other role's bytes); a chunked dataset reads as before."""
+    store, data = _store(tmp_path, n=300, shape=(5, 6))
+    rows = np.sort(np.random.default_rng(1).choice(300, 110, replace=False))  # gaps: other roles' rows between runs
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("activations", data=data.astype(np.float16), chunks=(16, 5, 6), compression="gzip")
+        f.create_dataset("inputs", data=(data / 1000).astype(np.float32), chunks=(16, 5, 6))
+    chunked = SimpleNamespace(file=h5py.File(tmp_path / "c.h5", "r"), path=tmp_path / "c.h5")
+    blocks = Blocks(block_rows=9, window_blocks=2)
+    got = {}
+    for name, source in (("contiguous", store), ("chunked", chunked)):
+        reader = StreamReader(source, ["activations", "inputs"], rows, "attacker-train", blocks)
+        order = epoch_order(len(rows), torch.Generator().manual_seed(0), blocks)
+        bounds = [(a, min(a + 16, len(order))) for a in range(0, len(order), 16)]
+        got[name] = [(p.copy(), z, x) for p, (z, x) in reader.batches(order, bounds)]
+        got[name + " bytes"] = reader.bytes_read
+    for (p1, z1, x1), (p2, z2, x2) in zip(got["contiguous"], got["chunked"], strict=True):
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_array_equal(z1, z2)
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(z1, data[rows[p1]].astype(np.float16).astype(np.float32))
+    assert got["contiguous bytes"] == len(rows) * 30 * (2 + 4)  # each row once, float16 Z and float32 X
+    assert got["chunked bytes"] == 0
+
+
+def test_a_sparse_selection_reads_its_rows_not_the_span_between_them(tmp_path):
+    """ActivationStore.read of a few rows spread over the store holds those rows, not every row between them."""
+    import tracemalloc
+
+    from leakaudit.store import open_store
+    from tests.attacks import synthetic_store
+
+    n = 2000
+    z = np.random.default_rng(0).standard_normal((n, 16, 16, 16)).astype(np.float32)  # 16 KiB a row, 32 MiB in all
+    labels = np.arange(n) % 2
+    path = synthetic_store(tmp_path / "wide.h5", z=z, labels={"t": labels}, split=(np.arange(n) % 3).astype(np.uint8))
+    rows = np.array([1999, 3, 1000, 3, 1500, 0])  # unsorted, repeated, spanning the store
+    with open_store(path) as store:
+        tracemalloc.start()
+        got = store.activations(rows)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        np.testing.assert_array_equal(got, z[rows])
+        np.testing.assert_array_equal(store.activations(np.arange(n)[::-7]), z[::-7])
+    assert peak < 2 << 20, peak  # a slice from row 0 to row 1999 would hold 32 MiB
+    # a chunked dataset is read through HDF5 in bounded slices, with the same values
+    with h5py.File(tmp_path / "wide.h5", "r") as f, h5py.File(tmp_path / "chunked.h5", "w") as g:
+        for key, value in f.attrs.items():
+            g.attrs[key] = value
+        for name in f:
+            f.copy(name, g)
+        del g["activations"]
+        g.create_dataset("activations", data=z, chunks=(8, 16, 16, 16), compression="gzip")
+    from leakaudit.store.integrity import record_checksums
+
+    record_checksums(tmp_path / "chunked.h5")
+    with open_store(tmp_path / "chunked.h5") as store:
+        np.testing.assert_array_equal(store.activations(rows), z[rows])

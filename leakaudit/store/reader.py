@@ -223,8 +223,12 @@ class ActivationStore:
     def read(self, name: str, rows: np.ndarray | None = None, *, dtype: Any = np.float32, block_rows: int | None = None) -> np.ndarray:
         """Read dataset ``name`` (all rows, or ``rows``) into memory as ``dtype``.
 
-        Whole contiguous slices are read and then indexed in memory: h5py's fancy indexing
-        reads row by row and is orders of magnitude slower.
+        h5py's fancy indexing reads row by row and is orders of magnitude slower, so rows are
+        read in runs: from a contiguous dataset, each run of consecutive rows straight from the
+        file (:class:`~leakaudit.store.stream.RawRows`); from a chunked or virtual one, slices of
+        at most 256 MiB, indexed in memory. Either way memory holds ``out`` and one block, however
+        sparse ``rows`` are (a slice from the first to the last of a sparse selection could span
+        the whole store).
         """
         if name not in self.file:
             raise StoreError(f"{str(self.path)!r} has no /{name} dataset.")
@@ -238,15 +242,26 @@ class ActivationStore:
                 stop = min(n, start + block_rows)
                 out[start:stop] = dataset[start:stop]
             return out
+        from leakaudit.store.stream import RawRows
+
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *dataset.shape[1:]), dtype=dtype)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        for first in range(0, len(sorted_rows), block_rows):
-            chunk = sorted_rows[first : first + block_rows]
-            lo, hi = int(chunk[0]), int(chunk[-1]) + 1
-            block = dataset[lo:hi]
-            out[order[first : first + len(chunk)]] = block[chunk - lo]
+        # A slice through HDF5 holds every row between its first and last: bound that span too.
+        span_rows = max(1, (256 << 20) // max(1, math.prod(dataset.shape[1:]) * dataset.dtype.itemsize))
+        with RawRows(self, [name]) as raw:
+            first = 0
+            while first < len(sorted_rows):
+                lo = int(sorted_rows[first])
+                stop = min(first + block_rows, int(np.searchsorted(sorted_rows, lo + span_rows, side="left")))
+                stop = max(stop, first + 1)
+                chunk = sorted_rows[first:stop]
+                block = raw.read(name, chunk)  # only these rows, from a contiguous dataset
+                if block is None:
+                    block = dataset[lo : int(chunk[-1]) + 1][chunk - lo]
+                out[order[first:stop]] = block
+                first = stop
         return out
 
     def activations(self, rows: np.ndarray | None = None, *, dtype: Any = np.float32) -> np.ndarray:

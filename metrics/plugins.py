@@ -10,6 +10,7 @@ declares ``comparable``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -105,6 +106,16 @@ class DcorConfig:
     device: str = "cpu"
 
 
+#: Bytes of float64 one row block of a dCor tile converts (two blocks of X and two of Z are held at once).
+TILE_BLOCK_BYTES = 64 << 20
+
+
+def _tile_rows(store: ActivationStore, block_size: int) -> int:
+    """``block_size``, fewer where rows are so wide that a block's float64 copy would exceed :data:`TILE_BLOCK_BYTES`."""
+    width = max(math.prod(store.input_shape or (1,)), math.prod(store.layer_shape))
+    return max(16, min(block_size, TILE_BLOCK_BYTES // (8 * width)))
+
+
 @METRICS.register(
     "dcor",
     config=DcorConfig,
@@ -132,6 +143,7 @@ def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress |
     else:
         rows, record = within_budget(store, rows, ("inputs", "activations"), config.seed, 1, "distance correlation")
     x, z = _xz(store, rows, "distance correlation")
+    tile_rows = _tile_rows(store, config.block_size)
     device = resolve_device(config.device)
     group = distributed.current(device)
     stats = distance_correlation_stats(
@@ -140,7 +152,7 @@ def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress |
         pvalue=config.pvalue,
         num_permutations=config.num_permutations,
         seed=config.seed,
-        block_size=config.block_size,
+        block_size=tile_rows,
         device=distributed.rank_device(device, group),
         precision=config.precision,
         progress=progress,
@@ -150,7 +162,7 @@ def dcor_metric(store: ActivationStore, config: DcorConfig, progress: Progress |
     return MetricResult(
         "dcor",
         {"dcor": stats.dcor, "dcor_u2": stats.dcor_u2, "dcor_pvalue": stats.pvalue},
-        {**asdict(stats), "world_size": 1 if group is None else group.world_size, "data_path": record},
+        {**asdict(stats), "world_size": 1 if group is None else group.world_size, "tile_rows": tile_rows, "data_path": record},
         asdict(config),
     )
 

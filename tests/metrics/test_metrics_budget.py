@@ -33,3 +33,26 @@ def test_exact_dcor_over_all_rows_streams(cli, small_digits_store, tmp_path):
     out = json.loads(cli("metrics", small_digits_store, "--only", "dcor", "--set", "dcor.pvalue=none", "--memory-budget", "1K",
                          "--json", "-", "--report", tmp_path / "r.json").stdout)["results"]["dcor"]
     assert out["details"]["data_path"]["data_path"] == "stream" and out["details"]["n"] == 300
+
+
+def test_dcor_tiles_of_wide_rows_are_bounded(tmp_path, monkeypatch):
+    """A dCor tile's row blocks hold at most TILE_BLOCK_BYTES of float64 whatever the rows' width; the value is the same."""
+    import numpy as np
+
+    from leakaudit.metrics import plugins
+    from leakaudit.metrics.dcor import distance_correlation_stats
+    from leakaudit.store import open_store
+    from tests.attacks import synthetic_store
+
+    rng = np.random.default_rng(0)
+    n = 60
+    x = rng.random((n, 1, 64, 64), dtype=np.float32)  # 4,096 values a row
+    z = (x.reshape(n, -1)[:, :512] + 0.1 * rng.standard_normal((n, 512))).astype(np.float32)
+    path = synthetic_store(tmp_path / "w.h5", z=z, x=x, labels={"t": np.arange(n) % 2}, split=(np.arange(n) % 3).astype(np.uint8))
+    with open_store(path) as store:
+        assert plugins._tile_rows(store, 1024) == 1024  # 2,048 rows of 4,096 float64 fit 64 MiB
+        monkeypatch.setattr(plugins, "TILE_BLOCK_BYTES", 8 * 4096 * 20)
+        result = plugins.dcor_metric(store, plugins.DcorConfig(pvalue="none"))
+    assert result.details["tile_rows"] == 20  # blocks of 20 rows: three tiles a side over 60 rows
+    expected = distance_correlation_stats(x.reshape(n, -1), z, pvalue="none", block_size=1024)
+    assert result.values["dcor"] == pytest.approx(expected.dcor, rel=1e-10)

@@ -113,6 +113,11 @@ class StreamSource:
                             y_name=self.y_name, targets=None if self.targets is None else self.targets[positions],
                             transform=self.transform, data_path=self.data_path)
 
+    def dataset_only(self, name: str) -> StreamSource:
+        """The same rows reading dataset ``name`` alone, as ``x`` without transform (``y`` a placeholder)."""
+        return StreamSource(self.store, self.role_rows, self.role, self.blocks, x_name=name,
+                            targets=torch.zeros(self.rows, dtype=torch.uint8), data_path=self.data_path)
+
     def _range(self, ctx: Context | None) -> tuple[int, int]:
         if ctx is None:
             return 0, self.rows
@@ -197,8 +202,12 @@ def mean_target(source: Source) -> torch.Tensor:
     """The mean of the targets ``y`` over the source's rows (float64 sums, returned as float32)."""
     if isinstance(source, TensorSource):
         return source.y.mean(dim=0)
+    if source.y_name is None:
+        assert source.targets is not None  # a StreamSource has y_name or targets
+        return source.targets.double().mean(dim=0).float()
     total, rows = None, 0
-    for _, yb in source.chunks(statistic_chunk_rows(source.row_elements()[1]), None):
+    targets = source.dataset_only(source.y_name)  # the other dataset is not read
+    for yb, _ in targets.chunks(statistic_chunk_rows(source.row_elements()[1]), None):
         part = yb.double().sum(dim=0)
         total = part if total is None else total + part
         rows += len(yb)

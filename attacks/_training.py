@@ -335,6 +335,8 @@ class Standardizer:
         Equal to :meth:`fit` on the same rows up to float64 rounding.
         """
         count, mean, m2 = 0, None, None
+        if isinstance(source, StreamSource) and source.y_name is not None and source.transform is None:
+            source = source.dataset_only(source.x_name)  # the targets are not read
         for xb, _ in source.chunks(statistic_chunk_rows(source.row_elements()[0]), None):
             data = xb.double()
             if per_channel and data.dim() >= 3:

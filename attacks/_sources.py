@@ -171,6 +171,9 @@ class StreamSource:
             batches.close()  # stops the read-ahead thread when an epoch ends early
 
     def chunks(self, rows: int, ctx: Context | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A chunk, the read-ahead queue's chunks and the block being cut hold half a window each at
+        # most: an evaluation pass stays within the budget's share, as an epoch's windows do.
+        rows = max(1, min(rows, self.blocks.window_rows // 2))
         lo, hi = self._range(ctx)
         n = hi - lo
         bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]

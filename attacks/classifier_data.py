@@ -163,7 +163,7 @@ def classifier_data(store: ActivationStore, rows: AttackRows, labels: np.ndarray
     networks = [h for h in heads if h not in WHOLE_ROW_HEADS]
     needed = format_bytes(record["role_bytes"])
     records: dict[str, dict[str, Any]] = {}
-    sub = rows
+    sub = AttackRows(rows.train[:0], rows.val[:0], rows.test)  # nothing held in memory unless a whole-row head runs
     if whole:
         # Their test rows are read chunk by chunk, so only attacker-train and attacker-validation need the budget.
         fitted = AttackRows(rows.train, rows.val, rows.test[:0])

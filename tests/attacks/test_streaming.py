@@ -146,6 +146,26 @@ def test_classifier_streams_every_row_within_a_tiny_budget(cli, small_digits_sto
     assert whole["rows"] == data["rows"]
 
 
+def test_streamed_network_heads_read_no_role_into_memory(cli, small_digits_store, tmp_path, monkeypatch):
+    """Without a whole-row head nothing of attacker-train or attacker-validation is read into memory (it was all of it)."""
+    from leakaudit.attacks import classifier_data
+
+    read: list[int] = []
+    real = classifier_data.read_activations
+    monkeypatch.setattr(classifier_data, "read_activations", lambda store, rows, role: read.append(len(rows)) or real(store, rows, role))
+    result = cli("attack", small_digits_store, "--classifier", "--task", "private", "--head", "mlp", "--epochs", "1",
+                 "--set", "raw_reference=false", "--set", "refit=none", "--memory-budget", "1K", "--json", tmp_path / "c.json",
+                 "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    assert read and max(read) == 0, read
+    monkeypatch.setattr(classifier_data, "read_activations", lambda store, rows, role: read.append(len(rows)) or real(store, rows, role))
+    result = cli("attack", small_digits_store, "--classifier", "--task", "private", "--head", "linear", "--epochs", "1",
+                 "--set", "raw_reference=false", "--set", "refit=none", "--memory-budget", "1K", "--json", tmp_path / "l.json",
+                 "--report", tmp_path / "r2.json")
+    assert result.exit_code == 0, result.stderr
+    assert max(read) > 0  # a whole-row head does read its subsample: the count above can fail
+
+
 @pytest.fixture(scope="module")
 def small_spatial_store(tmp_path_factory):
     """300 digits rows through random-init LeNet-5 at ``pool2`` (16×5×5): every head applies."""

@@ -386,6 +386,8 @@ class RawRows:
             return None
         offset, row_bytes, dtype, shape = self.layout[name]
         out = np.empty((len(rows), *shape), dtype=dtype)
+        if not len(rows):
+            return out
         buffer = out.reshape(len(rows), -1).view(np.uint8)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for first, stop in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):

@@ -24,7 +24,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -445,12 +445,23 @@ def _truncate_checked(module: nn.Module, layer: str, example: torch.Tensor) -> t
             if not is_module:
                 return Truncation(extractor, "fx"), None
             with torch.inference_mode():
-                expected = capture(module, layer, example)
-                got = extractor(example)
+                expected = same_draws(lambda x: capture(module, layer, x), example)
+                got = same_draws(extractor, example)
             # Equal bits are the common case and cost one pass; allclose is the same decision.
             if got.shape == expected.shape and (torch.equal(got, expected) or torch.allclose(got, expected, rtol=1e-4, atol=1e-5)):
                 return Truncation(extractor, "fx"), got
     return Truncation(lambda x: capture(module, layer, x), "hook"), None
+
+
+def same_draws(encoder: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """``encoder(x)`` with torch's default generators seeded the same for every call, and restored after.
+
+    Two ways of computing a layer are compared on one batch; where the forward draws random
+    numbers (a noise layer) they must draw the same ones to be comparable.
+    """
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return encoder(x)
 
 
 def _in_eval(module: nn.Module, encoder: Encoder) -> Encoder:

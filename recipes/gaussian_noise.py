@@ -17,7 +17,7 @@ is the noise-to-signal ratio that stays true after training.
 
 The deployed encoder includes the sampling (as Shredder's does): ``encoder.pt2`` draws ε
 from torch's default generator, so ``torch.manual_seed(s)`` before running it fixes the
-noise (``leakaudit dump`` seeds it with ``--seed``); the noise stays on in eval mode,
+noise (``leakaudit dump`` seeds each batch from ``--seed`` and its first row); the noise stays on in eval mode,
 because an encoder whose noise switched off outside training would leak exactly what an
 unhardened one does. σ and C are buffers of the noise module (``noise_sigma``,
 ``noise_clip``; 0 = no clipping), so they survive ``torch.export`` and a metric finds them

@@ -13,7 +13,7 @@ within ``tolerance`` of the unhardened model's — the baseline of Scrunch's Tab
 
 The deployed encoder includes the sampling: ``encoder.pt2`` draws ε from torch's default
 generator, so ``torch.manual_seed(s)`` before running it fixes the noise (``leakaudit
-dump`` seeds it with ``--seed``); the learned μ and b are also saved in
+dump`` seeds each batch from ``--seed`` and its first row); the learned μ and b are also saved in
 ``noise.safetensors``.
 
 Under ``torchrun`` the frozen model is not wrapped in DistributedDataParallel (it has

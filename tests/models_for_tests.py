@@ -81,3 +81,43 @@ def exploding() -> Exploding:
     with torch.no_grad():
         model.features[0].weight.fill_(float("inf"))
     return model
+
+
+class NoisyNet(nn.Module):
+    """A split model whose client adds fresh Gaussian noise to every activation (Shredder's kind).
+
+    It has BatchNorm and Dropout (eval mode matters). With ``branch`` its forward branches on the
+    data, so FX cannot trace it and the dump cuts it with a hook.
+    """
+
+    def __init__(self, num_classes: int = 4, branch: bool = False) -> None:
+        super().__init__()
+        self.branch = branch
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.noise = GaussianNoise(0.5)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(96, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.features(x)
+        if not self.branch or z.sum() > -1e9:  # the sum depends on the data: not traceable
+            z = self.noise(z)
+        return self.head(z)
+
+
+class GaussianNoise(nn.Module):
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x)
+
+
+def noisy() -> NoisyNet:
+    torch.manual_seed(3)
+    return NoisyNet()
+
+
+def noisy_branchy() -> NoisyNet:
+    torch.manual_seed(3)
+    return NoisyNet(branch=True)

@@ -41,7 +41,7 @@ from leakaudit.dump.pipeline import _Pipeline
 from leakaudit.dump.plan import _apply_tuning, _check_paths, _open_writer, _plan
 from leakaudit.dump.settings import DumpReport, DumpSettings
 from leakaudit.errors import LeakAuditError, OutputExistsError, UsageError
-from leakaudit.layers import OUTPUT, LayerCapture, Truncation, _as_tensor, _truncate_checked, eval_mode, resolve_layer
+from leakaudit.layers import OUTPUT, LayerCapture, Truncation, _as_tensor, _truncate_checked, eval_mode, resolve_layer, same_draws
 from leakaudit.runtime import resolve_device
 from leakaudit.store import StoreWriter, check_no_dump_running, partial_path
 
@@ -151,8 +151,8 @@ def _fx_many(
         return [_as_tensor(out[f"z{i}"], name) for i, name in enumerate(layers)]
 
     with torch.inference_mode():
-        got = encoder(example)
-        expected = [z if z is not None else t.encoder(example) for t, z in checked]
+        got = same_draws(encoder, example)
+        expected = [z if z is not None else same_draws(t.encoder, example) for t, z in checked]
     if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, expected)):
         return None
     return MultiTruncation(encoder, "fx", layers, tuple("fx" for _ in layers), example_outputs=got)

@@ -29,7 +29,7 @@ import torch
 
 from leakaudit.dump.plan import _captures_outputs, _pad, _Plan, _preprocess_in_forward
 from leakaudit.dump.settings import DumpReport, DumpSettings
-from leakaudit.dump.tuning import Tuning, _format, _torch_threads
+from leakaudit.dump.tuning import Tuning, _format, _torch_threads, batch_seed
 from leakaudit.errors import NonFiniteError
 from leakaudit.layers import LayerCapture, capture
 from leakaudit.store import StoreWriter
@@ -269,7 +269,7 @@ class _Pipeline:
                 rows = x.shape[0]
                 model_x = prep.model_input(x.to(device, non_blocking=self.pin)).contiguous(memory_format=torch_format)
                 model_x = _pad(model_x, plan.loaded.fixed_batch)
-                z, y = self._forward(model_x)
+                z, y = self._forward(model_x, self.lo + begin)
                 z_np = [zi[:rows].float().cpu().numpy() for zi in z] if isinstance(z, list) else z[:rows].float().cpu().numpy()
                 y_np = y[:rows].float().cpu().numpy() if y is not None else None
                 t2 = time.perf_counter()
@@ -283,13 +283,23 @@ class _Pipeline:
                         continue
                 wait["wait_writer"] += time.perf_counter() - t2
 
-    def _forward(self, model_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The split layer's activations of one batch and, with ``--with-outputs``, the model's logits."""
+    def _forward(self, model_x: torch.Tensor, first_row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The split layer's activations of one batch and, with ``--with-outputs``, the model's logits.
+
+        A random forward is seeded for the batch, and seeded again before the whole model runs
+        apart from the encoder: the noise drawn up to the split is the same in both, so the
+        logits are those of the stored activations.
+        """
         module, layer, encoder = self.plan.loaded.module, self.plan.layer, self.plan.truncation.encoder
+        seed = batch_seed(self.settings.seed, first_row) if self.tuning.random_forward else None
+        _seed(seed)
         if self.capture_outputs:
-            return _forward_with_capture(module, layer, encoder, model_x)
+            return _forward_with_capture(module, layer, encoder, model_x, seed)
         z = encoder(model_x)
-        return z, (module(model_x) if self.settings.with_outputs else None)
+        if not self.settings.with_outputs:
+            return z, None
+        _seed(seed)
+        return z, module(model_x)
 
     def _report(self, path: Path, elapsed: float) -> DumpReport:
         plan, tuning, waits = self.plan, self.tuning, self.waits
@@ -331,20 +341,31 @@ def _put_final(results: queue.Queue, writer_thread: _Worker) -> None:
             continue
 
 
+def _seed(seed: int | None) -> None:
+    """Seed torch's default generators for a random forward's batch (nothing for ``None``)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
 def _forward_with_capture(
-    module: torch.nn.Module, layer: str, encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    module: torch.nn.Module, layer: str, encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One full forward pass that also records ``layer``'s first output (for ``--with-outputs``).
 
     Through the tool's one capture hook (:class:`leakaudit.layers.LayerCapture`); such passes
-    run one at a time (see ``_serial_reason``), so the hook sees only its own forward.
+    run one at a time (see ``_serial_reason``), so the hook sees only its own forward. Where a
+    second pass is needed, a random forward's generator is seeded again with ``seed`` before it.
     """
     if dict(module.named_modules()).get(layer) is None:  # a graph node, not a module: two passes
-        return encoder(x), module(x)
+        first = encoder(x)
+        _seed(seed)
+        return first, module(x)
     with LayerCapture(module, layer) as hook:
         y, z = hook.run(x)
     # The model's output is a tensor here as on the other paths (nothing checks it per batch);
     # the layer's was checked to be one when the plan truncated the model at it.
     if z is None:
+        _seed(seed)
         return capture(module, layer, x), cast(torch.Tensor, y)
     return cast(torch.Tensor, z), cast(torch.Tensor, y)

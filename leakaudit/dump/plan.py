@@ -6,6 +6,7 @@ model; a failure leaves a model passed in by the caller as it was.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from leakaudit.data import open_source, preprocess_for, resolve_task, split_roles
 from leakaudit.dump.settings import DumpSettings
-from leakaudit.dump.tuning import Tuning, _format, forward_shapes, tune_forward
+from leakaudit.dump.tuning import Tuning, _format, draws_random, forward_shapes, tune_forward
 from leakaudit.errors import ConfigError, LeakAuditError, OutputExistsError, UsageError
 from leakaudit.layers import OUTPUT, eval_mode, exported_split, forward_failure, resolve_layer, truncate
 from leakaudit.runtime import resolve_device
@@ -285,11 +286,14 @@ def _open_writer(
 def _apply_tuning(plan: _Plan, settings: DumpSettings, state: dict[str, Any]) -> Tuning:
     """The tuning of an interrupted dump (same kernels, same bits on resume), else a new trial."""
     if "memory_format" in state:
+        random = state.get("random_forward")
         tuning = Tuning(str(state["memory_format"]), int(state.get("threads") or torch.get_num_threads()),
-                        int(state.get("workers") or 1), str(state.get("tuning_chosen_by") or "resume"))  # fmt: skip
+                        int(state.get("workers") or 1), str(state.get("tuning_chosen_by") or "resume"),
+                        bool(random) if random is not None else draws_random(plan.truncation.encoder, plan.example))  # fmt: skip
         plan.loaded.module.to(memory_format=_format(tuning.memory_format))
         return tuning
-    serial = _serial_reason(plan, settings)
+    random = draws_random(plan.truncation.encoder, plan.example)
+    serial = _serial_reason(plan, settings, random)
     if settings.workers is not None and settings.workers > 1 and serial is not None:
         raise ConfigError(f"--workers {settings.workers}: this forward pass cannot run in several threads at once ({serial}).")
     if plan.n <= 4 * plan.batch_size and settings.memory_format == "auto":
@@ -298,7 +302,8 @@ def _apply_tuning(plan: _Plan, settings: DumpSettings, state: dict[str, Any]) ->
         fmt, shapes = forward_shapes(plan.loaded.module, plan.example, settings.memory_format, settings.threads,
                                      settings.workers, serial is None)  # fmt: skip
         plan.loaded.module.to(memory_format=_format(fmt))
-        return Tuning(fmt, *shapes[0], chosen_by="rule" if settings.threads is None and settings.workers is None else "options")
+        chosen_by = "rule" if settings.threads is None and settings.workers is None else "options"
+        return Tuning(fmt, *shapes[0], chosen_by=chosen_by, random_forward=random)
     prepare = None
     if _preprocess_in_forward(plan):  # each pass also makes its input, as in the dump
         prep, fixed_batch, block = plan.prep, plan.loaded.fixed_batch, plan.source.read(0, min(plan.n, plan.batch_size))
@@ -306,10 +311,11 @@ def _apply_tuning(plan: _Plan, settings: DumpSettings, state: dict[str, Any]) ->
         def prepare() -> torch.Tensor:
             return _pad(prep.model_input(prep.images(block)), fixed_batch)
 
-    return tune_forward(
+    tuning = tune_forward(
         plan.loaded.module, plan.truncation.encoder, plan.example, settings.memory_format, settings.threads,
         settings.workers, parallel=serial is None, prepare=prepare,
     )  # fmt: skip
+    return dataclasses.replace(tuning, random_forward=random)
 
 
 def _preprocess_in_forward(plan: _Plan) -> bool:
@@ -325,8 +331,12 @@ def _preprocess_in_forward(plan: _Plan) -> bool:
     return plan.device.type == "cpu"
 
 
-def _serial_reason(plan: _Plan, settings: DumpSettings) -> str | None:
+def _serial_reason(plan: _Plan, settings: DumpSettings, random: bool) -> str | None:
     """Why the forward passes must run one at a time, or None where they may overlap."""
+    if random:
+        # One default generator serves every thread: passes side by side would take each
+        # other's draws in the order the scheduler ran them.
+        return "it draws random numbers (a noise layer), and passes side by side would share one generator"
     if plan.device.type != "cpu":
         return f"on {plan.device.type} one pass fills the device"
     if plan.truncation.method == "hook":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,21 +40,59 @@ class Tuning:
     by a timing: the same settings on the same machine store the same bits. Only ``workers``,
     which runs the same passes in other threads, is left to the timing trial. ``chosen_by``
     records how the configuration was decided (``rule``, ``options``, ``trial``, ``resume``).
+
+    ``random_forward``: the forward pass draws from torch's default generator (a noise layer
+    such as Shredder's). Its passes then run one at a time, and each batch's draws are seeded
+    from the dump's seed and the batch's first row (:func:`batch_seed`), so that the noise a
+    row gets depends neither on how many draws came before (a timing trial's, an interrupted
+    run's) nor on which rank or thread ran its batch.
     """
 
     memory_format: str
     threads: int
     workers: int = 1
     chosen_by: str = field(default="rule", compare=False)  # how, not what: equal tunings compute the same
+    random_forward: bool = False
 
     def state(self) -> dict[str, Any]:
         """What the resume journal, the store's attributes and the other ranks are given."""
         return {"memory_format": self.memory_format, "threads": self.threads, "workers": self.workers,
-                "tuning_chosen_by": self.chosen_by}  # fmt: skip
+                "tuning_chosen_by": self.chosen_by, "random_forward": self.random_forward}  # fmt: skip
 
     def describe(self) -> str:
         threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}"
         return threads if self.workers == 1 else f"{self.workers} workers × {threads}"
+
+
+def draws_random(encoder: Callable[[torch.Tensor], Any], example: torch.Tensor) -> bool:
+    """Whether one forward pass of ``encoder`` on ``example`` draws from torch's default generators.
+
+    A pass that draws changes the generator's state (CPU, and the example's CUDA device); one
+    that does not leaves it as it was, whatever the draws' values. The state is restored after.
+    """
+    devices = [example.device] if example.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        before = _generator_states(example.device)
+        with torch.inference_mode():
+            encoder(example)
+        return any(not torch.equal(a, b) for a, b in zip(before, _generator_states(example.device)))
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def batch_seed(seed: int, first_row: int) -> int:
+    """The seed of a random forward's draws for the batch that starts at ``first_row``.
+
+    A function of the row, not of the batch's place in a run: a resumed dump, a shard under
+    ``torchrun`` (shards hold whole batches) and one process draw the same noise for a row.
+    """
+    digest = hashlib.blake2b(f"dump-rows:{seed}:{first_row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**63)
 
 
 def _format(name: str) -> torch.memory_format:

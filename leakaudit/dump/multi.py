@@ -11,7 +11,8 @@ How the pass is cut:
 
 * ``fx``: where every layer's single-layer dump would use FX truncation, one feature
   extractor returns all of them; it is checked on a real batch to give each layer's output
-  bit for bit as that layer's own extractor does (else the hook path below is used).
+  bit for bit as one hooked pass over all the layers does, else as each layer's own
+  extractor does (else the hook path below is used).
 * ``hook``: where the model does not trace (or a layer is ``output``), one
   :class:`~leakaudit.layers.LayerCapture` per layer records its first output, and the
   capture of the layer that finishes last stops the forward there (the whole model runs
@@ -31,7 +32,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -111,12 +112,22 @@ def truncate_many(module: nn.Module, layers: Sequence[str], example: torch.Tenso
     if len(set(resolved)) != len(resolved):
         repeated = sorted({n for n in resolved if resolved.count(n) > 1})
         raise UsageError(f"layer {repeated[0]!r} is given twice; name each layer once.")
+    modules = dict(module.named_modules())
+    hooked = None
+    if OUTPUT not in resolved and all(n in modules for n in resolved):
+        # One trace checked against one hooked pass, instead of a trace and two passes per
+        # layer; any difference falls back to checking each layer as its own dump would.
+        hooked = _hook_many(module, resolved, example)
+        with torch.inference_mode():
+            expected = same_draws(hooked, example)
+        multi = _fx_many(module, resolved, [(None, z) for z in expected], example)
+        if multi is not None:
+            return multi
     checked = [_truncate_checked(module, name, example) for name in resolved]
     if all(t.method == "fx" for t, _ in checked):
         multi = _fx_many(module, resolved, checked, example)
         if multi is not None:
             return multi
-    modules = dict(module.named_modules())
     unhookable = [n for n in resolved if n != OUTPUT and n not in modules]
     if unhookable:
         raise UsageError(
@@ -124,16 +135,17 @@ def truncate_many(module: nn.Module, layers: Sequence[str], example: torch.Tenso
             "cannot share one traced pass with it. Choose a module instead (see `leakaudit layers MODEL`)."
         )
     methods = tuple("full" if n == OUTPUT else "hook" for n in resolved)
-    return MultiTruncation(_hook_many(module, resolved, example), "hook", resolved, methods)
+    return MultiTruncation(hooked or _hook_many(module, resolved, example), "hook", resolved, methods)
 
 
 def _fx_many(
-    module: nn.Module, layers: tuple[str, ...], checked: Sequence[tuple[Truncation, torch.Tensor | None]], example: torch.Tensor
-) -> MultiTruncation | None:
+    module: nn.Module, layers: tuple[str, ...], checked: Sequence[tuple[Truncation | None, torch.Tensor | None]],
+    example: torch.Tensor,
+) -> MultiTruncation | None:  # fmt: skip
     """One feature extractor for every layer, or None where it does not give each layer's bits.
 
-    Each layer's own encoder output on ``example`` is the one its truncation check computed
-    (run here only for a graph node, which that check does not run).
+    Each layer's expected output on ``example`` is the one its truncation check computed, or
+    the one-pass hook capture's (run here only for a graph node, which neither computes).
     """
     from timm.models import create_feature_extractor
 
@@ -152,7 +164,7 @@ def _fx_many(
 
     with torch.inference_mode():
         got = same_draws(encoder, example)
-        expected = [z if z is not None else same_draws(t.encoder, example) for t, z in checked]
+        expected = [z if z is not None else same_draws(cast(Truncation, t).encoder, example) for t, z in checked]
     if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, expected)):
         return None
     return MultiTruncation(encoder, "fx", layers, tuple("fx" for _ in layers), example_outputs=got)

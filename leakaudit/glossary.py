@@ -85,8 +85,10 @@ def names() -> dict[str, str]:
     return table
 
 
-def with_intervals(metrics: Mapping[str, str], *measured: str) -> dict[str, str]:
+def with_intervals(metrics: Mapping[str, str], *measured: str, how: str = "bootstrap over test rows") -> dict[str, str]:
     """``metrics`` (a plugin's names and meanings) with ``<name>_ci95`` added for each of ``measured``.
+
+    ``how`` says where the interval comes from, in the meaning shown by ``leakaudit list``.
 
     Raises:
         KeyError: a name in ``measured`` is neither in ``metrics`` nor derived here.
@@ -98,7 +100,7 @@ def with_intervals(metrics: Mapping[str, str], *measured: str) -> dict[str, str]
     for name in measured:
         if name not in metrics and name not in derived:
             raise KeyError(f"{name!r} has an interval but is not among the plugin's metrics")
-        table[interval_name(name)] = f"95 % interval [lo, hi] of {name} (bootstrap over test rows)"
+        table[interval_name(name)] = f"95 % interval [lo, hi] of {name} ({how})"
     return table
 
 

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 from leakaudit.errors import DataError, LeakAuditError, StoreError
+from leakaudit.glossary import with_intervals
+from leakaudit.metrics.display import bayes_risk_html
 from leakaudit.metrics.plugins import MetricResult, Progress
 from leakaudit.registry import METRICS, Needs
 from leakaudit.roles import ROLES
@@ -250,12 +252,17 @@ def _features(store: ActivationStore, fit: np.ndarray, test: np.ndarray, config:
 @METRICS.register(
     "bayes-risk",
     config=BayesRiskConfig,
-    metrics={
-        "bayes_risk_knn": "k-NN estimate of the Bayes error of predicting the private task from Z (F-BLEAU)",
-        "bayes_risk_lower": "Cover–Hart lower bound on that Bayes error, from the 1-NN error (asymptotic)",
-        "private_accuracy_bound": "1 − bayes_risk_lower: the private-task accuracy no attacker can beat, by that bound",
-    },
+    metrics=with_intervals(
+        {
+            "bayes_risk_knn": "k-NN estimate of the Bayes error of predicting the private task from Z (F-BLEAU)",
+            "bayes_risk_lower": "Cover–Hart lower bound on that Bayes error, from the 1-NN error (asymptotic)",
+            "private_accuracy_bound": "1 − bayes_risk_lower: the private-task accuracy no attacker can beat, by that bound",
+        },
+        "bayes_risk_knn", "bayes_risk_lower", "private_accuracy_bound",
+        how="exact binomial interval of the test rows' k-NN and 1-NN errors",
+    ),
     comparable=("task", "rule", "k", "pca_above", "dims", "seed"),
+    html=lambda result: bayes_risk_html(result),
 )
 def bayes_risk_metric(store: ActivationStore, config: BayesRiskConfig, progress: Progress | None = None) -> MetricResult:
     """Attacker-independent private-task leakage: the k-NN Bayes-risk estimate and its Cover–Hart bound.

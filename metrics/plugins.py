@@ -37,8 +37,16 @@ class MetricResult:
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, **self.values, "details": self.details, "config": self.config}
 
-    def report_metrics(self) -> dict[str, float | None]:
-        return dict(self.values)
+    def report_metrics(self) -> dict[str, Any]:
+        """The values, each with the 95 % interval its details give it (``NAME_ci95``), so a gate can use it."""
+        from leakaudit.intervals import interval_name, interval_problem
+
+        out: dict[str, Any] = dict(self.values)
+        for name in self.values:
+            interval = self.details.get(interval_name(name))
+            if interval is not None and interval_problem(interval) is None:
+                out[interval_name(name)] = [float(v) for v in interval]
+        return out
 
 
 def _rows(store: ActivationStore, which: str) -> np.ndarray | None:

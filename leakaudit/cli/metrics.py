@@ -16,6 +16,7 @@ import typer
 from leakaudit.cli._common import ForceOpt, LazyProgress, MemoryBudgetOpt, check_output, console, info, warn, write_json
 from leakaudit.data_paths import summary_lines
 from leakaudit.errors import LeakAuditError
+from leakaudit.intervals import format_interval, interval_name, interval_problem, is_interval_name
 
 
 def metrics(
@@ -97,7 +98,12 @@ def metrics(
     base_numbers = base.metrics if base is not None else {}
     meanings = glossary.names()
     for name, value in shown.items():
+        if is_interval_name(name):
+            continue  # shown beside its number
         text = "—" if value is None else f"{value:.4g}"
+        interval = shown.get(interval_name(name))
+        if value is not None and interval_problem(interval) is None:
+            text += f" {format_interval(interval, '.4g')}"
         table.add_row(name, text, f"{base_numbers[name]:.4g}" if name in base_numbers else "", meanings.get(name, ""))
     console().print(table)
     for line in summary_lines({key: r.to_dict() for key, r in outcome.results.items()}):

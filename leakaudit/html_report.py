@@ -216,6 +216,33 @@ def _plugin_section(key: str, result: Any) -> str | None:
     return plugin.html(result) if plugin.html is not None else None
 
 
+def _seeds_section(key: str, result: Any) -> str | None:
+    """The numbers of a result retrained with ``--seeds N``: mean, interval and each seed's value."""
+    per_seed = result.get("per_seed") if isinstance(result, Mapping) else None
+    if not isinstance(per_seed, list) or len(per_seed) < 2:
+        return None
+    seeds = [row.get("seed") for row in per_seed]
+    values = [row.get("metrics") or {} for row in per_seed]
+    rows = []
+    for name, mean in result.items():
+        if is_interval_name(name) or not all(isinstance(v.get(name), (int, float)) for v in values):
+            continue
+        if not isinstance(mean, (int, float)) or isinstance(mean, bool):
+            continue
+        rows.append((f"<code>{html.escape(name)}</code>", with_interval(mean, result.get(interval_name(name))),
+                     *[v[name] for v in values]))
+    if not rows:
+        return None
+    choices = ["; ".join(f"{k} {v}" for k, v in (row.get("choices") or {}).items()) for row in per_seed]
+    note = ""
+    if any(choices):
+        note = "<p class='sub'>" + " · ".join(
+            f"seed {html.escape(str(s))}: {html.escape(c)}" for s, c in zip(seeds, choices) if c) + "</p>"
+    header = ["metric", "mean [95 % over seeds and test rows]", *(f"seed {s}" for s in seeds)]
+    return (f"<h2>Training seeds of <code>{html.escape(key)}</code></h2>"
+            + table(header, rows, numeric=range(1, len(seeds) + 2)) + note)
+
+
 def _attacker(pick: Mapping[str, Any] | None) -> str:
     """The attack a headline number came from, and its attacker, for the metrics table."""
     if not pick:
@@ -320,6 +347,10 @@ def render(
 
     for key, result in results.items():
         section = _plugin_section(key, result)
+        if section:
+            sections.append(section)
+    for key, result in results.items():
+        section = _seeds_section(key, result)
         if section:
             sections.append(section)
 

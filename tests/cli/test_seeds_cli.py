@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from leakaudit.attacks import classifier_raw
+from leakaudit.html_report import render
 from tests.cli.test_audit_cli import AUDIT, _weights
 from tests.conftest import error_line
 
@@ -62,6 +63,12 @@ def test_three_seeds_of_the_classifier(cli, tmp_path, store):
     drop_lo, drop_hi = metrics["private_accuracy_drop_ci95"]
     assert drop_lo <= metrics["private_accuracy_drop"] <= drop_hi
     assert "over 3 training seeds" in result.stdout
+    # The HTML report lists each seed's number beside the mean and its interval.
+    page = render(json.loads(report.read_text()))
+    section = page.split("Training seeds of <code>attack:classifier</code>", 1)[1].split("</section>", 1)[0]
+    assert all(f"seed {s}" in section for s in (7, 8, 9))
+    assert all(f">{v:.4g}<" in section for v in per_seed)
+    assert f"{data['private_accuracy']:.4g}" in section
 
 
 def test_three_seeds_of_a_decoder(cli, tmp_path, store):

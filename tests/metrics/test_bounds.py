@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from leakaudit.html_report import render
 from leakaudit.metrics.bounds import (
     BayesRiskConfig,
     FisherLeakageConfig,
@@ -21,6 +22,7 @@ from leakaudit.metrics.bounds import (
     jacobian_trace_hutchinson,
     neighbours_for,
 )
+from leakaudit.metrics.display import convergence_note
 from leakaudit.store import open_store
 from tests.attacks import balanced_split, synthetic_store
 from tests.conftest import error_line
@@ -259,3 +261,36 @@ def test_bad_sigma_is_a_one_line_error(cli, small_digits_store):
     result = cli("metrics", small_digits_store, "--only", "fisher-leakage", "--set", "fisher-leakage.sigma=0")
     assert result.exit_code == 2
     assert error_line(result) == "Error: fisher-leakage: sigma must be a positive number, got 0."
+
+
+def test_the_bound_reaches_the_report_with_its_interval_and_a_gate_can_use_it(cli, tmp_path):
+    # A gate on the accuracy no attacker can beat, taken at the interval's upper end: the
+    # interval must be in report.json's metrics, not only in the metric's details.
+    path = _gaussian_store(tmp_path / "gauss.h5", 1000, 2.0)
+    report, policy = tmp_path / "report.json", tmp_path / "policy.yaml"
+    assert cli("metrics", path, "--only", "bayes-risk", "--report", report).exit_code == 0
+    metrics = json.loads(report.read_text())["metrics"]
+    lo, hi = metrics["private_accuracy_bound_ci95"]
+    assert lo <= metrics["private_accuracy_bound"] <= hi and hi > lo
+    assert metrics["bayes_risk_knn_ci95"][0] <= metrics["bayes_risk_knn"] <= metrics["bayes_risk_knn_ci95"][1]
+    middle = (metrics["private_accuracy_bound"] + hi) / 2
+    policy.write_text(f"thresholds:\n  private_accuracy_bound: {{max: {middle}, use: upper95}}\n")
+    result = cli("gate", report, "--policy", policy)
+    assert result.exit_code == 1, result.output  # the point value passes, the upper end does not
+    policy.write_text(f"thresholds:\n  private_accuracy_bound: {{max: {middle}}}\n")
+    assert cli("gate", report, "--policy", policy).exit_code == 0
+    # The HTML report shows the estimate's convergence over n, one row per subsample.
+    page = render(json.loads(report.read_text()))
+    section = page.split("Bayes-risk estimate and its convergence over n", 1)[1].split("</section>", 1)[0]
+    curve = json.loads(report.read_text())["results"]["metric:bayes-risk"]["details"]["convergence"]
+    assert section.count("<tr>") == 1 + len(curve) and all(f">{p['n']}<" in section for p in curve)
+
+
+@pytest.mark.parametrize(
+    "errors, falling",
+    [([0.5, 0.3, 0.2, 0.15], True), ([0.5, 0.3, 0.2, 0.2], False), ([0.5, 0.3, 0.31, 0.2], False)],
+)
+def test_the_convergence_note_says_whether_the_estimate_still_falls(errors, falling):
+    note = convergence_note([{"n": 100 * 2**i, "knn_error": e} for i, e in enumerate(errors)])
+    assert ("probably not converged" in note) is falling
+    assert "Too few points" in convergence_note([{"n": 1, "knn_error": 0.5}])

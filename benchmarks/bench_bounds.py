@@ -123,22 +123,22 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _pct(value: Any, interval: Any = None) -> str:
+def _cell(value: Any, interval: Any = None, spec: str = ".4g", scale: float = 1.0) -> str:
+    """``value`` (times ``scale``) in ``spec``, with its interval ``[lo, hi]`` beside it when it has one."""
     if not isinstance(value, (int, float)):
         return "—"
-    text = f"{100 * value:.1f}"
+    text = f"{scale * value:{spec}}"
     if isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval):
-        text += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+        text += f" [{scale * interval[0]:{spec}}, {scale * interval[1]:{spec}}]"
     return text
+
+
+def _pct(value: Any, interval: Any = None) -> str:
+    return _cell(value, interval, ".1f", 100.0)
 
 
 def _num(value: Any, interval: Any = None, digits: int = 4) -> str:
-    if not isinstance(value, (int, float)):
-        return "—"
-    text = f"{value:.{digits}g}"
-    if isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval):
-        text += f" [{interval[0]:.{digits}g}, {interval[1]:.{digits}g}]"
-    return text
+    return _cell(value, interval, f".{digits}g")
 
 
 def row(out: Path, name: str) -> dict[str, Any]:

@@ -61,6 +61,10 @@ class ShredderConfig:
             raise ValueError(f"tolerance must lie in [0, 1), got {self.tolerance:g}.")
 
 
+#: The float32 next to −½ towards 0 (−½ + 2⁻²⁵), as a Python float so that exporters see a constant.
+_ABOVE_MINUS_HALF = -0.5 + 2.0**-25
+
+
 class LaplaceNoise(nn.Module):
     """Adds Laplace noise with learned per-element location and log-scale to its input."""
 
@@ -70,8 +74,10 @@ class LaplaceNoise(nn.Module):
         self.log_scale = nn.Parameter(torch.full(shape, math.log(scale)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        u = torch.rand_like(z) - 0.5
-        # 1 − 2|u| > 0 always: torch.rand draws from [0, 1), so |u| ≤ ½ with ½ excluded above.
+        # torch.rand draws from [0, 1): u = −½ happens (one float32 draw in 2²⁴, a few times in an
+        # epoch of 20,000 rows of 120 elements), and log1p(−2|u|) = log 0 is −∞, a NaN loss. The
+        # clamp moves only that draw, to the nearest float32 above −½; every other draw is unchanged.
+        u = (torch.rand_like(z) - 0.5).clamp(min=_ABOVE_MINUS_HALF)
         eps = -torch.sign(u) * torch.log1p(-2.0 * u.abs())
         return z + self.loc + self.log_scale.exp() * eps
 

@@ -119,6 +119,9 @@ class ClassifierConfig:
         refit: ``chosen`` (refit the chosen head on Z and the chosen raw-X reference on
             attacker-train + attacker-validation), ``all`` (every trained head) or ``none``.
         svm_rows: the most training rows the SVM is fitted on (a seeded subsample above it).
+        cache: keep the raw-X reference on disk beside the cached dumps and reuse one trained
+            earlier on the same content (:mod:`leakaudit.attacks.classifier_raw`); it never
+            changes a number, only whether the reference is trained again.
     """
 
     task: str = "private"
@@ -134,6 +137,7 @@ class ClassifierConfig:
     precision: str = "fp32"
     refit: str = "chosen"
     svm_rows: int = 10_000
+    cache: bool = True
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_CHOICES:
@@ -180,7 +184,9 @@ class ClassifierResult:
             ``refit`` (refitted on attacker-train + attacker-validation).
         raw_protocol: the same for ``private_accuracy_raw``.
         raw_reference_shared: the raw-X heads are those an earlier store of the same content
-            trained in this process (:mod:`leakaudit.attacks.classifier_raw`), not trained again.
+            trained in this process or recorded in the cache (:mod:`leakaudit.attacks.classifier_raw`),
+            not trained again.
+        raw_reference_entry: the cache entry the raw-X heads were read from or written to.
         data_path: ``{"attacker roles": ...}`` ``memory`` when every row fits in the memory budget;
             otherwise, per group of heads, ``stream`` (the network heads, every row) or ``subsample``
             (the heads that need all rows at once, with the rows kept and the seed), each with the
@@ -211,6 +217,7 @@ class ClassifierResult:
     protocol: str = "selection"
     raw_protocol: str | None = None
     raw_reference_shared: bool = False
+    raw_reference_entry: str | None = None
     data_path: dict[str, Any] = field(default_factory=dict)
     #: Per test row, behind the reported numbers: whether each scored attacker got it right, and its label.
     test_correct: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -391,7 +398,8 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
                 world_size = ctx.world_size if ctx is not None else 1
                 x = source.inputs("raw-linear", "inputs")
                 key = content_key(x, source.head_labels("raw-linear"), config, classes, device, world_size)
-                raw = shared_reference(key, lambda: raw_reference(source, classes, config, device, progress))
+                raw = shared_reference(key, lambda: raw_reference(source, classes, config, device, progress),
+                                       disk=config.cache and ctx is None, warn=warnings_.append)
                 del x
             else:
                 # Not shared: the key hashes X's rows, which the streamed path never holds, and a key from the
@@ -464,6 +472,7 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         protocol=protocol,
         raw_protocol=raw_protocol,
         raw_reference_shared=raw.cached,
+        raw_reference_entry=raw.entry,
         data_path=source.records,
         test_correct={"best": best_correct, "labels": test_y,
                       **({"raw": raw_correct} if raw_correct is not None else {}),

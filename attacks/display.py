@@ -98,6 +98,9 @@ def classifier_renderables(result: Any) -> list[Any]:
         f"private_accuracy_drop {_num(result.private_accuracy_drop)}{_ci(result.private_accuracy_drop_ci95)} · "
         f"private_chance {_num(result.chance)}"
         ),
+        *([Text(f"raw-X heads: not trained again; the reference trained earlier on the same rows, labels and settings"
+                f"{' (' + result.raw_reference_entry + ')' if result.raw_reference_entry else ' in this process'}")]
+          if result.raw_reference_shared else []),
     ]
 
 

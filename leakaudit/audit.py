@@ -364,6 +364,7 @@ def run_audit(
     ``on_warning`` hears of cached dumps that failed their checks and were dumped again, and
     of the attacks' warnings.
     """
+    from leakaudit.attacks import classifier_raw
     from leakaudit.errors import OutputExistsError
     from leakaudit.gate import evaluate, load_policy, parse_policy
     from leakaudit.html_report import render, tsne_embedding
@@ -378,7 +379,7 @@ def run_audit(
         thresholds = load_policy(config.policy) if isinstance(config.policy, str) else parse_policy(config.policy)
     cache = cache_dir(config.cache)
     reused: dict[str, bool] = {}
-    with staged(output) as stage:
+    with staged(output) as stage, classifier_raw.cache_folder(cache):
         staging = stage.path
         subject_model = config.model
         subject_layer = config.layer

@@ -134,11 +134,24 @@ def _torch_threads_restored():
         torch.set_num_threads(SESSION_THREADS)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_cache(tmp_path_factory):
+    """Nothing the suite runs reads or fills the user's cache, session fixtures included."""
+    before = os.environ.get("LEAKAUDIT_CACHE")
+    os.environ["LEAKAUDIT_CACHE"] = str(tmp_path_factory.mktemp("session-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LEAKAUDIT_CACHE", None)
+    else:
+        os.environ["LEAKAUDIT_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
-def _raw_references_forgotten():
-    """Each test trains its own raw-X references (the classifier shares them within a process)."""
+def _raw_references_forgotten(tmp_path_factory, monkeypatch):
+    """Each test trains its own raw-X references (the classifier shares them within a process and on disk)."""
     from leakaudit.attacks import classifier_raw
 
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
     classifier_raw.clear()
     yield
     classifier_raw.clear()

@@ -63,39 +63,51 @@ def dataset(args: argparse.Namespace) -> dict[str, Any]:
             "classes": "4", "batch": [], "train": ["--epochs", "30"], "harden_epochs": "30"}
 
 
+RANDOMISED = ("shredder", "gaussian-noise σ 0.5, C 6", "gaussian-noise σ 2, C 6")
+
+
 def plan(args: argparse.Namespace, out: Path) -> list[tuple[Path, list[str]]]:
-    """(output that marks the step done, leakaudit arguments), in order."""
+    """(output that marks the step done, leakaudit arguments), in order: the cheap steps first.
+
+    Every model is trained or hardened, dumped and bounded before any attack runs, then the
+    classifier attacks, then the decoders, so that an interrupted run has the bound column of
+    every store.
+    """
     d = dataset(args)
     tasks = ["--task", d["public"], "--task", "private=label"]
     quick = ["--epochs", "2"] if args.quick else []
     weights = out / "lenet5.safetensors"
-    steps: list[tuple[Path, list[str]]] = [
+    prepare: list[tuple[Path, list[str]]] = [
         (weights, ["train", "lenet5", *d["data"], "--task", d["public"], *d["batch"], *d["train"], *quick,
                    "-o", str(weights)]),
     ]
+    classify: list[tuple[Path, list[str]]] = []
+    decode: list[tuple[Path, list[str]]] = []
     for name, harden in DEFENCES:
         store = out / f"{slug(name)}.h5"
         if harden is None:
-            steps.append((store, ["dump", "lenet5", "--weights", str(weights), "--num-classes", d["classes"],
-                                  "--layer", "conv3", *d["data"], *tasks, "--seed", "0", "-o", str(store)]))
+            prepare.append((store, ["dump", "lenet5", "--weights", str(weights), "--num-classes", d["classes"],
+                                    "--layer", "conv3", *d["data"], *tasks, "--seed", "0", "-o", str(store)]))
         else:
             folder = out / slug(name)
-            steps.append((folder / "harden.json", [
+            prepare.append((folder / "harden.json", [
                 "harden", "lenet5", "--weights", str(weights), "--num-classes", d["classes"], "--layer", "conv3",
                 *d["data"], *tasks, *d["batch"], *harden, "--epochs", d["harden_epochs"], *quick,
                 "--no-evaluate", "-o", str(folder)]))
-            steps.append((store, ["dump", str(folder / "encoder.pt2"), "--layer", "output", *d["data"], *tasks,
-                                  "--seed", "0", "-o", str(store)]))
+            prepare.append((store, ["dump", str(folder / "encoder.pt2"), "--layer", "output", *d["data"], *tasks,
+                                    "--seed", "0", "-o", str(store)]))
         stem = out / slug(name)
-        steps.append((stem.with_suffix(".bounds.json"), ["metrics", str(store), "--only", "bayes-risk,fisher-leakage",
-                                                         "--json", str(stem.with_suffix(".bounds.json"))]))
-        steps.append((stem.with_suffix(".classifier.json"), [
-            "attack", str(store), "--classifier", "--task", "private", "--seeds", str(args.seeds), *quick,
+        prepare.append((stem.with_suffix(".bounds.json"), ["metrics", str(store), "--only", "bayes-risk,fisher-leakage",
+                                                           "--json", str(stem.with_suffix(".bounds.json"))]))
+        raw = ["--set", "raw_reference=false"] if args.raw_reference == "first" and harden is not None else []
+        classify.append((stem.with_suffix(".classifier.json"), [
+            "attack", str(store), "--classifier", "--task", "private", "--seeds", str(args.seeds), *raw, *quick,
             "--json", str(stem.with_suffix(".classifier.json"))]))
-        steps.append((stem.with_suffix(".decoder.json"), [
-            "attack", str(store), "--decoder", "upsample", "--epochs", "2" if args.quick else str(args.decoder_epochs),
-            "--json", str(stem.with_suffix(".decoder.json"))]))
-    return steps
+        if args.decoders == "all" or name in RANDOMISED:
+            decode.append((stem.with_suffix(".decoder.json"), [
+                "attack", str(store), "--decoder", "upsample", "--epochs",
+                "2" if args.quick else str(args.decoder_epochs), "--json", str(stem.with_suffix(".decoder.json"))]))
+    return prepare + classify + decode
 
 
 def run(steps: list[tuple[Path, list[str]]], log: Path) -> None:
@@ -188,6 +200,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST: first N rows of the training file")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of the classifier attack")
     parser.add_argument("--decoder-epochs", type=int, default=40)
+    parser.add_argument("--raw-reference", choices=["all", "first"], default="all",
+                        help="first: only the undefended store's classifier trains the raw-X reference (it depends on "
+                             "the data alone; the others would read it from the cache, unless it was trained before "
+                             "the cache existed)")
+    parser.add_argument("--decoders", choices=["all", "randomised"], default="all",
+                        help="randomised: the decoder only where dFIL is defined (Shredder, gaussian-noise)")
     parser.add_argument("--out", type=Path, help="default .bench/bounds/DATA (.bench/quick/bounds-DATA with --quick)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--report-only", action="store_true")

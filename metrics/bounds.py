@@ -57,6 +57,9 @@ MIN_TEST_ROWS = 10
 #: The buffer name under which a noise module declares its scale σ (see the gaussian-noise recipe).
 SIGMA_BUFFER = "noise_sigma"
 CLIP_BUFFER = "noise_clip"
+#: The buffer under which a noise module declares per-element Laplace noise of scale exp(its
+#: ``log_scale``) (see the shredder recipe).
+LAPLACE_BUFFER = "noise_laplace"
 
 # --------------------------------------------------------------------------- Bayes risk: the maths
 
@@ -408,6 +411,22 @@ def declared_noise(module: torch.nn.Module) -> tuple[float | None, float | None,
     return next(iter(sigmas.values())), (clip or None), where
 
 
+def declared_laplace(module: torch.nn.Module) -> tuple[torch.Tensor | None, list[str]]:
+    """The per-element scale b of the Laplace noise a module declares (``None`` if none or several), and where.
+
+    Laplace noise of scale b has Fisher information 1/b² about its location, as Gaussian noise
+    of scale σ has 1/σ²: with b per element of Z, dFIL = tr(Jᵀ diag(1/b²) J)/d.
+    """
+    where = sorted(name.rpartition(".")[0] for name, _ in module.named_buffers() if name.rpartition(".")[2] == LAPLACE_BUFFER)
+    if len(where) != 1:
+        return None, where
+    params = dict(module.named_parameters()) | dict(module.named_buffers())
+    log_scale = params.get(f"{where[0]}.log_scale" if where[0] else "log_scale")
+    if log_scale is None:
+        return None, where
+    return log_scale.detach().double().exp(), where
+
+
 # --------------------------------------------------------------------------- dFIL: the plugin
 
 
@@ -449,11 +468,12 @@ def _undefined(config: FisherLeakageConfig, reason: str, **details: Any) -> Metr
 
 
 def _reproduces(encoder, model_input, store: ActivationStore, rows: np.ndarray, device: torch.device,
-                sigma: float | None) -> str | None:  # fmt: skip
+                sigma: float | None, laplace: torch.Tensor | None = None) -> str | None:  # fmt: skip
     """Why the rebuilt encoder is not the one that produced the stored Z (``None``: it is).
 
     A deterministic encoder must give the stored Z back; a noisy one must differ from it by
-    noise of its declared scale (two independent draws: σ·√2 per element).
+    noise of its declared scale (two independent draws: σ·√2 per element; for Laplace noise
+    of scale b, 2b, its variance being 2b²).
     """
     x = torch.from_numpy(store.inputs(rows)).to(device)
     stored = torch.from_numpy(store.activations(rows)).double()
@@ -462,6 +482,12 @@ def _reproduces(encoder, model_input, store: ActivationStore, rows: np.ndarray, 
     if z.shape != stored.shape:
         return f"the rebuilt encoder gives Z of shape {tuple(z.shape[1:])}, the store holds {tuple(stored.shape[1:])}"
     difference = (z - stored).abs()
+    if laplace is not None:
+        ratio = float(((z - stored) / laplace.cpu()).std()) / 2.0
+        if not 0.8 <= ratio <= 1.25:
+            return (f"the rebuilt encoder's Z differs from the stored Z by {ratio:.2f} times the noise its declared "
+                    "Laplace scales imply; it is not the encoder that produced the store")  # fmt: skip
+        return None
     if sigma is None:
         # float16 stores round Z to about 1e-3 relative.
         tolerance = 2e-3 * float(stored.abs().max()) + 1e-4
@@ -480,7 +506,8 @@ def _reproduces(encoder, model_input, store: ActivationStore, rows: np.ndarray, 
     config=FisherLeakageConfig,
     needs=Needs(inputs=True, task=None, model=True),
     metrics={
-        "dfil": "Fisher-information leakage tr(JᵀJ)/(d·σ²) of the encoder with Gaussian noise at the split (Maeng et al.)",
+        "dfil": "Fisher-information leakage tr(JᵀJ)/(d·σ²) of the encoder with Gaussian noise at the split "
+                "(Maeng et al.); tr(Jᵀ diag(1/b²) J)/d for Laplace noise of scales b (Shredder)",
         "mse_bound": "1 / dfil: the per-element MSE no unbiased reconstruction of X from Z can beat",
     },
     comparable=("probes", "seed"),
@@ -490,9 +517,11 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
 
     The encoder is rebuilt from the store's provenance and checked against the stored Z; the
     Jacobian is taken with respect to the stored inputs (in [0, 1]), through the dump's own
-    normalisation, so ``mse_bound`` is in the units a decoder's MSE is scored in. Where no
-    Gaussian noise scale is known (the encoder declares none and ``sigma`` is not given),
-    dFIL is undefined: the values are ``None`` and ``details.reason`` says why.
+    normalisation, so ``mse_bound`` is in the units a decoder's MSE is scored in. Gaussian
+    noise of scale σ (declared, or ``sigma``) and per-element Laplace noise of scales b
+    (declared with a ``noise_laplace`` buffer beside its ``log_scale``: Shredder's) both count:
+    each has Fisher information 1/scale² about its location. Where neither is known, dFIL is
+    undefined: the values are ``None`` and ``details.reason`` says why.
     """
     from leakaudit.provenance import rebuild_encoder
     from leakaudit.runtime import resolve_device
@@ -507,11 +536,16 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
     if declared is None and where:
         return _undefined(config, f"the encoder declares several noise scales ({', '.join(where)})", declared_at=where)
     sigma = config.sigma if config.sigma is not None else declared
-    if sigma is None:
+    own_laplace, laplace_at = declared_laplace(encoder.module)
+    laplace = own_laplace if sigma is None else None  # a given σ is what is measured
+    if sigma is None and laplace is None:
+        if laplace_at:
+            return _undefined(config, f"the encoder declares Laplace noise at {', '.join(laplace_at) or 'its top'} "
+                                      "but no single log_scale beside it", declared_at=laplace_at)  # fmt: skip
         return _undefined(
             config,
-            "dFIL is defined for an encoder followed by Gaussian noise; this encoder declares no noise scale "
-            "(no 'noise_sigma' buffer) and no sigma was given",
+            "dFIL is defined for an encoder followed by Gaussian or Laplace noise; this encoder declares no noise "
+            "scale (no 'noise_sigma' or 'noise_laplace' buffer) and no sigma was given",
         )
     device = resolve_device(config.device)
     encoder.module.to(device)
@@ -527,10 +561,15 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
     # neither depends on nor disturbs whatever ran before.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        mismatch = _reproduces(encoder, model_input, store, rows[:64], device, declared)
+        mismatch = _reproduces(encoder, model_input, store, rows[:64], device, declared, own_laplace)
         if mismatch is not None:
             return _undefined(config, mismatch, sigma=sigma)
-        function = lambda x: encoder(model_input(x))  # noqa: E731 - the map whose Jacobian is taken
+        if laplace is not None:
+            # Whitened by the per-element scale: tr(Jᵀ diag(1/b²) J) = E‖diag(1/b) J v‖², then "σ" = 1.
+            inverse = (1.0 / laplace).to(device=device, dtype=torch.float32)
+            function = lambda x: encoder(model_input(x)) * inverse  # noqa: E731
+        else:
+            function = lambda x: encoder(model_input(x))  # noqa: E731 - the map whose Jacobian is taken
         mode: Literal["jvp", "vjp"] = "jvp"
         for start in range(0, len(rows), config.batch_size):
             batch = torch.from_numpy(store.inputs(rows[start : start + config.batch_size])).to(device)
@@ -545,15 +584,23 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
             variances.append(trace.probe_variance)
             if progress is not None:
                 progress(min(start + config.batch_size, len(rows)), len(rows))
-    per_row = dfil_from_trace(np.concatenate(traces), d, sigma)
-    probe_var = np.concatenate(variances) / (d * sigma * sigma) ** 2
+    unit = sigma if sigma is not None else 1.0  # Laplace: the scales are inside ``function``
+    per_row = dfil_from_trace(np.concatenate(traces), d, unit)
+    probe_var = np.concatenate(variances) / (d * unit * unit) ** 2
     dfil = float(per_row.mean())
     n = len(per_row)
+    noise: dict[str, Any] = {"noise": "gaussian", "sigma": sigma}
+    if laplace is not None:
+        scales = laplace.flatten().cpu().numpy()
+        noise = {"noise": "laplace", "sigma": None, "laplace_scale": {
+            "mean": float(scales.mean()), "min": float(scales.min()), "max": float(scales.max()),
+            # the one scale that gives the same dFIL were it the same for every element
+            "harmonic_rms": float(1.0 / math.sqrt(float(np.mean(1.0 / scales**2))))}}  # fmt: skip
     details = {
-        "sigma": sigma,
+        **noise,
         "sigma_source": "config" if config.sigma is not None else "encoder",
         "declared_sigma": declared,
-        "declared_at": where,
+        "declared_at": where if laplace is None else laplace_at,
         "clip": clip,
         "input_elements": d,
         "rows": n,
@@ -569,6 +616,9 @@ def fisher_leakage_metric(store: ActivationStore, config: FisherLeakageConfig, p
     }
     if config.sigma is not None and declared is not None and not math.isclose(config.sigma, declared, rel_tol=1e-6):
         details["warning"] = f"sigma = {config.sigma:g} was given, but the encoder declares {declared:g}; the given one is used"
+    elif config.sigma is not None and own_laplace is not None:
+        details["warning"] = (f"sigma = {config.sigma:g} was given, and the encoder declares Laplace noise; dFIL is that "
+                              "of Gaussian noise of the given scale alone")  # fmt: skip
     values = {"dfil": dfil, "mse_bound": (1.0 / dfil) if dfil > 0 else None}
     return MetricResult("fisher-leakage", values, details, asdict(config))
 
@@ -578,6 +628,7 @@ __all__ = [
     "FisherTrace",
     "bayes_risk_knn",
     "cover_hart_lower_bound",
+    "declared_laplace",
     "declared_noise",
     "dfil_from_trace",
     "error_interval",

@@ -14,7 +14,9 @@ within ``tolerance`` of the unhardened model's — the baseline of Scrunch's Tab
 The deployed encoder includes the sampling: ``encoder.pt2`` draws ε from torch's default
 generator, so ``torch.manual_seed(s)`` before running it fixes the noise (``leakaudit
 dump`` seeds each batch from ``--seed`` and its first row); the learned μ and b are also saved in
-``noise.safetensors``.
+``noise.safetensors``. The noise module declares itself to the ``fisher-leakage`` metric with a
+non-persistent buffer ``noise_laplace`` (it survives ``torch.export``, and is not in the saved
+weights): its per-element scale b = exp(``log_scale``) defines the Fisher information of Z.
 
 Under ``torchrun`` the frozen model is not wrapped in DistributedDataParallel (it has
 nothing to train); the noise's μ and log b are broadcast from rank 0 before training and
@@ -61,6 +63,8 @@ class ShredderConfig:
             raise ValueError(f"tolerance must lie in [0, 1), got {self.tolerance:g}.")
 
 
+#: The buffer that declares a Laplace noise whose scale is exp(``log_scale``) of the same module.
+LAPLACE_BUFFER = "noise_laplace"
 #: The float32 next to −½ towards 0 (−½ + 2⁻²⁵), as a Python float so that exporters see a constant.
 _ABOVE_MINUS_HALF = -0.5 + 2.0**-25
 
@@ -72,6 +76,7 @@ class LaplaceNoise(nn.Module):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(shape))
         self.log_scale = nn.Parameter(torch.full(shape, math.log(scale)))
+        self.register_buffer(LAPLACE_BUFFER, torch.tensor(1.0), persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # torch.rand draws from [0, 1): u = −½ happens (one float32 draw in 2²⁴, a few times in an

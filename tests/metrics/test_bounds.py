@@ -137,10 +137,11 @@ import torch
 from torch import nn
 
 from leakaudit.recipes.gaussian_noise import GaussianNoise
+from leakaudit.recipes.shredder import LaplaceNoise
 
 
 class Linear(nn.Module):
-    """Flatten → linear encoder → {noise: Gaussian noise | norm: BatchNorm then Dropout} → a head."""
+    """Flatten → linear encoder → {noise: Gaussian noise | laplace: Shredder's noise | norm: BatchNorm then Dropout} → a head."""
 
     input_size = (1, 8, 8)
 
@@ -150,6 +151,8 @@ class Linear(nn.Module):
         self.enc = nn.Linear(64, 12)
         if kind == "noise":
             self.noise = GaussianNoise(0.25)
+        elif kind == "laplace":
+            self.noise = LaplaceNoise((12,), 0.25)
         else:
             self.norm = nn.BatchNorm1d(12)
             self.drop = nn.Dropout(0.5)
@@ -158,7 +161,7 @@ class Linear(nn.Module):
 
     def forward(self, x):
         z = self.enc(self.flat(x))
-        z = self.noise(z) if self.kind == "noise" else self.drop(self.norm(z))
+        z = self.noise(z) if self.kind in ("noise", "laplace") else self.drop(self.norm(z))
         return self.head(z)
 
 
@@ -183,6 +186,9 @@ def _linear_store(tmp_path: Path, kind: str, layer: str) -> tuple[Path, dict[str
         model.norm.running_var.uniform_(0.2, 4.0)
         model.norm.running_mean.uniform_(-1, 1)
         model.norm.weight.data.uniform_(0.5, 2.0)
+    if kind == "laplace":  # a learned scale per element, as Shredder leaves it
+        model.noise.log_scale.data.uniform_(-2.5, -0.5)
+        model.noise.loc.data.uniform_(-0.2, 0.2)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     weights = tmp_path / f"{kind}.safetensors"
     save_file(state, str(weights))
@@ -210,6 +216,40 @@ def test_dfil_of_a_linear_encoder_with_gaussian_noise_is_its_closed_form(tmp_pat
     json.dumps(result.to_dict())
 
 
+def test_dfil_of_a_linear_encoder_with_laplace_noise_is_its_closed_form(tmp_path):
+    path, state = _linear_store(tmp_path, "laplace", "noise")
+    w = state["enc.weight"].double()
+    b = state["noise.log_scale"].double().exp()
+    d = 64
+    expected = float((w * w / (b * b)[:, None]).sum()) / d  # tr(Wᵀ diag(1/b²) W) / d
+    with open_store(path) as store:
+        result = fisher_leakage_metric(store, FisherLeakageConfig(probes=64))
+    details = result.details
+    assert details["noise"] == "laplace" and details["sigma"] is None and details["declared_at"] == ["noise"]
+    assert details["laplace_scale"]["min"] == pytest.approx(float(b.min()))
+    assert result.values["dfil"] == pytest.approx(expected, rel=0.02)
+    assert abs(result.values["dfil"] - expected) <= 4 * details["probe_standard_error"]
+    # The same encoder read as Gaussian noise of one given σ is another, also closed-form, number.
+    with open_store(path) as store:
+        given = fisher_leakage_metric(store, FisherLeakageConfig(probes=64, sigma=0.3))
+    assert given.details["noise"] == "gaussian" and "Laplace" in given.details["warning"]
+    assert given.values["dfil"] == pytest.approx(float((w * w).sum()) / (d * 0.09), rel=0.02)
+
+
+def test_declared_laplace_scales_are_found_and_are_not_in_the_saved_weights():
+    from torch import nn
+
+    from leakaudit.metrics.bounds import declared_laplace
+    from leakaudit.recipes.shredder import LaplaceNoise
+
+    noise = LaplaceNoise((3,), 0.5)
+    scale, where = declared_laplace(nn.Sequential(nn.Linear(2, 3), noise))
+    assert where == ["1"] and torch.allclose(scale, torch.full((3,), 0.5, dtype=torch.float64))
+    assert set(noise.state_dict()) == {"loc", "log_scale"}  # old noise.safetensors still load
+    assert declared_laplace(nn.Sequential(LaplaceNoise((3,), 0.5), LaplaceNoise((3,), 0.5))) == (None, ["0", "1"])
+    assert declared_laplace(nn.Linear(2, 2)) == (None, [])
+
+
 def test_dfil_takes_the_eval_mode_jacobian_of_batchnorm_and_dropout(tmp_path):
     path, state = _linear_store(tmp_path, "norm", "drop")
     scale = state["norm.weight"].double() / torch.sqrt(state["norm.running_var"].double() + 1e-5)
@@ -221,7 +261,7 @@ def test_dfil_takes_the_eval_mode_jacobian_of_batchnorm_and_dropout(tmp_path):
         result = fisher_leakage_metric(store, FisherLeakageConfig(sigma=sigma))
         again = fisher_leakage_metric(store, FisherLeakageConfig(sigma=sigma))
     assert undefined.values == {"dfil": None, "mse_bound": None}
-    assert "declares no noise scale" in undefined.details["reason"]
+    assert "declares no noise scale" in undefined.details["reason"] and "Laplace" in undefined.details["reason"]
     assert result.details["sigma_source"] == "config"
     assert result.values["dfil"] == pytest.approx(expected, rel=0.02)
     assert result.to_dict() == again.to_dict()

@@ -48,6 +48,11 @@ def _time(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _no_reference(result: Any) -> str:
+    """Why a classifier result has no raw-X reference."""
+    return "not run: raw_reference=false" if not (result.config or {}).get("raw_reference", True) else "no /inputs"
+
+
 def classifier_renderables(result: Any) -> list[Any]:
     """The terminal view of a classifier result: its table, skipped heads, and the headline numbers."""
     from rich import box
@@ -93,7 +98,7 @@ def classifier_renderables(result: Any) -> list[Any]:
         *(Text(f"skipped {line}") for line in skipped),
         Text(
         f"private_accuracy {_num(result.accuracy)}{_ci(result.accuracy_ci95)} ({result.best_head}, {result.protocol}) · private_accuracy_raw "
-        f"{_num(result.private_accuracy_raw)}{_ci(result.private_accuracy_raw_ci95)} ({result.raw_best_head or 'no /inputs'}"
+        f"{_num(result.private_accuracy_raw)}{_ci(result.private_accuracy_raw_ci95)} ({result.raw_best_head or _no_reference(result)}"
         f"{', ' + result.raw_protocol if result.raw_protocol else ''}) · "
         f"private_accuracy_drop {_num(result.private_accuracy_drop)}{_ci(result.private_accuracy_drop_ci95)} · "
         f"private_chance {_num(result.chance)}"

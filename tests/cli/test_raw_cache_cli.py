@@ -51,3 +51,10 @@ def test_an_audit_keeps_the_reference_in_its_configured_cache(cli, tmp_path, mon
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "own-cache" / "raw-x").glob("*.json"))) == 1
     assert not (tmp_path / "env-cache" / "raw-x").exists()
+
+
+def test_a_reference_turned_off_is_not_called_missing_inputs(cli, small_digits_store):
+    result = cli("attack", small_digits_store, *FAST, "--set", "raw_reference=false")
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.stdout.split())
+    assert "private_accuracy_raw — (not run: raw_reference=false)" in shown and "no /inputs" not in shown

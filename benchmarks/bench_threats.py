@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--layers", default=",".join(LAYERS))
     parser.add_argument("--tiers", default=",".join(TIERS))
     parser.add_argument("--model", default=None, help="weights to attack (default: train LeNet-5 here)")
+    parser.add_argument("--num-classes", default=None, help="classes of --model's head (as dump's --num-classes)")
     parser.add_argument("--store-suffix", default="", help="name suffix of the stores (one folder, several models)")
     parser.add_argument("--out", type=Path, required=True)
     for tier in TIERS:
@@ -60,7 +61,9 @@ def main() -> None:
     for layer in args.layers.split(","):
         store = args.out / f"{layer}{args.store_suffix}.h5"
         if not store.exists():
-            leakaudit("dump", "lenet5", "--weights", weights, "--layer", layer, "--data", args.data, *tasks, *limit, "-o", str(store))
+            classes = ["--num-classes", args.num_classes] if args.num_classes else []
+            leakaudit("dump", "lenet5", "--weights", weights, *classes, "--layer", layer, "--data", args.data, *tasks, *limit,
+                      "-o", str(store))
         for tier in args.tiers.split(","):
             sets = [x for kv in getattr(args, f"set_{tier}") for x in ("--set", kv)]
             extra = ["--leaked", "0.01"] if tier == "decoder" else []

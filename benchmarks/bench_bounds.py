@@ -12,6 +12,8 @@ Usage::
 
     python benchmarks/bench_bounds.py --data digits                  # .bench/bounds/digits
     python benchmarks/bench_bounds.py --data fashion --limit 20000   # Debian's Fashion-MNIST
+    python benchmarks/bench_bounds.py --data fashion --limit 20000 --seeds 1 --decoders randomised \
+        --decoder-epochs 15 --raw-reference first                    # what RESULTS-bounds.md ran
     python benchmarks/bench_bounds.py --data digits --report-only    # re-read existing outputs
     python benchmarks/bench_bounds.py --data digits --quick          # 2 epochs everywhere: a check that it runs
 

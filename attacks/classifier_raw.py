@@ -28,6 +28,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 from collections import OrderedDict
@@ -143,8 +144,9 @@ def cache_folder(folder: str | Path | None) -> Iterator[None]:
         _FOLDER.reset(token)
 
 
+@functools.cache
 def _code_digest() -> str:
-    """SHA-256 of the attack package's source: the code that trains the heads and turns them into numbers."""
+    """SHA-256 of the attack package's source: the code that trains the heads and turns them into numbers (read once)."""
     digest = hashlib.sha256()
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.name.encode())

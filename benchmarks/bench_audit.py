@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> None:
     from leakaudit.train import TrainSettings, train
 
     quick = args.quick
-    fashion = Path(FASHION).is_dir() and not quick
-    data = f"idx:{FASHION}" if fashion else "digits"
+    fashion = Path(args.fashion_dir).is_dir() and not quick
+    data = f"idx:{args.fashion_dir}" if fashion else "digits"
     public = f"map:{GROUPS}" if fashion else "parity"
     rows = None if quick else args.rows
     classifier: dict[str, Any] = {"task": "private", "head": "best"}
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--decoder", default="best", help="decoder arch (default best: all three)")
     parser.add_argument("--harden-epochs", type=int, default=None, help="Scrunch fine-tuning epochs (default: harden's)")
     parser.add_argument("--train-epochs", type=int, default=10, help="epochs of the public-task model (default 10)")
+    parser.add_argument("--fashion-dir", default=FASHION, help=f"folder of the Fashion-MNIST idx files (default {FASHION})")
     parser.add_argument("--quick", action="store_true", help="digits and tiny budgets: a check that the script runs")
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
     run(parser.parse_args())

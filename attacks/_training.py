@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,26 +147,27 @@ def fit(
     model: nn.Module,
     train: Source | tuple[torch.Tensor, torch.Tensor],
     val: Source | tuple[torch.Tensor, torch.Tensor],
-    *,
-    loss_fn: TensorFn,
-    score_fn: TensorFn,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    patience: int,
-    seed: int,
-    device: torch.device,
-    weight_decay: float = 0.0,
-    val_loss_fn: TensorFn | None = None,
-    keep_initial: bool = False,
-    autocast: torch.dtype | None = None,
-    on_progress: OnProgress | None = None,
+    **options: Any,
 ) -> FitResult:
     """Train ``model`` with Adam, keep the weights of its best validation epoch.
 
+    A :class:`Fitting` (whose arguments these are) advanced to its last epoch and finished.
+    """
+    fitting = Fitting(model, train, val, **options)
+    fitting.advance(fitting.epochs)
+    return fitting.finish()
+
+
+class Fitting:
+    """:func:`fit` in steps: :meth:`advance` trains up to an epoch, :meth:`finish` keeps the best weights.
+
+    Candidates trained side by side (:func:`leakaudit.attacks.halving.successive_halving`) are
+    each a ``Fitting``; one advanced in pieces trains as :func:`fit` would (see
+    :class:`leakaudit.training.engine.Run`).
+
     The learning rate is halved when the validation score stalls for a third of
     ``patience`` epochs; training stops after ``patience`` epochs without improvement.
-    The model is left in eval mode holding the best weights.
+    :meth:`finish` leaves the model in eval mode holding the best weights.
 
     Under ``torchrun`` every rank calls this with the same arguments and trains its share of
     each batch with DistributedDataParallel (see the module docstring); ``batch_size`` is
@@ -192,46 +194,100 @@ def fit(
             (see :func:`leakaudit.training.engine.autocast_dtype`); validation, selection and predictions stay float32.
         on_progress: called with ``(epochs done, epochs)`` after each epoch.
     """
-    ctx = distributed.current(device)
-    device = distributed.rank_device(device, ctx)
-    model.to(device)
-    if as_source(train).rows == 0 or as_source(val).rows == 0:
-        raise ValueError("fit needs at least one training and one validation row")
-    generator = torch.Generator().manual_seed(seed)  # the same permutations on every rank
-    if ctx is None:
-        torch.manual_seed(seed)  # dropout masks (under torchrun the engine seeds each rank its own)
-    task = _TensorTask(model, train, val, loss_fn, score_fn, val_loss_fn or loss_fn, device, ctx,
-                       step_rows=engine.step_rows_of(batch_size, ctx))
-    started = time.perf_counter()
-    outcome = engine.fit(
-        model,
-        task,
-        Schedule(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weight_decay=weight_decay, plateau=True),
-        generator=generator,
-        device=device,
-        ctx=ctx,
-        params=list(model.parameters()),
-        initial_candidate=keep_initial,
-        autocast=autocast,
-        on_epoch=(lambda v: on_progress(v.epoch, epochs) if v.epoch else None) if on_progress is not None else None,
-    )
-    if on_progress is not None:
-        on_progress(epochs, epochs)  # complete the bar when early stopping ended the run
-    seconds = time.perf_counter() - started
-    best = outcome.best
-    return FitResult(
-        epochs=outcome.epochs,
-        best_epoch=outcome.best_epoch,
-        val_score=float(best.val_score) if best is not None else -math.inf,
-        val_loss=float(best.val_loss) if best is not None else math.inf,
-        seconds=seconds,
-        seconds_per_epoch=seconds / max(outcome.epochs, 1),
-        history=[
-            {"train_loss": v.train_loss, "val_loss": v.val_loss, "val_score": v.val_score}
-            for v in outcome.history
-            if v.epoch > 0
-        ],
-    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Source | tuple[torch.Tensor, torch.Tensor],
+        val: Source | tuple[torch.Tensor, torch.Tensor],
+        *,
+        loss_fn: TensorFn,
+        score_fn: TensorFn,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        patience: int,
+        seed: int,
+        device: torch.device,
+        weight_decay: float = 0.0,
+        val_loss_fn: TensorFn | None = None,
+        keep_initial: bool = False,
+        autocast: torch.dtype | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> None:
+        ctx = distributed.current(device)
+        device = distributed.rank_device(device, ctx)
+        model.to(device)
+        if as_source(train).rows == 0 or as_source(val).rows == 0:
+            raise ValueError("fit needs at least one training and one validation row")
+        generator = torch.Generator().manual_seed(seed)  # the same permutations on every rank
+        if ctx is None:
+            torch.manual_seed(seed)  # dropout masks (under torchrun the engine seeds each rank its own)
+        task = _TensorTask(model, train, val, loss_fn, score_fn, val_loss_fn or loss_fn, device, ctx,
+                           step_rows=engine.step_rows_of(batch_size, ctx))
+        self.epochs, self.on_progress = epochs, on_progress
+        started = time.perf_counter()
+        self.run = engine.Run(
+            model,
+            task,
+            Schedule(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weight_decay=weight_decay, plateau=True),
+            generator=generator,
+            device=device,
+            ctx=ctx,
+            params=list(model.parameters()),
+            initial_candidate=keep_initial,
+            autocast=autocast,
+            on_epoch=(lambda v: on_progress(v.epoch, epochs) if v.epoch else None) if on_progress is not None else None,
+        )
+        self.seconds = time.perf_counter() - started
+
+    @property
+    def epoch(self) -> int:
+        """Epochs trained so far."""
+        return self.run.epoch
+
+    @property
+    def done(self) -> bool:
+        """Early stopping, divergence or the last epoch ended the run."""
+        return self.run.done
+
+    @property
+    def val_score(self) -> float:
+        """The best validation score so far (−∞ before any)."""
+        best = self.run.best
+        return float(best.val_score) if best is not None else -math.inf
+
+    @property
+    def val_loss(self) -> float:
+        best = self.run.best
+        return float(best.val_loss) if best is not None else math.inf
+
+    def advance(self, until: int) -> bool:
+        """Train up to epoch ``until``; whether the run may go on."""
+        started = time.perf_counter()
+        try:
+            return self.run.advance(until)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def finish(self) -> FitResult:
+        """Restore the best weights (eval mode) and say what the run did."""
+        outcome = self.run.finish()
+        if self.on_progress is not None:
+            self.on_progress(self.epochs, self.epochs)  # complete the bar when early stopping ended the run
+        return FitResult(
+            epochs=outcome.epochs,
+            best_epoch=outcome.best_epoch,
+            val_score=self.val_score,
+            val_loss=self.val_loss,
+            seconds=self.seconds,
+            seconds_per_epoch=self.seconds / max(outcome.epochs, 1),
+            history=[
+                {"train_loss": v.train_loss, "val_loss": v.val_loss, "val_score": v.val_score}
+                for v in outcome.history
+                if v.epoch > 0
+            ],
+        )
 
 
 def evaluate(

@@ -41,14 +41,15 @@ from leakaudit import distributed
 from leakaudit.attacks._data import attack_rows, read_activations, read_inputs
 from leakaudit.attacks._sources import Source, StreamSource, TensorSource, mean_target
 from leakaudit.attacks._training import (
+    Fitting,
     Progress,
     Standardizer,
     as_tensor,
-    fit,
     parameter_count,
 )
 from leakaudit.attacks.decoder_nets import ARCHS, AlexNetDecoder, build_decoder, geometry
 from leakaudit.attacks.display import decoder_html
+from leakaudit.attacks.halving import BUDGETS, successive_halving
 from leakaudit.attacks.image_scores import HeldOutImages, ImageScores, Scored, _ssim_fn
 from leakaudit.attacks.reconstructions import save_grid, save_reconstructions
 from leakaudit.config import positive
@@ -91,6 +92,10 @@ class DecoderConfig:
             subset of samples"): the decoders are trained again on that share of attacker-train
             (and of attacker-validation, to select), nested subsets drawn with ``seed``; the
             headline is always the attacker holding them all (1, added when missing).
+        budget: with ``arch: best``, ``halving`` trains the three decoders ``first_rung``
+            epochs each, keeps the best on attacker-validation and continues it to ``epochs``
+            (:mod:`leakaudit.attacks.halving`); ``full`` trains each to its own early stop.
+        first_rung: epochs every decoder trains before successive halving chooses one.
     """
 
     arch: str = "best"
@@ -106,6 +111,8 @@ class DecoderConfig:
     device: str = "auto"
     precision: str = "fp32"
     leaked: tuple[float, ...] | str = (1.0,)
+    budget: str = "halving"
+    first_rung: int = 5
 
     @property
     def shares(self) -> tuple[float, ...]:
@@ -118,11 +125,13 @@ class DecoderConfig:
             raise UnknownNameError("decoder", self.arch, ARCH_CHOICES, hint=f"Decoders: {', '.join(ARCH_CHOICES)}.")
         if self.precision not in PRECISIONS:
             raise UnknownNameError("precision", self.precision, PRECISIONS)
+        if self.budget not in BUDGETS:
+            raise UnknownNameError("budget", self.budget, BUDGETS)
         if self.loss not in LOSSES:
             raise UnknownNameError("decoder loss", self.loss, LOSSES, hint=f"Losses: {', '.join(LOSSES)}.")
         if not 0.0 <= self.ssim_weight <= 1.0:
             raise ValueError(f"ssim_weight: expected a number in [0, 1], got {self.ssim_weight!r}.")
-        for name in ("width", "epochs", "batch_size", "patience"):
+        for name in ("width", "epochs", "batch_size", "patience", "first_rung"):
             positive(name, getattr(self, name))
         positive("lr", self.lr)
         positive("weight_decay", self.weight_decay, allow_zero=True)
@@ -159,6 +168,8 @@ class DecoderRun:
     params: int | None = None
     seconds: float | None = None
     seconds_per_epoch: float | None = None
+    #: With ``budget: halving``: the epochs after which successive halving stopped this decoder (``None``: it was kept).
+    halted_after: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -425,16 +436,17 @@ class _Trained:
 
 def _train_decoders(train: Source, val: Source, images: HeldOutImages, layer_shape, input_shape,
                     config: DecoderConfig, device, autocast, progress) -> _Trained:
-    """Train the configured decoders on ``train`` pairs, select on ``val`` SSIM, score on the test ``images``."""
+    """Train the configured decoders on ``train`` pairs, select on ``val`` SSIM, score on the test ``images``.
+
+    With ``arch: best`` and ``budget: halving`` the three decoders train side by side by
+    successive halving (:mod:`leakaudit.attacks.halving`); with ``budget: full`` each trains
+    to its own early stop, one after the other.
+    """
     mean_image = mean_target(train)
     loss_fn, val_loss_fn, score_fn = _losses(config)
     archs = ARCHS if config.arch == "best" else (config.arch,)
-    runs: list[DecoderRun] = []
-    per_image: dict[str, np.ndarray] = {}
-    best_run: DecoderRun | None = None
-    best_scored: Scored | None = None
-    best_val = -math.inf  # best_run's val_ssim, once there is one
-    for arch in archs:
+
+    def start(arch: str) -> tuple[torch.nn.Module, Standardizer, Fitting]:
         torch.manual_seed(seed_for(config.seed, arch))  # initialisation of this decoder
         model = build_decoder(arch, layer_shape, input_shape, config.width, mean_image)
         flat = isinstance(model, AlexNetDecoder) or not geometry(layer_shape, input_shape).spatial
@@ -443,7 +455,7 @@ def _train_decoders(train: Source, val: Source, images: HeldOutImages, layer_sha
         else:
             standardizer = Standardizer.fit_source(train, per_channel=not flat)
         description = f"decoder {arch}"
-        fitted = fit(
+        fitting = Fitting(
             model,
             train.mapped(standardizer),
             val.mapped(standardizer),
@@ -461,10 +473,22 @@ def _train_decoders(train: Source, val: Source, images: HeldOutImages, layer_sha
             autocast=autocast,
             on_progress=(lambda done, total, what=description: progress(what, done, total)) if progress else None,
         )
+        return model, standardizer, fitting
+
+    runs: list[DecoderRun] = []
+    per_image: dict[str, np.ndarray] = {}
+    best_run: DecoderRun | None = None
+    best_scored: Scored | None = None
+    best_val = -math.inf  # best_run's val_ssim, once there is one
+
+    def conclude(arch: str, model: torch.nn.Module, standardizer: Standardizer, fitting: Fitting, dropped: int | None) -> None:
+        nonlocal best_run, best_scored, best_val
+        fitted = fitting.finish()
         scored = images.score_model(model, standardizer, device)
         per_image[arch] = scored.ssim.astype(np.float32)
         run = DecoderRun(
             arch=arch,
+            reason="" if dropped is None else f"dropped by successive halving after {dropped} epochs",
             test=scored.scores,
             val_ssim=fitted.val_score,
             epochs=fitted.epochs,
@@ -472,11 +496,24 @@ def _train_decoders(train: Source, val: Source, images: HeldOutImages, layer_sha
             params=parameter_count(model),
             seconds=round(fitted.seconds, 3),
             seconds_per_epoch=round(fitted.seconds_per_epoch, 4),
+            halted_after=dropped,
         )
         runs.append(run)
         # Selection on attacker-validation only; keep just the leader's images in memory.
         if best_run is None or fitted.val_score > best_val:
             best_run, best_scored, best_val = run, scored, fitted.val_score
-        del model
+
+    if config.budget == "halving" and len(archs) > 1:
+        started = [start(arch) for arch in archs]
+        dropped = successive_halving([f for _, _, f in started], epochs=config.epochs, first_rung=config.first_rung)
+        for arch, (model, standardizer, fitting), out in zip(archs, started, dropped):
+            conclude(arch, model, standardizer, fitting, out)
+        del started
+    else:
+        for arch in archs:
+            model, standardizer, fitting = start(arch)
+            fitting.advance(config.epochs)
+            conclude(arch, model, standardizer, fitting, None)
+            del model, fitting
     assert best_run is not None and best_run.test is not None and best_scored is not None
     return _Trained(runs, best_run, best_scored, per_image)

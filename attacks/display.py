@@ -129,7 +129,7 @@ def decoder_renderables(result: Any) -> list[Any]:
         table.add_row(
             run.arch + (" *" if run.arch == result.best else ""),
             _num(s.ssim_mean), _num(s.ssim_p5), _num(s.ssim_p50), _num(s.ssim_p95), _num(s.psnr, 2), _num(s.mse, 4),
-            _num(run.val_ssim), f"{run.epochs} ({run.best_epoch})", _time(run.seconds_per_epoch),
+            _num(run.val_ssim), f"{run.epochs} ({run.best_epoch})" + (" †" if run.halted_after else ""), _time(run.seconds_per_epoch),
         )  # fmt: skip
     m = result.mean_image
     table.add_row(
@@ -137,6 +137,8 @@ def decoder_renderables(result: Any) -> list[Any]:
         _num(m.mse, 4), "", "", "",
     )  # fmt: skip
     table.caption = "* strongest on attacker-validation (val: mean SSIM there) · epochs: run (best) · PSNR in dB"
+    if any(run.halted_after for run in result.runs):
+        table.caption += " · † stopped by successive halving (budget: halving; budget: full trains every decoder to its own early stop)"
     s, m = result.scores, result.mean_image
     curve = [leaked_renderable(result.leaked)] if result.leaked else []
     return [

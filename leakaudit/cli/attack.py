@@ -70,6 +70,7 @@ def attack(
     head: Annotated[Optional[str], typer.Option("--head", help="Classifier head: linear, svm, mlp, conv, continuation, best (all) or fresh (all but continuation).  [default: best]", show_default=False)] = None,
     leaked: Annotated[Optional[str], typer.Option("--leaked", metavar="SHARES", help="Decoder: also train on these shares of the attacker's pairs, e.g. 0.01,0.1,1: SSIM/PSNR against the number of leaked pairs.", show_default=False)] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help="Decoder loss: mse or mse+ssim.  [default: mse]", show_default=False)] = None,
+    training_budget: Annotated[Optional[str], typer.Option("--budget", metavar="[halving|full]", help="Decoder: with all three decoders, halving trains each a few epochs and continues the best on attacker-validation; full trains each to its own early stop.  [default: halving]", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Most epochs per model; early stopping on attacker-validation usually ends sooner.  [default: 200 classifier, 100 decoder]", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Rows per training step.  [default: 128 classifier, 64 decoder]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate.  [default: 0.001]", show_default=False)] = None,
@@ -97,7 +98,7 @@ def attack(
         raise UsageError("give exactly one of --attack NAME, --classifier and --decoder [ARCH].")
     name = str(chosen[0])
     plugin = ATTACKS.get(name)
-    shorthands = {"--task": ("task", task), "--head": ("head", head), "--loss": ("loss", loss), "--leaked": ("leaked", leaked), "--epochs": ("epochs", epochs),
+    shorthands = {"--task": ("task", task), "--head": ("head", head), "--loss": ("loss", loss), "--leaked": ("leaked", leaked), "--budget": ("budget", training_budget), "--epochs": ("epochs", epochs),
                   "--batch-size": ("batch_size", batch_size), "--lr": ("lr", lr), "--patience": ("patience", patience),
                   "--device": ("device", device), "--seed": ("seed", seed), "--precision": ("precision", precision)}  # fmt: skip
     wanted: dict[str, Path] = {}

@@ -234,26 +234,26 @@ class Outcome(Generic[V]):
     total_steps: int
 
 
-def fit(
-    model: nn.Module,
-    task: Task[V],
-    schedule: Schedule,
-    *,
-    generator: torch.Generator,
-    device: torch.device,
-    ctx: Context | None,
-    params: Sequence[torch.Tensor],
-    own_params: Sequence[torch.Tensor] = (),
-    data_parallel: bool = True,
-    initial_candidate: bool = False,
-    autocast: torch.dtype | None = None,
-    on_epoch: Callable[[V], None] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> Outcome[V]:
+def fit(model: nn.Module, task: Task[V], schedule: Schedule, **options: Any) -> Outcome[V]:
     """Train ``model`` on ``task`` with Adam and keep the state of its best validation.
 
+    A :class:`Run` (whose arguments these are) advanced to ``schedule.epochs`` and finished.
     Under ``torchrun`` every rank calls this with the same arguments and the same
     ``generator`` seed (see the module docstring).
+    """
+    run: Run[V] = Run(model, task, schedule, **options)
+    run.advance(schedule.epochs)
+    return run.finish()
+
+
+class Run(Generic[V]):
+    """One training run that can be advanced a few epochs at a time (:func:`fit` runs it to the end).
+
+    Several runs may be advanced in turn (successive halving trains candidates side by side):
+    each keeps its own optimiser, schedule, order generator and selection, and its own state of
+    torch's generator (dropout masks), saved when :meth:`advance` returns and restored when it
+    is called again, so a run advanced in pieces, between other runs, takes the steps it would
+    take alone, bit for bit.
 
     Args:
         model: the network (already on ``device``).
@@ -273,101 +273,154 @@ def fit(
         on_epoch: called with each validation (epoch 0 included), before selection.
         on_step: called with ``(steps done, total steps)`` at the start and after each step.
     """
-    runner: nn.Module = model
-    if ctx is not None:
-        torch.manual_seed((generator.initial_seed() + ctx.rank) % 2**63)
-        if data_parallel:
-            runner = distributed.data_parallel(model, device)
-    forward = _autocast_forward(runner, device, autocast)
-    optimizer = torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    scheduler = None
-    if schedule.plateau:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=0.5, patience=max(1, schedule.patience // 3)
-        )
-    step_rows = step_rows_of(schedule.batch_size, ctx)
-    shard = task.rows if ctx is None else -(-task.rows // ctx.world_size)
-    total_steps = schedule.epochs * len(step_bounds(shard, step_rows, task.short_batches))
 
-    history: list[V] = []
-    best: V | None = None
-    best_epoch = 0
-    if initial_candidate:
-        best = task.validate(EpochTraining(0, None, {}, time.perf_counter()))
-        history.append(best)
-        if on_epoch is not None:
-            on_epoch(best)
-    best_state = task.snapshot()
-    step = 0
-    epoch = 0
-    stopped_early = False
-    diverged: Diverged | None = None
-    if on_step is not None:
-        on_step(0, total_steps)
-    for epoch in range(1, schedule.epochs + 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task[V],
+        schedule: Schedule,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        ctx: Context | None,
+        params: Sequence[torch.Tensor],
+        own_params: Sequence[torch.Tensor] = (),
+        data_parallel: bool = True,
+        initial_candidate: bool = False,
+        autocast: torch.dtype | None = None,
+        on_epoch: Callable[[V], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.model, self.task, self.schedule = model, task, schedule
+        self.generator, self.device, self.ctx = generator, device, ctx
+        self.params, self.own_params, self.data_parallel = list(params), list(own_params), data_parallel
+        self.on_epoch, self.on_step = on_epoch, on_step
+        runner: nn.Module = model
+        if ctx is not None:
+            torch.manual_seed((generator.initial_seed() + ctx.rank) % 2**63)
+            if data_parallel:
+                runner = distributed.data_parallel(model, device)
+        self.forward = _autocast_forward(runner, device, autocast)
+        self.optimizer = torch.optim.Adam(self.params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+        self.scheduler = None
+        if schedule.plateau:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="max", factor=0.5, patience=max(1, schedule.patience // 3)
+            )
+        self.step_rows = step_rows_of(schedule.batch_size, ctx)
+        shard = task.rows if ctx is None else -(-task.rows // ctx.world_size)
+        self.total_steps = schedule.epochs * len(step_bounds(shard, self.step_rows, task.short_batches))
+        self.history: list[V] = []
+        self.best: V | None = None
+        self.best_epoch = 0
+        if initial_candidate:
+            self.best = task.validate(EpochTraining(0, None, {}, time.perf_counter()))
+            self.history.append(self.best)
+            if on_epoch is not None:
+                on_epoch(self.best)
+        self.best_state = task.snapshot()
+        self.steps = 0
+        self.epoch = 0
+        self.stopped_early = False
+        self.diverged: Diverged | None = None
+        self.done = False
+        if on_step is not None:
+            on_step(0, self.total_steps)
+        self._rng = self._rng_state()  # what the first epoch starts from, whatever runs are set up after this one
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def advance(self, until: int) -> bool:
+        """Train up to epoch ``until`` (at most the schedule's epochs); whether the run may go on."""
+        until = min(until, self.schedule.epochs)
+        if self.done or self.epoch >= until:
+            return not self.done
+        torch.set_rng_state(self._rng[0])
+        if self._rng[1] is not None:
+            torch.cuda.set_rng_state(self._rng[1], self.device)
+        try:
+            while self.epoch < until and not self.done:
+                self._epoch()
+        finally:
+            self._rng = self._rng_state()
+        if self.epoch >= self.schedule.epochs:
+            self.done = True
+        return not self.done
+
+    def _epoch(self) -> None:
+        task, ctx, device = self.task, self.ctx, self.device
+        self.epoch += 1
+        epoch = self.epoch
         started = time.perf_counter()
-        order = task.epoch_order(generator, ctx)
+        order = task.epoch_order(self.generator, ctx)
         loss_sum, seen = 0.0, 0
         parts_sum: dict[str, float] = {}
-        with task.training(forward) as train_step:
-            for index, (first, stop) in enumerate(step_bounds(len(order), step_rows, task.short_batches)):
-                step += 1
+        with task.training(self.forward) as train_step:
+            for index, (first, stop) in enumerate(step_bounds(len(order), self.step_rows, task.short_batches)):
+                self.steps += 1
                 out = train_step(order[first:stop])
-                diverged = _check(out.loss, step, epoch, index, "loss", device, ctx)
-                if diverged is not None:
+                self.diverged = _check(out.loss, self.steps, epoch, index, "loss", device, ctx)
+                if self.diverged is not None:
                     break
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
-                if ctx is not None and own_params:
-                    distributed.average_gradients(own_params, ctx)
-                norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+                if ctx is not None and self.own_params:
+                    distributed.average_gradients(self.own_params, ctx)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
                 if not torch.isfinite(norm):
-                    diverged = Diverged(step, epoch, index, "gradient")
+                    self.diverged = Diverged(self.steps, epoch, index, "gradient")
                     break
-                optimizer.step()
+                self.optimizer.step()
                 if out.after_step is not None:
                     out.after_step()
                 seen += out.rows
                 loss_sum += float(out.loss.detach()) * out.rows
                 for name, value in out.parts.items():
                     parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach()) * out.rows
-                if on_step is not None:
-                    on_step(step, total_steps)
-        if diverged is not None:
-            break
+                if self.on_step is not None:
+                    self.on_step(self.steps, self.total_steps)
+        if self.diverged is not None:
+            self.done = True
+            return
         if ctx is not None:
             names = sorted(parts_sum)
             sums = distributed.all_reduce_sum([loss_sum, seen, *(parts_sum[k] for k in names)], device)
             loss_sum, seen, parts_sum = sums[0], int(sums[1]), dict(zip(names, sums[2:]))
-            if data_parallel:
-                distributed.average_floating_buffers(model, ctx)
+            if self.data_parallel:
+                distributed.average_floating_buffers(self.model, ctx)
         seen = max(seen, 1)
         stats = task.validate(EpochTraining(epoch, loss_sum / seen, {k: v / seen for k, v in parts_sum.items()}, started))
-        history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
+        self.history.append(stats)
+        if self.on_epoch is not None:
+            self.on_epoch(stats)
         if not math.isfinite(task.val_loss(stats)):
-            diverged = Diverged(step, epoch, -1, "validation loss")
-            break
-        if task.is_better(stats, best):
-            best, best_epoch, best_state = stats, epoch, task.snapshot()
-        if scheduler is not None:
-            scheduler.step(task.plateau_score(stats))
-        if epoch - best_epoch >= schedule.patience:
-            stopped_early = epoch < schedule.epochs
-            break
-    task.restore(best_state)
-    model.eval()
-    return Outcome(
-        history=history,
-        best=best,
-        best_epoch=best_epoch,
-        epochs=epoch,
-        stopped_early=stopped_early or diverged is not None,
-        diverged=diverged,
-        steps=step,
-        total_steps=total_steps,
-    )
+            self.diverged = Diverged(self.steps, epoch, -1, "validation loss")
+            self.done = True
+            return
+        if task.is_better(stats, self.best):
+            self.best, self.best_epoch, self.best_state = stats, epoch, task.snapshot()
+        if self.scheduler is not None:
+            self.scheduler.step(task.plateau_score(stats))
+        if epoch - self.best_epoch >= self.schedule.patience:
+            self.stopped_early = epoch < self.schedule.epochs
+            self.done = True
+
+    def finish(self) -> Outcome[V]:
+        """Restore the selected state (the model left in eval mode) and say what the run did."""
+        self.done = True
+        self.task.restore(self.best_state)
+        self.model.eval()
+        return Outcome(
+            history=self.history,
+            best=self.best,
+            best_epoch=self.best_epoch,
+            epochs=self.epoch,
+            stopped_early=self.stopped_early or self.diverged is not None,
+            diverged=self.diverged,
+            steps=self.steps,
+            total_steps=self.total_steps,
+        )
 
 
 def _check(loss: torch.Tensor, step: int, epoch: int, index: int, what: str, device, ctx) -> Diverged | None:

@@ -70,6 +70,24 @@ def test_bare_decoder_runs_all_three_and_writes_grid_and_reconstructions(cli, st
     assert set(metrics) == IMAGE_NUMBERS
 
 
+def test_budget_halving_stops_two_decoders_and_full_trains_all(cli, store, tmp_path):
+    halving = cli("attack", store, "--decoder", "--epochs", "3", "--patience", "3", "--set", "first_rung=1", "--json", tmp_path / "h.json")
+    assert halving.exit_code == 0, halving.stderr
+    runs = json.loads((tmp_path / "h.json").read_text())["runs"]
+    assert sorted(r["halted_after"] is None for r in runs) == [False, False, True]
+    assert "stopped by successive halving" in halving.stdout and "†" in halving.stdout
+    full = cli("attack", store, "--decoder", "--epochs", "3", "--patience", "3", "--set", "first_rung=1", "--budget", "full",
+               "--json", tmp_path / "f.json", "--force")  # fmt: skip
+    assert full.exit_code == 0, full.stderr
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert data["config"]["budget"] == "full" and [r["epochs"] for r in data["runs"]] == [3, 3, 3]
+    assert "†" not in full.stdout
+    bad = cli("attack", store, "--decoder", "--budget", "fast")
+    assert bad.exit_code == 2 and error_line(bad).startswith("Error: unknown budget 'fast'.")
+    classifier = cli("attack", store, "--classifier", "--budget", "full")
+    assert classifier.exit_code == 2 and "--budget" in error_line(classifier)
+
+
 @pytest.mark.parametrize("spelling", [["--decoder", "alexnet"], ["--decoder=alexnet"]])
 def test_decoder_with_a_value(cli, store, tmp_path, spelling):
     result = cli("attack", store, *spelling, "--epochs", "1", "--json", tmp_path / "d.json")

@@ -16,6 +16,11 @@ arch             what it is
 ``best``         all three; the one with the best attacker-validation SSIM is the headline
 ===============  ==============================================================================
 
+With ``best``, the default ``budget: halving`` trains each decoder ``first_rung`` (5) epochs,
+keeps the one with the best attacker-validation SSIM and continues it to its early stop
+(successive halving, :mod:`leakaudit.attacks.halving`); the other two are reported as they
+were when dropped. ``budget: full`` trains each of the three to its own early stop.
+
 Each decoder trains on attacker-train rows with an MSE loss (or MSE + SSIM), keeps the epoch
 with the best mean SSIM on attacker-validation rows, and is scored on test rows only: SSIM
 per image (mean, p5, p50, p95), PSNR and MSE, next to the "predict the mean image" baseline

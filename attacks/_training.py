@@ -143,6 +143,21 @@ class _TensorTask(engine.Task[_Validation]):
         self.model.load_state_dict(state)
 
 
+def seeded_start(model: nn.Module, seed: int, device: torch.device) -> tuple[Context | None, torch.device, torch.Generator]:
+    """Where a run of an attack trains (``model`` moved there) and the generator of its minibatch order.
+
+    The generator is seeded alike on every rank (the same permutations); alone, torch's own
+    generator is seeded too (dropout masks; under torchrun the engine seeds each rank its own).
+    """
+    ctx = distributed.current(device)
+    device = distributed.rank_device(device, ctx)
+    model.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    if ctx is None:
+        torch.manual_seed(seed)
+    return ctx, device, generator
+
+
 def fit(
     model: nn.Module,
     train: Source | tuple[torch.Tensor, torch.Tensor],
@@ -215,14 +230,9 @@ class Fitting:
         autocast: torch.dtype | None = None,
         on_progress: OnProgress | None = None,
     ) -> None:
-        ctx = distributed.current(device)
-        device = distributed.rank_device(device, ctx)
-        model.to(device)
         if as_source(train).rows == 0 or as_source(val).rows == 0:
             raise ValueError("fit needs at least one training and one validation row")
-        generator = torch.Generator().manual_seed(seed)  # the same permutations on every rank
-        if ctx is None:
-            torch.manual_seed(seed)  # dropout masks (under torchrun the engine seeds each rank its own)
+        ctx, device, generator = seeded_start(model, seed, device)
         task = _TensorTask(model, train, val, loss_fn, score_fn, val_loss_fn or loss_fn, device, ctx,
                            step_rows=engine.step_rows_of(batch_size, ctx))
         self.epochs, self.on_progress = epochs, on_progress
@@ -259,6 +269,7 @@ class Fitting:
 
     @property
     def val_loss(self) -> float:
+        """The validation loss of the best validation so far (+∞ before any)."""
         best = self.run.best
         return float(best.val_loss) if best is not None else math.inf
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from leakaudit import distributed
 from leakaudit.attacks._sources import Source
-from leakaudit.attacks._training import OnProgress, TensorFn, _TensorTask, _Validation
+from leakaudit.attacks._training import OnProgress, TensorFn, _TensorTask, _Validation, seeded_start
 from leakaudit.distributed import Context
 from leakaudit.training import engine
 from leakaudit.training.engine import EpochTraining, Schedule
@@ -321,12 +321,7 @@ def refit_network(
     The loop, seeding and ``torchrun`` behaviour are :func:`leakaudit.attacks._training.fit`'s;
     the learning rate halves when the training loss stalls for ``max(1, patience // 3)`` epochs.
     """
-    ctx = distributed.current(device)
-    device = distributed.rank_device(device, ctx)
-    model.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    if ctx is None:
-        torch.manual_seed(seed)
+    ctx, device, generator = seeded_start(model, seed, device)
     # step_rows lets a streamed source read its batches ahead; in memory it changes nothing.
     task = _RefitTask(model, train, train, loss_fn, loss_fn, loss_fn, device, ctx, step_rows=engine.step_rows_of(batch_size, ctx))
     started = time.perf_counter()

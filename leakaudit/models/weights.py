@@ -65,9 +65,19 @@ def _load_weights_only(source: Path | io.BytesIO, what: str) -> Any:
             raise _NeedsUnpickling(found.group(1) if found else None) from None
         raise CheckpointError(f"cannot read {what}: its pickle is corrupt or truncated.") from None
     except Exception as exc:  # torch raises many types for damaged files; none is a bug here
+        if _is_legacy_pickle(source):  # the unpickler fell over its own bytes: say so, as above
+            raise CheckpointError(f"cannot read {what}: its pickle is corrupt or truncated.") from None
         raise CheckpointError(
             f"cannot read {what} ({type(exc).__name__}): it is corrupt or truncated, or not a torch.save file."
         ) from None
+
+
+def _is_legacy_pickle(source: Path | io.BytesIO) -> bool:
+    """Whether ``source`` starts as torch.save's legacy format does (a pickle, not a zip)."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:1] == b"\x80"
+    with open(source, "rb") as handle:
+        return handle.read(1) == b"\x80"
 
 
 def _require_file(path: Path, what: str) -> None:

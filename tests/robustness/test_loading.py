@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
 
@@ -224,8 +224,9 @@ def _weights_file(tmp_path: Path, kind: str) -> Path:
         path.write_bytes(bytes(range(7, 256)) * 20)
     elif kind == "random-pickle-bytes":
         # Starts like a pickle, then garbage: torch's weights-only reader refuses it too,
-        # but it is broken, not something to trust.
-        path.write_bytes(b"\x80\x02" + os.urandom(4000))
+        # but it is broken, not something to trust. Seeded: the bytes decide which of the
+        # unpickler's errors comes out (tested one by one in test_random_pickle_bytes).
+        path.write_bytes(b"\x80\x02" + random.Random(0).randbytes(4000))
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated-zip":
@@ -282,6 +283,18 @@ def test_bad_weights_file(cli, tmp_path, kind, code, fragment):
         assert "--trust-checkpoint" not in line
     assert not (tmp_path / "MARKER").exists()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("seed", [0, 2, 20, 195], ids=["UnpicklingError", "IndexError", "KeyError", "UnicodeDecodeError"])
+def test_random_pickle_bytes(tmp_path, seed):
+    """Garbage after a pickle header reads as a broken pickle, whichever error the unpickler raises on it."""
+    from leakaudit.errors import CheckpointError
+    from leakaudit.models.weights import _torch_load
+
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"\x80\x02" + random.Random(seed).randbytes(4000))
+    with pytest.raises(CheckpointError, match="its pickle is corrupt or truncated"):
+        _torch_load(path, trust_checkpoint=False)
 
 
 def _model_file(tmp_path: Path, tiny_export: Path, kind: str) -> Path:

@@ -20,8 +20,9 @@ slows it about as much as it slows the audit.
 Per stage: the audit reports progress as ``(description, done, total)`` (one description per
 trained model: ``dump``, each classifier head, each decoder, ...); the time between two
 progress calls is charged to the later call's description, within the phase it belongs to
-(harden, the hardened model's store, the baseline's). What follows the last call (the report,
-the HTML page) is the ``report`` stage. The one-minute load average is printed beside it all.
+(harden, the hardened model's store, the baseline's), except that what runs after a pipeline
+step's last call (a refit, scoring, writing its files) is charged to that last description.
+What follows the audit's last call (the report, the HTML page) is the ``report`` stage. The one-minute load average is printed beside it all.
 
 Usage::
 
@@ -72,33 +73,76 @@ def reference_epoch(rows: int, width: int, channels: int, *, seed: int = 0) -> f
 class StageClock:
     """Charges the time between progress calls to the later call's (phase, description)."""
 
-    def __init__(self, phases: list[str]) -> None:
+    def __init__(self, phases: list[str], unit: float | None = None) -> None:
         self.phases = phases
+        self.unit = unit
+        self.began = time.perf_counter()
         self.phase = 0
         self.last = time.perf_counter()
         self.previous: str | None = None
-        self.seen: set[str] = set()
+        self.first: str | None = None
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
 
     def __call__(self, description: str, done: float, total: float | None) -> None:
         now = time.perf_counter()
-        # A phase ends where a description of it comes back after others: the next store's
-        # steps run in the same order (its dump may be a cache hit and report nothing).
-        again = description in self.seen and description != self.previous
+        # A phase ends where its first step (after the dump) comes back: the next store's steps
+        # run in the same order, and its dump may be a cache hit that reports nothing. Only the
+        # first step counts, since a later one may come back within the phase (successive
+        # halving returns to the decoder it kept).
+        moved = description != self.previous
+        if self.previous is not None and moved:
+            self.report(self.previous)
+        again = moved and description == self.first
         if (again or (description == "dump" and self.previous not in (None, "dump"))) and self.phase + 1 < len(self.phases):
             self.phase += 1
-            self.seen = set()
-        self.seen.add(description)
+            self.first = None
+        if self.first is None and description != "dump":
+            self.first = description
         self.seconds[(self.phases[self.phase], description)] += now - self.last
         self.last, self.previous = now, description
 
+    def boundary(self) -> None:
+        """Charge what ran since the last progress call to the previous description.
+
+        Called where a pipeline step starts or ends: that time was the step's tail (a refit,
+        scoring, writing), not the next step's.
+        """
+        if self.previous is not None:
+            now = time.perf_counter()
+            self.seconds[(self.phases[self.phase], self.previous)] += now - self.last
+            self.last = now
+
+    def timed(self, run_step: Any) -> Any:
+        """``pipeline.run_step`` wrapped so that each step's start and end are boundaries."""
+
+        def wrapped(step: Any, *args: Any, **kwargs: Any) -> Any:
+            self.boundary()
+            try:
+                return run_step(step, *args, **kwargs)
+            finally:
+                self.boundary()
+
+        return wrapped
+
+    def report(self, stage: str) -> None:
+        """Print a stage's running total as the audit moves on from it (a long run shows where it is)."""
+        if self.unit is None:
+            return
+        key = (self.phases[self.phase], stage)
+        seconds = self.seconds.get(key, 0.0)
+        print(f"[{time.perf_counter() - self.began:7.0f} s, load {os.getloadavg()[0]:.1f}] {key[0]} / {stage}: "
+              f"{seconds:.1f} s = {seconds / self.unit:.1f} reference epochs so far", flush=True)  # fmt: skip
+
     def finish(self) -> None:
+        if self.previous is not None:
+            self.report(self.previous)
         self.seconds[(self.phases[self.phase], "report")] += time.perf_counter() - self.last
 
 
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from leakaudit import pipeline
     from leakaudit.audit import AuditConfig, DumpSection, ModelSection, run_audit
     from leakaudit.models import ModelSpec
     from leakaudit.pipeline import step
@@ -127,6 +171,7 @@ def run(args: argparse.Namespace) -> None:
                                       task=("public", public), epochs=2 if quick else args.train_epochs, lr=3e-3,
                                       patience=8, limit=rows))  # fmt: skip
         train_s = time.perf_counter() - started
+        print(f"trained the public-task model in {train_s:.0f} s", flush=True)
         config = AuditConfig(
             model=ModelSection(spec="lenet5", weights=str(folder / "lenet5.safetensors"), num_classes=trained.num_classes),
             layer="conv3", data=data, tasks={"public": public, "private": "label"},
@@ -145,7 +190,10 @@ def run(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         load_before = os.getloadavg()[0]
         unit_before = reference_epoch(train_rows, width, channels)
-        clock = StageClock(["harden", "hardened store", "baseline store"])
+        print(f"reference epoch before the audit: {unit_before:.2f} s over {train_rows:,} rows of width {width} "
+              f"(load {load_before:.1f}); stages as they finish, in that unit:", flush=True)  # fmt: skip
+        clock = StageClock(["harden", "hardened store", "baseline store"], unit=unit_before)
+        pipeline.run_step = clock.timed(pipeline.run_step)
         started = time.perf_counter()
         result = run_audit(config, folder / "audit", force=True, progress=clock)
         clock.finish()

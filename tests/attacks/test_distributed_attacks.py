@@ -147,13 +147,17 @@ def without_timings(value):
         return [without_timings(v) for v in value]
     return value
 
+halving = len(sys.argv) > 3 and sys.argv[3] == "halving"
 with open_store(sys.argv[1]) as store:
-    decoder = run_decoder(store, DecoderConfig(arch="resnet", width=8, epochs=3, device="cpu"))
-    classifier = run_classifier(store, ClassifierConfig(head="mlp", raw_reference=False, epochs=4, device="cpu"))
+    if halving:  # the three decoders side by side; the survivor is chosen on all-reduced validation scores
+        decoder = run_decoder(store, DecoderConfig(arch="best", budget="halving", first_rung=1, width=8, epochs=4, device="cpu"))
+    else:
+        decoder = run_decoder(store, DecoderConfig(arch="resnet", width=8, epochs=3, device="cpu"))
+        classifier = run_classifier(store, ClassifierConfig(head="mlp", raw_reference=False, epochs=4, device="cpu"))
 result = {
     "decoder": without_timings(decoder.to_dict()),
     "reconstructions": hashlib.sha256(decoder.reconstructions.tobytes()).hexdigest(),
-    "classifier": without_timings(classifier.to_dict()),
+    **({} if halving else {"classifier": without_timings(classifier.to_dict())}),
 }
 with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
     json.dump(result, f, sort_keys=True)
@@ -173,6 +177,22 @@ def test_every_rank_returns_the_same_result(store, tmp_path):
     assert process.returncode == 0, err
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["decoder"]["runs"][0]["epochs"] == 3 and rank0["classifier"]["heads"][0]["name"] == "mlp"
+    assert rank0 == rank1
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_successive_halving_keeps_the_same_decoder_on_every_rank(store, tmp_path):
+    """Each rank ranks the candidates on the same all-reduced validation scores, so all drop the same ones."""
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_SCRIPT)
+    process = torchrun(script, store, tmp_path, "halving", module=False)
+    _, err = finish(process)
+    assert process.returncode == 0, err
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    runs = rank0["decoder"]["runs"]
+    assert sorted(r["arch"] for r in runs) == ["alexnet", "resnet", "upsample"]
+    assert sum(r["halted_after"] is None for r in runs) == 1  # one survivor, trained to the end of its budget
     assert rank0 == rank1
 
 

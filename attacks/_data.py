@@ -9,7 +9,7 @@ import numpy as np
 
 from leakaudit.errors import DataError
 from leakaudit.store import ROLES, ActivationStore
-from leakaudit.store.stream import budget_record, check_finite, float32_bytes, format_bytes, memory_budget
+from leakaudit.store.stream import budget_record, check_finite, float32_bytes, format_bytes, less_networks, memory_budget
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ WHOLE_ROW_COPIES = 3
 
 
 def rows_within_budget(store: ActivationStore, rows: AttackRows, labels: np.ndarray, names: tuple[str, ...], seed: int,
-                       budget_bytes: int | None = None) -> tuple[AttackRows, dict[str, Any]]:
+                       budget_bytes: int | None = None, networks: int = 0) -> tuple[AttackRows, dict[str, Any]]:
     """``rows`` if :data:`WHOLE_ROW_COPIES` copies of them fit in the memory budget; else a seeded subsample that does.
 
     The subsample keeps the same share of each class in each role (at least two attacker-train
@@ -93,13 +93,16 @@ def rows_within_budget(store: ActivationStore, rows: AttackRows, labels: np.ndar
     limit = memory_budget() if budget_bytes is None else budget_bytes
     total = len(rows.train) + len(rows.val) + len(rows.test)
     needed = WHOLE_ROW_COPIES * float32_bytes(store, names, total)
-    path = "memory" if needed <= limit else "subsample"
+    left = max(0, limit - networks)  # the networks trained beside the rows are counted first
+    path = "memory" if needed <= left else "subsample"
     recorded, named = budget_record(limit, path, default=None if budget_bytes is None else False)
-    record: dict[str, Any] = {"memory_budget": recorded, "role_bytes": needed, "role": "all attacker roles"}
+    named = less_networks(named, networks, limit)
+    record: dict[str, Any] = {"memory_budget": recorded, "role_bytes": needed, "networks_bytes": networks,
+                              "role": "all attacker roles"}  # fmt: skip
     if path == "memory":
         reason = f"{WHOLE_ROW_COPIES} float32 copies of every row take {format_bytes(needed)}, within {named}"
         return rows, {"data_path": "memory", **record, "reason": reason}
-    share = limit / needed
+    share = left / needed
     rng = np.random.default_rng(seed)
     minimum = {"attacker-train": 2, "attacker-validation": 1, "test": 1}
     kept = {}
@@ -111,8 +114,7 @@ def rows_within_budget(store: ActivationStore, rows: AttackRows, labels: np.ndar
             chosen.append(rng.choice(of_class, take, replace=False))
         kept[role] = np.sort(np.concatenate(chosen)) if chosen else role_rows[:0]
     sub = AttackRows(kept["attacker-train"], kept["attacker-validation"], kept["test"])
-    reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {format_bytes(needed)}, more than the memory budget "
-              f"of {format_bytes(limit)}; the heads need all their rows at once, so a seeded per-class subsample of "
+    reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {format_bytes(needed)}, more than {named}; the heads need all their rows at once, so a seeded per-class subsample of "
               f"{share:.1%} of each role ran (an attacker holding fewer pairs, scored on fewer test rows)")
     return sub, {"data_path": "subsample", **record, "seed": seed, "share": share, "rows_kept": sub.sizes(),
                  "rows_all": rows.sizes(), "reason": reason}

@@ -77,6 +77,7 @@ from leakaudit.attacks.classifier_train import (  # noqa: F401 - balanced_accura
     HeadResult,
     balanced_accuracy,
     build_head,
+    head_footprint,
     refit_head,
     stronger,
     train_head,
@@ -91,6 +92,7 @@ from leakaudit.intervals import drop_interval
 from leakaudit.registry import ATTACKS
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
+from leakaudit.store.stream import networks_over_budget
 from leakaudit.threat import Scope, Threat, leaked_pairs
 from leakaudit.training.engine import PRECISIONS, seed_for
 
@@ -359,7 +361,10 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         with_raw = config.raw_reference and store.has_inputs
         datasets = ("activations", "inputs") if with_raw else ("activations",)
         every_head = (*names, *(RAW_HEADS if with_raw else ()))
-        source = classifier_data(store, rows, labels_all, datasets, seed_for(config.seed, "subsample"), every_head)
+        input_shape = tuple(int(s) for s in store.input_shape or ()) if with_raw else None
+        networks = head_footprint(every_head, tuple(int(s) for s in store.layer_shape), input_shape, classes, config.batch_size)
+        source = classifier_data(store, rows, labels_all, datasets, seed_for(config.seed, "subsample"), every_head,
+                                 networks=networks.total)  # fmt: skip
         check_task_roles(config.task, {role: labels_all[r] for r, role in _roles(rows)})
         check_class_rows(labels_all, rows, class_names, config.task)
         train_y = torch.from_numpy(labels_all[rows.train]).long()
@@ -371,6 +376,9 @@ def run_classifier(store: ActivationStore, config: ClassifierConfig, progress: P
         f"classifier ran on a subsample for {group}: {record['reason']}."
         for group, record in source.records.items() if record["data_path"] == "subsample"
     ]  # fmt: skip
+    limit = next(iter(source.records.values()))["memory_budget"]
+    if isinstance(limit, int) and networks.total >= limit:
+        warnings_.append(networks_over_budget("classifier's network heads", networks.total, limit))
     heads: list[HeadResult] = []
     correct: dict[str, np.ndarray] = {}  # per trained head, whether it got each test row right
     for name in names:

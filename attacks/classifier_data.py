@@ -35,7 +35,7 @@ from leakaudit.attacks._sources import StreamSource
 from leakaudit.attacks._training import as_tensor
 from leakaudit.attacks.classifier_train import HeadData, HeadResult, Labels, pooled
 from leakaudit.store import ActivationStore
-from leakaudit.store.stream import Blocks, format_bytes
+from leakaudit.store.stream import Blocks, format_bytes, less_networks
 
 #: The heads fitted on all their rows at once: on the streamed path, a subsample within the budget.
 WHOLE_ROW_HEADS = ("linear", "svm", "raw-linear")
@@ -143,7 +143,7 @@ class ClassifierData:
 
 
 def classifier_data(store: ActivationStore, rows: AttackRows, labels: np.ndarray, names: tuple[str, ...], seed: int,
-                    heads: Sequence[str]) -> ClassifierData:  # fmt: skip
+                    heads: Sequence[str], networks: int = 0) -> ClassifierData:  # fmt: skip
     """How every head of ``heads`` reads datasets ``names`` of ``rows`` within the memory budget (the module docstring).
 
     Args:
@@ -153,43 +153,44 @@ def classifier_data(store: ActivationStore, rows: AttackRows, labels: np.ndarray
         names: the datasets the heads read (``activations``, and ``inputs`` for a raw-X reference).
         seed: the seed of the whole-row heads' subsample.
         heads: every head that will run (Z and raw-X), to name them in the records.
+        networks: bytes the largest network head takes while it trains
+            (:func:`~leakaudit.attacks.classifier_train.head_footprint`), counted before the rows.
     """
-    kept, record = rows_within_budget(store, rows, labels, names, seed)
+    kept, record = rows_within_budget(store, rows, labels, names, seed, networks=networks)
     if record["data_path"] == "memory":
         # One record for the three roles, keyed as the decoder's per role.
         return ClassifierData(store, rows, labels, "memory", rows, {"attacker roles": record})
     limit = int(record["memory_budget"])  # a budget that chose a path is recorded in bytes
     whole = [h for h in heads if h in WHOLE_ROW_HEADS]
-    networks = [h for h in heads if h not in WHOLE_ROW_HEADS]
+    streamed = [h for h in heads if h not in WHOLE_ROW_HEADS]
     needed = format_bytes(record["role_bytes"])
+    named = less_networks(f"the memory budget of {format_bytes(limit)}", networks, limit)
     records: dict[str, dict[str, Any]] = {}
     sub = AttackRows(rows.train[:0], rows.val[:0], rows.test)  # nothing held in memory unless a whole-row head runs
     if whole:
         # Their test rows are read chunk by chunk, so only attacker-train and attacker-validation need the budget.
         fitted = AttackRows(rows.train, rows.val, rows.test[:0])
-        sub, part = rows_within_budget(store, fitted, labels, names, seed, budget_bytes=limit)
+        sub, part = rows_within_budget(store, fitted, labels, names, seed, budget_bytes=limit, networks=networks)
         sub = AttackRows(sub.train, sub.val, rows.test)
         share = part.get("share", 1.0)
-        base = {"memory_budget": limit, "role_bytes": part["role_bytes"], "role": "attacker-train and attacker-validation",
-                "heads": whole}  # fmt: skip
+        base = {"memory_budget": limit, "role_bytes": part["role_bytes"], "networks_bytes": networks,
+                "role": "attacker-train and attacker-validation", "heads": whole}  # fmt: skip
         if part["data_path"] == "memory":
-            reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {needed}, more than the memory budget of "
-                      f"{format_bytes(limit)}; these heads need all their rows at once: their attacker-train and "
+            reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {needed}, more than {named}; these heads need all their rows at once: their attacker-train and "
                       f"attacker-validation rows ({format_bytes(part['role_bytes'])} as {WHOLE_ROW_COPIES} copies) are "
                       "held in memory, their test rows read chunk by chunk")  # fmt: skip
             records[", ".join(whole)] = {"data_path": "memory", **base, "reason": reason}
         else:
-            reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {needed}, more than the memory budget of "
-                      f"{format_bytes(limit)}; these heads need all their rows at once, so they were fitted on a seeded "
+            reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {needed}, more than {named}; these heads need all their rows at once, so they were fitted on a seeded "
                       f"per-class subsample ({len(sub.train):,} of {len(rows.train):,} attacker-train and {len(sub.val):,} "
                       f"of {len(rows.val):,} attacker-validation rows: an attacker holding fewer pairs), then compared and "
                       "scored on every attacker-validation and test row")  # fmt: skip
             kept_sizes = {"attacker-train": len(sub.train), "attacker-validation": len(sub.val), "test": len(rows.test)}
             records[", ".join(whole)] = {"data_path": "subsample", **base, "seed": seed, "share": share,
                                          "rows_kept": kept_sizes, "rows_all": rows.sizes(), "reason": reason}  # fmt: skip
-    if networks:
-        reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {needed}, more than the memory budget of "
-                  f"{format_bytes(limit)}; these heads read every row of each role from the store in contiguous slices")
-        records[", ".join(networks)] = {"data_path": "stream", "memory_budget": limit, "role_bytes": record["role_bytes"],
-                                        "role": "every role", "heads": networks, "rows": rows.sizes(), "reason": reason}  # fmt: skip
-    return ClassifierData(store, rows, labels, "stream", sub, records, budget=limit)
+    if streamed:
+        reason = (f"{WHOLE_ROW_COPIES} float32 copies of every row would take {needed}, more than {named}; these heads read every row of each role from the store in contiguous slices")
+        records[", ".join(streamed)] = {"data_path": "stream", "memory_budget": limit, "role_bytes": record["role_bytes"],
+                                        "networks_bytes": networks, "role": "every role", "heads": streamed, "rows": rows.sizes(),
+                                        "reason": reason}  # fmt: skip
+    return ClassifierData(store, rows, labels, "stream", sub, records, budget=max(1, limit - networks))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from leakaudit.errors import UnknownNameError, UsageError
 from leakaudit.intervals import accuracy_interval, balanced_accuracy_interval
 from leakaudit.store import ActivationStore
 from leakaudit.training.engine import autocast_dtype, seed_for
+from leakaudit.training.footprint import Footprint, network_footprint, one_at_a_time
 
 if TYPE_CHECKING:
     from leakaudit.attacks.classifier import ClassifierConfig
@@ -330,6 +331,25 @@ def build_head(
         per_channel = standardised(z, flat=False)
         return continuation_head(store, classes, first_rows(per_channel.train, 2)), per_channel
     raise UnknownNameError("classifier head", name, HEADS)
+
+
+def head_footprint(names: Sequence[str], layer_shape: tuple[int, ...], input_shape: tuple[int, ...] | None, classes: int,
+                   batch_size: int) -> Footprint:  # fmt: skip
+    """The memory the largest of the network heads ``names`` takes while it trains (they train one at a time).
+
+    ``mlp``, ``conv`` and ``raw-cnn`` are counted; ``continuation`` (the rest of the store's own model) is not:
+    measuring it would load the model, which the data path is chosen before.
+    """
+    features = math.prod(layer_shape)
+    spatial = len(layer_shape) == 3 and layer_shape[1] * layer_shape[2] > 1
+    builds: list[tuple[Callable[[], nn.Module], tuple[int, ...]]] = []
+    if "mlp" in names:
+        builds.append((lambda: mlp_head(features, classes), (features,)))
+    if "conv" in names and spatial:
+        builds.append((lambda: conv_head(layer_shape, classes), layer_shape))
+    if "raw-cnn" in names and input_shape is not None:
+        builds.append((lambda: raw_cnn(input_shape, classes), input_shape))
+    return one_at_a_time([network_footprint(build, shape, batch_size) for build, shape in builds])
 
 
 def build_raw(name: str, classes: int, x: HeadData) -> tuple[nn.Module | None, HeadData]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -63,9 +64,10 @@ from leakaudit.glossary import with_intervals
 from leakaudit.registry import ATTACKS, Artifact, Needs
 from leakaudit.runtime import resolve_device
 from leakaudit.store import ActivationStore
-from leakaudit.store.stream import Blocks, DataPath, choose_path
+from leakaudit.store.stream import Blocks, DataPath, choose_path, networks_over_budget
 from leakaudit.threat import Threat, leaked_pairs
 from leakaudit.training.engine import PRECISIONS, autocast_dtype, seed_for
+from leakaudit.training.footprint import Footprint, network_footprint, one_at_a_time, side_by_side
 
 ARCH_CHOICES = (*ARCHS, "best")
 LOSSES = ("mse", "mse+ssim")
@@ -356,7 +358,8 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
         rows = attack_rows(store)
         layer_shape = tuple(int(s) for s in store.layer_shape)
         roles = ((rows.train, "attacker-train"), (rows.val, "attacker-validation"), (rows.test, "test"))
-        paths = {role: choose_path(store, ("activations", "inputs"), r, role) for r, role in roles}
+        networks = decoder_footprint(config, layer_shape, input_shape)
+        paths = {role: choose_path(store, ("activations", "inputs"), r, role, networks=networks.total) for r, role in roles}
         train, val, test = (_source(store, r, paths[role]) for r, role in roles)
 
     mean_image = mean_target(train)
@@ -396,6 +399,8 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
     best = trained.best
     assert best.test is not None
     warnings_ = []
+    if paths["attacker-train"].over_budget:
+        warnings_.append(networks_over_budget("decoders", networks.total, paths["attacker-train"].budget))
     if images.streamed:
         warnings_.append(f"the test role was streamed (it exceeds the memory budget): every test image was scored, and "
                          f"only the first {len(trained.scored.kept)} reconstructions were kept (for the grid).")
@@ -423,12 +428,20 @@ def run_decoder(store: ActivationStore, config: DecoderConfig, progress: Progres
     )
 
 
+def decoder_footprint(config: DecoderConfig, layer_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> Footprint:
+    """The memory the configured decoders take while they train (successive halving trains them side by side)."""
+    archs = ARCHS if config.arch == "best" else (config.arch,)
+    each = [network_footprint(partial(build_decoder, arch, layer_shape, input_shape, config.width), layer_shape,
+                              config.batch_size) for arch in archs]  # fmt: skip
+    return side_by_side(each) if config.budget == "halving" and len(archs) > 1 else one_at_a_time(each)
+
+
 def _source(store: ActivationStore, rows: np.ndarray, path: DataPath) -> Source:
     """A role's (Z, X) pairs: read into memory when they fit in the budget, streamed otherwise."""
     if path.path == "memory":
         return TensorSource(as_tensor(read_activations(store, rows, path.role)), as_tensor(read_inputs(store, rows, path.role)))
     row_bytes = path.role_bytes // max(1, len(rows))
-    return StreamSource(store, rows, path.role, Blocks.for_budget(row_bytes, path.budget), y_name="inputs", data_path=path)
+    return StreamSource(store, rows, path.role, Blocks.for_budget(row_bytes, path.rows_budget), y_name="inputs", data_path=path)
 
 
 @dataclass

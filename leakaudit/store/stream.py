@@ -158,6 +158,19 @@ class DataPath:
     role: str
 
     default: bool = False  # the budget is the default one (see :func:`budget_record`)
+    #: Bytes of the budget taken by the networks trained beside the rows
+    #: (:func:`leakaudit.training.footprint.network_footprint`); the rows get the rest.
+    networks: int = 0
+
+    @property
+    def rows_budget(self) -> int:
+        """What the budget leaves for rows once the networks are counted (at least one byte)."""
+        return max(1, self.budget - self.networks)
+
+    @property
+    def over_budget(self) -> bool:
+        """The networks alone take the whole budget: it cannot be held, whatever the path."""
+        return self.networks >= self.budget
 
     def _recorded(self) -> tuple[int | str, str]:
         return budget_record(self.budget, self.path, self.default)
@@ -165,11 +178,12 @@ class DataPath:
     @property
     def reason(self) -> str:
         relation = "fit in" if self.path == "memory" else "exceed"
-        return f"{self.role} rows take {format_bytes(self.role_bytes)} as float32, which {relation} {self._recorded()[1]}"
+        named = less_networks(self._recorded()[1], self.networks, self.budget)
+        return f"{self.role} rows take {format_bytes(self.role_bytes)} as float32, which {relation} {named}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"data_path": self.path, "memory_budget": self._recorded()[0], "role_bytes": self.role_bytes,
-                "role": self.role, "reason": self.reason}
+                "networks_bytes": self.networks, "role": self.role, "reason": self.reason}
 
 
 def float32_bytes(store: Any, names: Sequence[str], rows: int) -> int:
@@ -177,11 +191,29 @@ def float32_bytes(store: Any, names: Sequence[str], rows: int) -> int:
     return sum(rows * math.prod(store.file[name].shape[1:]) * 4 for name in names)
 
 
-def choose_path(store: Any, names: Sequence[str], rows: np.ndarray, role: str, budget_bytes: int | None = None) -> DataPath:
-    """``memory`` when the role's float32 bytes fit in the budget, ``stream`` otherwise."""
+def choose_path(store: Any, names: Sequence[str], rows: np.ndarray, role: str, budget_bytes: int | None = None,
+                networks: int = 0) -> DataPath:
+    """``memory`` when the role's float32 bytes fit in what the budget leaves beside ``networks`` bytes, ``stream`` otherwise."""
     limit = memory_budget() if budget_bytes is None else budget_bytes
     size = float32_bytes(store, names, len(rows))
-    return DataPath("memory" if size <= limit else "stream", limit, size, role, default=budget_bytes is None and budget_is_default())
+    path = "memory" if size <= limit - networks else "stream"
+    return DataPath(path, limit, size, role, default=budget_bytes is None and budget_is_default(), networks=max(0, networks))
+
+
+def less_networks(named: str, networks: int, limit: int) -> str:
+    """``named`` (a budget, as :func:`budget_record` names it) with the share the networks take out of it."""
+    if networks >= limit:
+        return f"{named}, all of it taken by the networks trained beside them ({format_bytes(networks)})"
+    if networks:
+        return f"{named} less {format_bytes(networks)} for the networks trained beside them"
+    return named
+
+
+def networks_over_budget(what: str, networks: int, limit: int) -> str:
+    """The warning of a result whose networks alone take the whole memory budget."""
+    return (f"the {what} take about {format_bytes(networks)} while they train (weights, gradients, Adam's moments, the best "
+            f"epoch's copy, one batch's activations), more than the memory budget of {format_bytes(limit)}: the budget "
+            "was not held, and the rows were read in the smallest pieces the attack allows")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from leakaudit.attacks.classifier_data import classifier_data
 from leakaudit.attacks.classifier_train import HeadData, build_head, train_head
 from leakaudit.errors import EXIT_RUNTIME
 from leakaudit.store import ROLES, open_store
-from leakaudit.store.stream import Blocks, budget
+from leakaudit.store.stream import Blocks, budget, format_bytes
 from tests.attacks import _build as attacks_build
 from tests.attacks import _dump as attacks_dump
 from tests.attacks import balanced_split, synthetic_store
@@ -85,7 +85,12 @@ def test_decoder_streams_under_a_tiny_budget(cli, small_digits_store, tmp_path):
     data = json.loads(out.read_text())
     assert {p["data_path"] for p in data["data_path"].values()} == {"stream"}
     assert data["data_path"]["attacker-train"]["memory_budget"] == 1024
-    assert "data: attacker-train stream (attacker-train rows take 536.2 KiB as float32, which exceed the memory budget of 1.0 KiB)" in result.stdout.splitlines()
+    networks = data["data_path"]["attacker-train"]["networks_bytes"]
+    assert networks > 1024  # the decoder's weights and activations alone take more than the budget
+    assert ("data: attacker-train stream (attacker-train rows take 536.2 KiB as float32, which exceed the memory budget of "
+            f"1.0 KiB, all of it taken by the networks trained beside them ({format_bytes(networks)}))") in result.stdout.splitlines()
+    assert any("the budget was not held" in w for w in data["warnings"])
+    assert "Warning: the decoders take about" in result.stderr
     assert np.isfinite(data["ssim_mean"]) and data["runs"][0]["epochs"] == 2
     # the default budget reads this small store into memory
     again = cli("attack", small_digits_store, "--decoder", "upsample", "--epochs", "1", "--set", "width=4", "--json", "-",
@@ -185,8 +190,11 @@ def test_every_head_within_a_tiny_budget_end_to_end(cli, small_spatial_store, tm
     assert sub["data_path"] == "subsample" and sub["memory_budget"] == 1024 and sub["heads"] == ["linear", "svm", "raw-linear"]
     kept, full = sub["rows_kept"], sub["rows_all"]
     assert kept["attacker-train"] < full["attacker-train"] and kept["attacker-validation"] < full["attacker-validation"]
-    assert kept["test"] == full["test"] and isinstance(sub["seed"], int) and 0 < sub["share"] < 1
+    # The network heads take the whole kilobyte, so the subsample keeps each class's minimum rows.
+    assert kept["test"] == full["test"] and isinstance(sub["seed"], int) and sub["share"] == 0
     assert stream["data_path"] == "stream" and stream["rows"] == full
+    assert sub["networks_bytes"] == stream["networks_bytes"] > 1024
+    assert any(w.startswith("the classifier's network heads take about") for w in data["warnings"])
     heads = {h["name"]: h for h in data["heads"] + data["raw_heads"]}
     assert all(heads[name]["status"] == "ok" for name in heads), heads
     for name in ("linear", "raw-linear"):

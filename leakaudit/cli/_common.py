@@ -199,7 +199,7 @@ ModelArgOpt = Annotated[Optional[list[str]], typer.Option("--model-arg", help="F
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow unpickling the checkpoint. Unpickling runs code from the file: only for files you trust.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
-MemoryBudgetOpt = Annotated[Optional[str], typer.Option("--memory-budget", metavar="BYTES|FRACTION", help="Read a role into memory when it fits in this many bytes (2G, 500M) or this fraction of available memory (0.5); stream it in shuffled contiguous slices otherwise. Bounds the rows held, not the trained networks' weights, optimiser state and activations.  [default: 0.5 of MemAvailable]", show_default=False)]
+MemoryBudgetOpt = Annotated[Optional[str], typer.Option("--memory-budget", metavar="BYTES|FRACTION", help="Read a role into memory when it fits in this many bytes (2G, 500M) or this fraction of available memory (0.5); stream it in shuffled contiguous slices otherwise. The networks the attack trains (weights, optimiser state, a batch's activations) are counted first; the rows get the rest.  [default: 0.5 of MemAvailable]", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (splits, initialisation, training).")]
 
 
